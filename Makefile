@@ -1,0 +1,81 @@
+# Large Language Models, from Theory to Practice - the Multimodal Edition
+# `make lab` opens the book, `make test` verifies it. Both set up .venv first.
+
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.mmbook-installed
+NB     ?= chapters
+JOBS   ?= 1
+PORT   ?= 8888
+
+# The environment every notebook run (tests and regeneration) sees.
+export PYTHONHASHSEED := 0
+export JUPYTER_PLATFORM_DIRS := 1
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+NBVAL_FLAGS := --nbval-current-env --nbval-cell-timeout=600 \
+               --nbval-sanitize-with tests/nbval_sanitize.cfg -p no:randomly
+ifneq ($(JOBS),1)
+NBVAL_FLAGS += -n $(JOBS) --dist loadfile
+endif
+
+.PHONY: help venv lab test test-unit test-notebooks test-gpu check-notebooks regen lint doctor clean
+
+help:
+	@echo "make lab        set up .venv (once) and open the book in JupyterLab"
+	@echo "make test       set up .venv (once), run unit tests, notebook hygiene and strict nbval"
+	@echo "make test-gpu   nbval-lax on every notebook with MMBOOK_DEVICE=cuda"
+	@echo "make regen      re-execute notebooks on CPU in place (NB=path to limit)"
+	@echo "make lint       ruff over mmbook, tests, tools and notebooks"
+	@echo "make doctor     versions, device and chapter imports"
+	@echo "make clean      remove .venv, caches and built files"
+
+venv: $(STAMP)
+
+# Reinstall only when requirements.txt or pyproject.toml changed (the stamp is newer otherwise).
+$(STAMP): requirements.txt pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade "pip>=24"
+	$(PY) -m pip install --quiet -r requirements.txt
+	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
+	@touch $(STAMP)
+
+lab: $(STAMP)
+	@echo "Starting JupyterLab on chapters/ (Ctrl-C to stop); open the URL printed below."
+	$(PY) -m jupyterlab --no-browser --port=$(PORT) --ServerApp.root_dir=chapters
+
+test: $(STAMP)
+	MMBOOK_DEVICE=cpu $(PY) -m pytest -q tests
+	$(PY) tools/check_notebooks.py chapters
+	MMBOOK_DEVICE=cpu $(PY) -m pytest --nbval $(NBVAL_FLAGS) chapters
+
+test-unit: $(STAMP)
+	MMBOOK_DEVICE=cpu $(PY) -m pytest -q tests
+
+check-notebooks: $(STAMP)
+	$(PY) tools/check_notebooks.py chapters
+
+test-notebooks: $(STAMP)
+	MMBOOK_DEVICE=cpu $(PY) -m pytest --nbval $(NBVAL_FLAGS) $(NB)
+
+test-gpu: $(STAMP)
+	MMBOOK_DEVICE=cuda $(PY) -m pytest -q tests
+	MMBOOK_DEVICE=cuda $(PY) -m pytest --nbval-lax $(NBVAL_FLAGS) chapters
+
+regen: $(STAMP)
+	MMBOOK_DEVICE=cpu $(PY) tools/regen.py $(NB)
+
+lint: $(STAMP)
+	$(PY) -m ruff check mmbook tests tools chapters conftest.py
+
+doctor: $(STAMP)
+	$(PY) -m mmbook.doctor
+
+clean:
+	rm -rf $(VENV) build _build *.egg-info .pytest_cache .ruff_cache data/cache
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +
+	find . -name .ipynb_checkpoints -type d -prune -exec rm -rf {} +

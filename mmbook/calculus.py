@@ -1,0 +1,83 @@
+"""Derivatives the book derives by hand, and the numerical checks it verifies them with."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+__all__ = ["max_relative_error", "numerical_gradient", "numerical_jacobian", "softmax", "softmax_jacobian"]
+
+
+def _check_tensor(name: str, x: object, fn: str, ndim: int | None = None) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{fn}: {name} must be a torch.Tensor, got {type(x).__name__}")
+    if ndim is not None and x.ndim != ndim:
+        raise ValueError(f"{fn}: {name} must have {ndim} dimension(s), got shape {tuple(x.shape)}")
+    if not torch.is_floating_point(x):
+        raise TypeError(f"{fn}: {name} must be a floating-point tensor, got {x.dtype}")
+    return x
+
+
+def softmax(z: torch.Tensor) -> torch.Tensor:
+    """Softmax over the last dimension, shifted by the row maximum for numerical stability.
+
+    ``z``: ``(..., n)`` logits. Returns probabilities of the same shape.
+    """
+    _check_tensor("z", z, "softmax")
+    shifted = z - z.max(dim=-1, keepdim=True).values
+    e = shifted.exp()
+    return e / e.sum(dim=-1, keepdim=True)
+
+
+def softmax_jacobian(z: torch.Tensor) -> torch.Tensor:
+    """Jacobian of softmax at ``z`` of shape ``(n,)``: ``J = diag(s) - s s^T``, shape ``(n, n)``.
+
+    ``J[i, j] = d s_i / d z_j = s_i (delta_ij - s_j)``.
+    """
+    _check_tensor("z", z, "softmax_jacobian", ndim=1)
+    s = softmax(z)
+    return torch.diag(s) - torch.outer(s, s)
+
+
+def numerical_jacobian(
+    f: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, eps: float = 1e-6
+) -> torch.Tensor:
+    """Central finite-difference Jacobian ``(f(x + eps e_j) - f(x - eps e_j)) / (2 eps)``.
+
+    ``x`` of any shape; ``f(x)`` of any shape. Returns ``(f(x).numel(), x.numel())``.
+    Use float64: the truncation error is O(eps^2) and the round-off error O(u / eps).
+    """
+    _check_tensor("x", x, "numerical_jacobian")
+    if not eps > 0:
+        raise ValueError(f"numerical_jacobian: eps must be positive, got {eps!r}")
+    x = x.detach()
+    flat = x.reshape(-1)
+    columns = []
+    for j in range(flat.numel()):
+        step = torch.zeros_like(flat)
+        step[j] = eps
+        plus = f((flat + step).reshape(x.shape)).reshape(-1)
+        minus = f((flat - step).reshape(x.shape)).reshape(-1)
+        columns.append((plus - minus) / (2 * eps))
+    return torch.stack(columns, dim=1)
+
+
+def numerical_gradient(f: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """Central finite-difference gradient of a scalar function; same shape as ``x``."""
+    _check_tensor("x", x, "numerical_gradient")
+    value = f(x.detach())
+    if not (isinstance(value, torch.Tensor) and value.numel() == 1) and not isinstance(value, float):
+        raise ValueError(f"numerical_gradient: f must return a scalar, got {getattr(value, 'shape', value)!r}")
+    return numerical_jacobian(lambda t: torch.as_tensor(f(t)).reshape(1), x, eps).reshape(x.shape)
+
+
+def max_relative_error(a: torch.Tensor, b: torch.Tensor, floor: float = 1e-12) -> float:
+    """``max |a - b| / max(|a| + |b|, floor)`` elementwise: the usual gradient-check metric."""
+    _check_tensor("a", a, "max_relative_error")
+    _check_tensor("b", b, "max_relative_error")
+    if a.shape != b.shape:
+        raise ValueError(f"max_relative_error: a and b must have the same shape, got {tuple(a.shape)} and "
+                         f"{tuple(b.shape)}")
+    denom = (a.abs() + b.abs()).clamp_min(floor)
+    return ((a - b).abs() / denom).max().item()

@@ -1,0 +1,156 @@
+"""A small, generic training loop with progress bars and a returned history."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = ["accuracy", "evaluate", "fit"]
+
+Batch = Any
+ForwardFn = Callable[[nn.Module, Batch, torch.device], tuple[torch.Tensor, torch.Tensor]]
+MetricFn = Callable[[torch.Tensor, torch.Tensor], float]
+
+
+def accuracy(outputs: torch.Tensor, targets: torch.Tensor) -> float:
+    """Fraction of rows whose arg-max over the last dimension equals the target class.
+
+    ``outputs`` has shape ``(batch, num_classes)`` (logits or probabilities), ``targets``
+    shape ``(batch,)`` with integer class indices.
+    """
+    if outputs.ndim != 2 or targets.ndim != 1 or outputs.shape[0] != targets.shape[0]:
+        raise ValueError(
+            f"accuracy: expected outputs (batch, num_classes) and targets (batch,), "
+            f"got {tuple(outputs.shape)} and {tuple(targets.shape)}"
+        )
+    return (outputs.argmax(dim=-1) == targets).float().mean().item()
+
+
+def _to(obj: Any, device: torch.device) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, Mapping):
+        return {k: _to(v, device) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to(v, device) for v in obj)
+    return obj
+
+
+def _default_forward(model: nn.Module, batch: Batch, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Batches are ``(*inputs, target)`` sequences, or dicts with a ``"labels"`` entry."""
+    batch = _to(batch, device)
+    if isinstance(batch, Mapping):
+        if "labels" not in batch:
+            raise ValueError(f"fit: a dict batch needs a 'labels' entry, got keys {sorted(batch)}")
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        return model(**inputs), batch["labels"]
+    if not isinstance(batch, (list, tuple)) or len(batch) < 2:
+        raise ValueError(
+            "fit: a batch must be a (inputs..., target) tuple or a dict with 'labels'; "
+            f"got {type(batch).__name__}" + (f" of length {len(batch)}" if isinstance(batch, (list, tuple)) else "")
+        )
+    *inputs, target = batch
+    return model(*inputs), target
+
+
+def evaluate(
+    model: nn.Module,
+    loader: Iterable[Batch],
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    *,
+    metrics: Mapping[str, MetricFn] | None = None,
+    device: torch.device | str | None = None,
+    forward: ForwardFn | None = None,
+) -> dict[str, float]:
+    """Mean loss and metrics over a loader, weighted by batch size, without gradients."""
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    forward = forward or _default_forward
+    metrics = dict(metrics or {})
+    totals = {"loss": 0.0, **{name: 0.0 for name in metrics}}
+    count = 0
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        for batch in loader:
+            outputs, target = forward(model, batch, device)
+            n = int(target.shape[0])
+            totals["loss"] += loss_fn(outputs, target).item() * n
+            for name, fn in metrics.items():
+                totals[name] += float(fn(outputs, target)) * n
+            count += n
+    model.train(was_training)
+    if count == 0:
+        raise ValueError("evaluate: loader produced no batches")
+    return {name: value / count for name, value in totals.items()}
+
+
+def fit(
+    model: nn.Module,
+    train_loader: Iterable[Batch],
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    optimizer: torch.optim.Optimizer,
+    *,
+    epochs: int,
+    val_loader: Iterable[Batch] | None = None,
+    metrics: Mapping[str, MetricFn] | None = None,
+    device: torch.device | str | None = None,
+    forward: ForwardFn | None = None,
+    scheduler: Any | None = None,
+    clip_grad_norm: float | None = None,
+    progress: bool = True,
+) -> dict[str, list[float]]:
+    """Train ``model`` for ``epochs`` epochs and return its history.
+
+    Each batch is a ``(*inputs, target)`` tuple (the model is called as ``model(*inputs)``)
+    or a dict with a ``"labels"`` entry (called as ``model(**rest)``); pass ``forward`` to
+    map a batch to ``(outputs, target)`` any other way. ``scheduler.step()`` runs once per
+    epoch.
+
+    The history maps ``"epoch"``, ``"train_loss"`` (mean over the epoch's batches, weighted
+    by batch size) and, with a ``val_loader``, ``"val_loss"`` and ``"val_<metric>"`` to
+    per-epoch lists.
+    """
+    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+        raise ValueError(f"fit: epochs must be a positive int, got {epochs!r}")
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(f"fit: optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+    if clip_grad_norm is not None and not clip_grad_norm > 0:
+        raise ValueError(f"fit: clip_grad_norm must be positive or None, got {clip_grad_norm!r}")
+    from tqdm.auto import tqdm
+
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    model.to(device)
+    forward = forward or _default_forward
+    history: dict[str, list[float]] = {"epoch": [], "train_loss": []}
+    bar = tqdm(range(1, epochs + 1), desc="epochs", disable=not progress, leave=False)
+    for epoch in bar:
+        model.train()
+        total, count = 0.0, 0
+        for batch in train_loader:
+            outputs, target = forward(model, batch, device)
+            loss = loss_fn(outputs, target)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if clip_grad_norm is not None:
+                nn.utils.clip_grad_norm_(model.parameters(), clip_grad_norm)
+            optimizer.step()
+            n = int(target.shape[0])
+            total += loss.item() * n
+            count += n
+        if count == 0:
+            raise ValueError("fit: train_loader produced no batches")
+        if scheduler is not None:
+            scheduler.step()
+        history["epoch"].append(epoch)
+        history["train_loss"].append(total / count)
+        postfix = {"train_loss": f"{total / count:.4f}"}
+        if val_loader is not None:
+            results = evaluate(model, val_loader, loss_fn, metrics=metrics, device=device, forward=forward)
+            for name, value in results.items():
+                history.setdefault(f"val_{name}", []).append(value)
+            postfix["val_loss"] = f"{results['loss']:.4f}"
+        bar.set_postfix(postfix)
+    return history

@@ -1,0 +1,5 @@
+"""Shared fixtures for the unit tests."""
+
+import matplotlib
+
+matplotlib.use("Agg")  # unit tests draw off-screen; notebooks keep their inline backend

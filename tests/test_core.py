@@ -1,0 +1,95 @@
+import random
+
+import numpy as np
+import pytest
+import torch
+
+import mmbook
+from mmbook.core import Source
+
+
+def test_get_device_default_is_available(monkeypatch):
+    monkeypatch.delenv("MMBOOK_DEVICE", raising=False)
+    device = mmbook.get_device()
+    assert isinstance(device, torch.device)
+    torch.zeros(1, device=device)  # usable
+
+
+def test_get_device_env_override(monkeypatch):
+    monkeypatch.setenv("MMBOOK_DEVICE", "cpu")
+    assert mmbook.get_device() == torch.device("cpu")
+    monkeypatch.setenv("MMBOOK_DEVICE", " CPU ")
+    assert mmbook.get_device() == torch.device("cpu")
+
+
+def test_get_device_argument_beats_env(monkeypatch):
+    monkeypatch.setenv("MMBOOK_DEVICE", "definitely-not-a-device")
+    assert mmbook.get_device("cpu") == torch.device("cpu")
+
+
+def test_get_device_unknown_name(monkeypatch):
+    monkeypatch.setenv("MMBOOK_DEVICE", "tpu")
+    with pytest.raises(ValueError, match="MMBOOK_DEVICE.*'tpu'|'tpu'.*MMBOOK_DEVICE"):
+        mmbook.get_device()
+    with pytest.raises(ValueError, match="unknown device 'gpu0'"):
+        mmbook.get_device("gpu0")
+
+
+def test_get_device_wrong_type():
+    with pytest.raises(TypeError, match="must be a str"):
+        mmbook.get_device(0)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error raised when CUDA is missing")
+def test_get_device_unavailable_cuda(monkeypatch):
+    monkeypatch.setenv("MMBOOK_DEVICE", "cuda")
+    with pytest.raises(RuntimeError, match="CUDA is not available"):
+        mmbook.get_device()
+
+
+def test_set_seed_reproducible():
+    mmbook.set_seed(123)
+    a = (random.random(), np.random.rand(), torch.rand(3))
+    mmbook.set_seed(123)
+    b = (random.random(), np.random.rand(), torch.rand(3))
+    assert a[0] == b[0] and a[1] == b[1]
+    assert torch.equal(a[2], b[2])
+    mmbook.set_seed(124)
+    assert not torch.equal(torch.rand(3), b[2])
+
+
+@pytest.mark.parametrize("bad", [1.5, "0", None, True])
+def test_set_seed_type_errors(bad):
+    with pytest.raises(TypeError, match="seed must be an int"):
+        mmbook.set_seed(bad)
+
+
+def test_set_seed_range():
+    with pytest.raises(ValueError, match=r"seed must be in \[0, 2\*\*32\), got -1"):
+        mmbook.set_seed(-1)
+
+
+def _example(x):
+    """Doc."""
+    return x + 1
+
+
+def test_show_plain_and_html():
+    src = mmbook.show(_example)
+    assert isinstance(src, Source)
+    assert repr(src).startswith("def _example(x):")
+    assert "return x + 1" in str(src)
+    html = src._repr_html_()
+    assert "<span" in html and "_example" in html
+
+
+def test_show_class_and_module():
+    assert "class Source" in repr(mmbook.show(Source))
+    assert "def get_device" in repr(mmbook.show(mmbook.core))
+
+
+def test_show_bad_input():
+    with pytest.raises(TypeError, match="show: obj must be a function, method, class or module, got int"):
+        mmbook.show(3)
+    with pytest.raises(TypeError, match="no Python source"):
+        mmbook.show(int)

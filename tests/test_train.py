@@ -1,0 +1,86 @@
+import matplotlib.pyplot as plt
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import mmbook
+from mmbook.plot import plot_history
+from mmbook.train import accuracy, evaluate, fit
+
+
+def _toy():
+    mmbook.set_seed(0)
+    x = torch.randn(256, 2)
+    y = (x[:, 0] + x[:, 1] > 0).long()
+    ds = TensorDataset(x, y)
+    return DataLoader(ds, batch_size=32, shuffle=True), DataLoader(ds, batch_size=64)
+
+
+def test_fit_learns_and_returns_history():
+    train, val = _toy()
+    model = nn.Linear(2, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    hist = fit(model, train, nn.functional.cross_entropy, opt, epochs=5, val_loader=val,
+               metrics={"acc": accuracy}, progress=False)
+    assert hist["epoch"] == [1, 2, 3, 4, 5]
+    assert set(hist) == {"epoch", "train_loss", "val_loss", "val_acc"}
+    assert hist["train_loss"][-1] < hist["train_loss"][0]
+    assert hist["val_acc"][-1] > 0.9
+    final = evaluate(model, val, nn.functional.cross_entropy, metrics={"acc": accuracy})
+    assert final["acc"] == pytest.approx(hist["val_acc"][-1])
+
+
+def test_fit_dict_batches():
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(2, 2)
+
+        def forward(self, features):
+            return self.lin(features)
+
+    x = torch.randn(16, 2)
+    y = torch.zeros(16, dtype=torch.long)
+    loader = [{"features": x, "labels": y}]
+    model = M()
+    hist = fit(model, loader, nn.functional.cross_entropy, torch.optim.SGD(model.parameters(), lr=0.1),
+               epochs=2, progress=False)
+    assert len(hist["train_loss"]) == 2
+
+
+def test_fit_bad_input():
+    model = nn.Linear(2, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match="epochs must be a positive int, got 0"):
+        fit(model, [], nn.functional.cross_entropy, opt, epochs=0)
+    with pytest.raises(TypeError, match="optimizer must be a torch.optim.Optimizer, got str"):
+        fit(model, [], nn.functional.cross_entropy, "adam", epochs=1)
+    with pytest.raises(ValueError, match="train_loader produced no batches"):
+        fit(model, [], nn.functional.cross_entropy, opt, epochs=1, progress=False)
+    with pytest.raises(ValueError, match="batch must be"):
+        fit(model, [torch.zeros(2, 2)], nn.functional.cross_entropy, opt, epochs=1, progress=False)
+    with pytest.raises(ValueError, match="'labels'"):
+        fit(model, [{"x": torch.zeros(2, 2)}], nn.functional.cross_entropy, opt, epochs=1, progress=False)
+
+
+def test_accuracy_and_bad_shapes():
+    out = torch.tensor([[2.0, 1.0], [0.0, 3.0], [1.0, 0.0]])
+    assert accuracy(out, torch.tensor([0, 1, 1])) == pytest.approx(2 / 3)
+    with pytest.raises(ValueError, match=r"got \(3, 2\) and \(2,\)"):
+        accuracy(out, torch.tensor([0, 1]))
+
+
+def test_plot_history():
+    ax = plot_history({"epoch": [1, 2, 3], "train_loss": [3.0, 2.0, 1.0], "val_loss": [3.5, 2.5, 2.0]},
+                      title="t", logy=True)
+    assert [line.get_label() for line in ax.get_lines()] == ["train_loss", "val_loss"]
+    assert ax.get_xlabel() == "epoch"
+    plt.close("all")
+
+
+def test_plot_history_bad_input():
+    with pytest.raises(KeyError, match="'acc'"):
+        plot_history({"train_loss": [1.0]}, keys=["acc"])
+    with pytest.raises(ValueError, match="non-empty mapping"):
+        plot_history({})
