@@ -1,0 +1,93 @@
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import mmbook
+from mmbook.attention import MultiHeadAttention, causal_mask, padding_mask, scaled_dot_product_attention
+
+# float32 results of two different summation orders agree to a few ulps of values O(1)
+TOL = {"rtol": 1e-5, "atol": 1e-6}
+
+
+def _qkv():
+    mmbook.set_seed(0)
+    return torch.randn(2, 3, 5, 8), torch.randn(2, 3, 7, 8), torch.randn(2, 3, 7, 4)
+
+
+def test_sdpa_matches_torch_without_and_with_masks():
+    q, k, v = _qkv()
+    out, w = scaled_dot_product_attention(q, k, v)
+    torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v), **TOL)
+    torch.testing.assert_close(w.sum(-1), torch.ones(2, 3, 5), **TOL)
+    mask = padding_mask(torch.tensor([7, 3]), 7)[:, None]  # (2, 1, 1, 7)
+    out, w = scaled_dot_product_attention(q, k, v, mask)
+    torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v, attn_mask=mask), **TOL)
+    assert (w[1, ..., 3:] == 0).all()
+    x = torch.randn(2, 6, 8)
+    out, w = scaled_dot_product_attention(x, x, x, causal_mask(6))
+    torch.testing.assert_close(out, F.scaled_dot_product_attention(x, x, x, is_causal=True), **TOL)
+    assert (w.triu(1) == 0).all()
+
+
+def test_fully_masked_row_gives_zeros():
+    q, k, v = _qkv()
+    mask = torch.ones(5, 7, dtype=torch.bool)
+    mask[2] = False
+    out, w = scaled_dot_product_attention(q, k, v, mask)
+    assert torch.isfinite(out).all() and (w[..., 2, :] == 0).all() and (out[..., 2, :] == 0).all()
+
+
+def test_sdpa_bad_input():
+    q, k, v = _qkv()
+    with pytest.raises(ValueError, match="q and k must share d_k"):
+        scaled_dot_product_attention(q, k[..., :4], v)
+    with pytest.raises(ValueError, match="k and v must have the same length S"):
+        scaled_dot_product_attention(q, k, v[..., :6, :])
+    with pytest.raises(TypeError, match="mask must have dtype torch.bool"):
+        scaled_dot_product_attention(q, k, v, torch.ones(5, 7))
+    with pytest.raises(ValueError, match=r"mask of shape \(5, 6\) does not broadcast"):
+        scaled_dot_product_attention(q, k, v, torch.ones(5, 6, dtype=torch.bool))
+    with pytest.raises(TypeError, match="q must be a torch.Tensor, got list"):
+        scaled_dot_product_attention([1.0], k, v)
+    with pytest.raises(TypeError, match="floating-point"):
+        scaled_dot_product_attention(q.long(), k, v)
+
+
+def test_mha_matches_torch_with_copied_weights():
+    mmbook.set_seed(0)
+    ref = nn.MultiheadAttention(16, 4, batch_first=True)
+    ours = MultiHeadAttention(16, 4).load_from_torch(ref)
+    x, y = torch.randn(3, 6, 16), torch.randn(3, 9, 16)
+    lengths = torch.tensor([9, 5, 1])
+    mask = padding_mask(lengths, 9)
+    out, w = ours(x, y, y, mask=mask)
+    ref_out, ref_w = ref(x, y, y, key_padding_mask=~mask[:, 0], average_attn_weights=False)
+    torch.testing.assert_close(out, ref_out, **TOL)
+    torch.testing.assert_close(w, ref_w, **TOL)
+    out, _ = ours(x, mask=causal_mask(6))
+    ref_out, _ = ref(x, x, x, attn_mask=~causal_mask(6))
+    torch.testing.assert_close(out, ref_out, **TOL)
+
+
+def test_mha_bad_input():
+    with pytest.raises(ValueError, match=r"d_model \(10\) must be divisible by num_heads \(4\)"):
+        MultiHeadAttention(10, 4)
+    mha = MultiHeadAttention(8, 2)
+    with pytest.raises(ValueError, match=r"query must have shape \(batch, seq, 8\), got \(2, 3, 6\)"):
+        mha(torch.randn(2, 3, 6))
+    with pytest.raises(ValueError, match="must share"):
+        mha(torch.randn(2, 3, 8), torch.randn(1, 3, 8))
+    with pytest.raises(ValueError, match="sizes differ"):
+        mha.load_from_torch(nn.MultiheadAttention(8, 4))
+    with pytest.raises(TypeError, match="must be nn.MultiheadAttention"):
+        mha.load_from_torch(nn.Linear(8, 8))
+
+
+def test_mask_helpers_bad_input():
+    with pytest.raises(ValueError, match="length must be a positive int, got 0"):
+        causal_mask(0)
+    with pytest.raises(ValueError, match=r"lengths must lie in \[0, max_len=4\]"):
+        padding_mask(torch.tensor([5]), 4)
+    with pytest.raises(ValueError, match="1-D integer tensor"):
+        padding_mask(torch.tensor([1.0]), 4)
