@@ -56,7 +56,8 @@ def split_documents(
         raise ValueError(f"split_documents: fractions must be positive and sum to 1, got {tuple(fractions)}")
     if len(documents) < len(fractions):
         raise ValueError(
-            f"split_documents: need at least {len(fractions)} documents for {len(fractions)} parts, got {len(documents)}"
+            f"split_documents: need at least {len(fractions)} documents for {len(fractions)} parts, "
+            f"got {len(documents)}"
         )
     order = list(range(len(documents)))
     random.Random(seed).shuffle(order)
