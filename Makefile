@@ -8,6 +8,8 @@ STAMP  := $(VENV)/.mmbook-installed
 NB     ?= chapters
 JOBS   ?= 1
 PORT   ?= 8888
+# JupyterLab refuses to run as root (containers, CI) unless told it may.
+LAB_FLAGS ?= $(if $(filter 0,$(shell id -u)),--allow-root,)
 
 # The environment every notebook run (tests and regeneration) sees.
 export PYTHONHASHSEED := 0
@@ -46,12 +48,16 @@ $(STAMP): requirements.txt pyproject.toml
 
 lab: $(STAMP)
 	@echo "Starting JupyterLab on chapters/ (Ctrl-C to stop); open the URL printed below."
-	$(PY) -m jupyterlab --no-browser --port=$(PORT) --ServerApp.root_dir=chapters
+	$(PY) -m jupyterlab --no-browser --port=$(PORT) --ServerApp.root_dir=chapters $(LAB_FLAGS)
 
+# All three stages run even when one fails, so a single run reports every problem.
 test: $(STAMP)
-	MMBOOK_DEVICE=cpu $(PY) -m pytest -q tests
-	$(PY) tools/check_notebooks.py chapters
-	MMBOOK_DEVICE=cpu $(PY) -m pytest --nbval $(NBVAL_FLAGS) chapters
+	@status=0; \
+	MMBOOK_DEVICE=cpu $(PY) -m pytest -q tests || status=1; \
+	$(PY) tools/check_notebooks.py chapters || status=1; \
+	MMBOOK_DEVICE=cpu $(PY) -m pytest --nbval $(NBVAL_FLAGS) chapters || status=1; \
+	if [ $$status -ne 0 ]; then echo "make test: FAILED (see above)"; else echo "make test: all stages passed"; fi; \
+	exit $$status
 
 test-unit: $(STAMP)
 	MMBOOK_DEVICE=cpu $(PY) -m pytest -q tests

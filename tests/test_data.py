@@ -1,0 +1,93 @@
+import numpy as np
+import pytest
+import torch
+
+from mmbook.data import (
+    ANSWERS,
+    DIGIT_WORDS,
+    QUESTION_KINDS,
+    Scene,
+    ShapeObject,
+    audio_visual_digits,
+    describe_scene,
+    render_scene,
+    scene_questions,
+    shapes_scenes,
+)
+
+
+def test_shapes_scenes_deterministic_and_consistent():
+    a, b = shapes_scenes(50, seed=3), shapes_scenes(50, seed=3)
+    assert torch.equal(a.images, b.images) and a.captions == b.captions and a.questions == b.questions
+    assert not torch.equal(a.images, shapes_scenes(50, seed=4).images)
+    item = a[0]
+    assert item["image"].shape == (3, 32, 32) and item["image"].dtype == torch.float32
+    for i in range(len(a)):
+        objs = a.scenes[i].objects
+        assert len({(o.shape, o.colour) for o in objs}) == len(objs)
+        assert len({(o.row, o.col) for o in objs}) == len(objs)
+        for question, answer, kind in a.questions[i]:
+            assert kind in QUESTION_KINDS and answer in ANSWERS
+            if kind == "count" and question == "how many shapes are there?":
+                assert answer == ("zero", "one", "two", "three")[len(objs)]
+            if kind == "colour":
+                shape = question.split()[-1].rstrip("?")
+                assert [o.colour for o in objs if o.shape == shape] == [answer]
+
+
+def test_caption_and_relation_semantics():
+    scene = Scene([ShapeObject("circle", "red", 0, 1), ShapeObject("square", "blue", 2, 1)], grid=3)
+    assert describe_scene(scene) == "a red circle above a blue square"
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        for question, answer, kind in scene_questions(scene, rng):
+            if kind == "relation":
+                truth = ("red circle above" in question or "blue square below" in question)
+                assert (answer == "yes") == truth, question
+
+
+def test_render_draws_the_colours():
+    scene = Scene([ShapeObject("square", "green", 1, 1)], grid=3)
+    img = render_scene(scene, 32)
+    assert img.dtype == torch.uint8 and img.shape == (3, 32, 32)
+    assert tuple(img[:, 16, 16].tolist()) == (40, 160, 60)
+    assert tuple(img[:, 1, 1].tolist()) == (235, 235, 235)
+
+
+def test_qa_pairs_and_bad_input():
+    ds = shapes_scenes(10, seed=0)
+    assert all(k == "count" for *_, k in ds.qa_pairs(["count"]))
+    with pytest.raises(ValueError, match="unknown kinds"):
+        ds.qa_pairs(["size"])
+    with pytest.raises(ValueError, match=r"max_objects must be \[4, 9\], got 2"):
+        shapes_scenes(5, min_objects=4, max_objects=2)
+    with pytest.raises(TypeError, match="n must be an int, got float"):
+        shapes_scenes(5.0)
+    with pytest.raises(IndexError, match="out of range"):
+        ds[10]
+    with pytest.raises(ValueError, match="unknown shape"):
+        render_scene(Scene([ShapeObject("star", "red", 0, 0)], grid=3))
+
+
+def test_audio_visual_digits_alignment_and_disjoint_recordings():
+    train = audio_visual_digits("train", recordings_per_digit=8)
+    test = audio_visual_digits("test", recordings_per_digit=8)
+    assert len(train) + len(test) == 1797
+    assert not set(train.recording_index.tolist()) & set(test.recording_index.tolist())
+    rec_labels = torch.arange(10).repeat_interleave(8)
+    assert torch.equal(rec_labels[train.recording_index], train.labels)
+    item = train[5]
+    assert item["image"].shape == (1, 8, 8) and 0 <= item["image"].min() and item["image"].max() <= 1
+    assert item["waveform"].shape == (16000,) and item["word"] == DIGIT_WORDS[int(item["label"])]
+    assert torch.equal(train[5]["waveform"], audio_visual_digits("train", recordings_per_digit=8)[5]["waveform"])
+    clean = audio_visual_digits("train", recordings_per_digit=8, snr_db=None)
+    assert torch.equal(clean[5]["waveform"], clean.recordings[clean.recording_index[5]])
+
+
+def test_audio_visual_digits_bad_input():
+    with pytest.raises(ValueError, match="split must be 'train' or 'test', got 'val'"):
+        audio_visual_digits("val")
+    with pytest.raises(ValueError, match="snr_db must be None or a"):
+        audio_visual_digits("train", snr_db=(30.0, 10.0))
+    with pytest.raises(ValueError, match="test_fraction"):
+        audio_visual_digits("train", test_fraction=0.9)
