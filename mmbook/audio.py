@@ -1,0 +1,312 @@
+"""Audio features written from their definitions: STFT, mel filterbank, log-mel, MFCC, WAV I/O.
+
+Conventions match torchaudio, which the book uses as the reference: a waveform is a float
+tensor ``(..., time)``; spectrograms are ``(..., n_freqs, frames)`` with
+``n_freqs = n_fft // 2 + 1``; mel spectrograms ``(..., n_mels, frames)``.
+"""
+
+from __future__ import annotations
+
+import math
+import wave
+from pathlib import Path
+
+import torch
+
+__all__ = [
+    "amplitude_to_db",
+    "dct_matrix",
+    "hz_to_mel",
+    "mel_filterbank",
+    "mel_spectrogram",
+    "mel_to_hz",
+    "mfcc",
+    "read_wav",
+    "spectrogram",
+    "stft",
+    "write_wav",
+]
+
+_MEL_SCALES = ("htk", "slaney")
+
+
+def _check_positive_number(name: str, value: object, fn: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 or not math.isfinite(value):
+        raise ValueError(f"{fn}: {name} must be a positive number, got {value!r}")
+    return float(value)
+
+
+def _check_positive_int(name: str, value: object, fn: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{fn}: {name} must be a positive int, got {value!r}")
+    return value
+
+
+def _check_waveform(waveform: object, fn: str) -> torch.Tensor:
+    if not isinstance(waveform, torch.Tensor):
+        raise TypeError(f"{fn}: waveform must be a torch.Tensor, got {type(waveform).__name__}")
+    if not torch.is_floating_point(waveform):
+        raise TypeError(f"{fn}: waveform must be a floating-point tensor, got {waveform.dtype}")
+    if waveform.ndim < 1 or waveform.ndim > 3:
+        raise ValueError(
+            f"{fn}: waveform must have shape (time,), (channel, time) or (batch, channel, time), "
+            f"got {tuple(waveform.shape)}"
+        )
+    return waveform
+
+
+def hz_to_mel(freq: torch.Tensor | float, mel_scale: str = "htk") -> torch.Tensor:
+    """Hertz to mels. ``"htk"``: ``2595 log10(1 + f / 700)``. ``"slaney"``: linear below
+    1 kHz (``3 f / 200``), logarithmic above (``15 + 27 ln(f / 1000) / ln 6.4``)."""
+    if mel_scale not in _MEL_SCALES:
+        raise ValueError(f"hz_to_mel: mel_scale must be 'htk' or 'slaney', got {mel_scale!r}")
+    f = torch.as_tensor(freq, dtype=torch.float64)
+    if mel_scale == "htk":
+        return 2595.0 * torch.log10(1.0 + f / 700.0)
+    f_sp, min_log_hz = 200.0 / 3, 1000.0
+    min_log_mel, logstep = min_log_hz / f_sp, math.log(6.4) / 27.0
+    return torch.where(f >= min_log_hz, min_log_mel + torch.log(f.clamp_min(1e-10) / min_log_hz) / logstep, f / f_sp)
+
+
+def mel_to_hz(mels: torch.Tensor | float, mel_scale: str = "htk") -> torch.Tensor:
+    """Inverse of :func:`hz_to_mel`."""
+    if mel_scale not in _MEL_SCALES:
+        raise ValueError(f"mel_to_hz: mel_scale must be 'htk' or 'slaney', got {mel_scale!r}")
+    m = torch.as_tensor(mels, dtype=torch.float64)
+    if mel_scale == "htk":
+        return 700.0 * (10.0 ** (m / 2595.0) - 1.0)
+    f_sp, min_log_hz = 200.0 / 3, 1000.0
+    min_log_mel, logstep = min_log_hz / f_sp, math.log(6.4) / 27.0
+    return torch.where(m >= min_log_mel, min_log_hz * torch.exp(logstep * (m - min_log_mel)), f_sp * m)
+
+
+def mel_filterbank(
+    n_freqs: int,
+    f_min: float,
+    f_max: float,
+    n_mels: int,
+    sample_rate: int,
+    norm: str | None = None,
+    mel_scale: str = "htk",
+) -> torch.Tensor:
+    """Triangular mel filterbank, shape ``(n_freqs, n_mels)`` (float32), as torchaudio's
+    ``melscale_fbanks``.
+
+    ``n_mels + 2`` points equally spaced in mels between ``f_min`` and ``f_max`` are mapped
+    back to Hz; filter ``m`` rises linearly from point ``m`` to ``m + 1`` and falls to
+    ``m + 2``, evaluated at the STFT bin frequencies ``linspace(0, sample_rate / 2, n_freqs)``.
+    ``norm="slaney"`` scales each triangle to unit area (``2 / (f_{m+2} - f_m)``).
+    Raises ``ValueError`` when a filter would fall between two bins and be all zeros.
+    """
+    fn = "mel_filterbank"
+    n_freqs = _check_positive_int("n_freqs", n_freqs, fn)
+    n_mels = _check_positive_int("n_mels", n_mels, fn)
+    sample_rate = _check_positive_number("sample_rate", sample_rate, fn)
+    if n_freqs < 2:
+        raise ValueError(f"{fn}: n_freqs must be at least 2, got {n_freqs}")
+    nyquist = sample_rate / 2
+    if isinstance(f_min, bool) or not isinstance(f_min, (int, float)) or not 0 <= f_min < nyquist:
+        raise ValueError(f"{fn}: f_min must be in [0, {nyquist:g}) Hz (Nyquist for {sample_rate:g} Hz), got {f_min!r}")
+    if isinstance(f_max, bool) or not isinstance(f_max, (int, float)) or not f_min < f_max <= nyquist:
+        raise ValueError(
+            f"{fn}: f_max must be in (f_min={f_min:g}, {nyquist:g}] Hz (Nyquist for sample_rate={sample_rate:g}), "
+            f"got {f_max!r}"
+        )
+    if norm not in (None, "slaney"):
+        raise ValueError(f"{fn}: norm must be None or 'slaney', got {norm!r}")
+    if mel_scale not in _MEL_SCALES:
+        raise ValueError(f"{fn}: mel_scale must be 'htk' or 'slaney', got {mel_scale!r}")
+
+    all_freqs = torch.linspace(0, nyquist, n_freqs)
+    m_pts = torch.linspace(float(hz_to_mel(f_min, mel_scale)), float(hz_to_mel(f_max, mel_scale)), n_mels + 2)
+    f_pts = mel_to_hz(m_pts, mel_scale).to(torch.float32)
+    f_diff = f_pts[1:] - f_pts[:-1]  # (n_mels + 1,)
+    slopes = f_pts.unsqueeze(0) - all_freqs.unsqueeze(1)  # (n_freqs, n_mels + 2)
+    down = -slopes[:, :-2] / f_diff[:-1]
+    up = slopes[:, 2:] / f_diff[1:]
+    fb = torch.clamp(torch.minimum(down, up), min=0.0)
+    if norm == "slaney":
+        fb = fb * (2.0 / (f_pts[2: n_mels + 2] - f_pts[:n_mels])).unsqueeze(0)
+    empty = (fb.max(dim=0).values == 0.0).nonzero().flatten().tolist()
+    if empty:
+        raise ValueError(
+            f"{fn}: n_mels={n_mels} is too large for n_freqs={n_freqs} between {f_min:g} and {f_max:g} Hz: "
+            f"filters {empty[:5]}{'...' if len(empty) > 5 else ''} contain no frequency bin"
+        )
+    return fb
+
+
+def stft(
+    waveform: torch.Tensor,
+    n_fft: int = 400,
+    hop_length: int | None = None,
+    win_length: int | None = None,
+    window: torch.Tensor | None = None,
+    center: bool = True,
+    pad_mode: str = "reflect",
+) -> torch.Tensor:
+    """Short-time Fourier transform by framing + windowing + real FFT.
+
+    ``X[..., k, t] = sum_n x[t * hop + n] w[n] exp(-2 pi i k n / n_fft)`` for
+    ``k = 0 .. n_fft // 2``. With ``center=True`` the signal is padded by ``n_fft // 2`` on
+    both sides (``pad_mode``) so frame ``t`` is centred on sample ``t * hop``. The window
+    (default: periodic Hann of ``win_length``) is zero-padded to ``n_fft`` in the middle.
+    Defaults follow torchaudio: ``win_length = n_fft``, ``hop_length = win_length // 2``
+    (``torch.stft`` itself defaults to ``n_fft // 4``).
+    Returns a complex tensor ``(..., n_fft // 2 + 1, frames)``, as ``torch.stft``.
+    """
+    fn = "stft"
+    waveform = _check_waveform(waveform, fn)
+    n_fft = _check_positive_int("n_fft", n_fft, fn)
+    win_length = _check_positive_int("win_length", win_length if win_length is not None else n_fft, fn)
+    hop_length = _check_positive_int("hop_length", hop_length if hop_length is not None else win_length // 2, fn)
+    if win_length > n_fft:
+        raise ValueError(f"{fn}: win_length ({win_length}) must be <= n_fft ({n_fft})")
+    if window is None:
+        window = torch.hann_window(win_length, periodic=True, dtype=waveform.dtype, device=waveform.device)
+    if window.shape != (win_length,):
+        raise ValueError(f"{fn}: window must have shape ({win_length},), got {tuple(window.shape)}")
+    left = (n_fft - win_length) // 2
+    window = torch.nn.functional.pad(window, (left, n_fft - win_length - left))
+    x = waveform
+    if center:
+        pad = n_fft // 2
+        if pad_mode == "reflect" and x.shape[-1] <= pad:
+            raise ValueError(f"{fn}: waveform of {x.shape[-1]} samples is too short to reflect-pad by {pad}")
+        shape = x.shape
+        x = torch.nn.functional.pad(x.reshape(-1, 1, shape[-1]), (pad, pad), mode=pad_mode).reshape(*shape[:-1], -1)
+    if x.shape[-1] < n_fft:
+        raise ValueError(f"{fn}: waveform of {x.shape[-1]} samples is shorter than n_fft={n_fft}")
+    frames = x.unfold(-1, n_fft, hop_length)  # (..., frames, n_fft)
+    spec = torch.fft.rfft(frames * window, dim=-1)  # (..., frames, n_freqs)
+    return spec.transpose(-1, -2)
+
+
+def spectrogram(waveform: torch.Tensor, n_fft: int = 400, hop_length: int | None = None,
+                win_length: int | None = None, power: float = 2.0, center: bool = True,
+                pad_mode: str = "reflect") -> torch.Tensor:
+    """``|STFT|**power``: ``(..., n_fft // 2 + 1, frames)`` (power 2: energy, 1: magnitude)."""
+    if isinstance(power, bool) or not isinstance(power, (int, float)) or power <= 0:
+        raise ValueError(f"spectrogram: power must be a positive number, got {power!r}")
+    spec = stft(waveform, n_fft, hop_length, win_length, center=center, pad_mode=pad_mode)
+    return spec.abs().pow(power)
+
+
+def mel_spectrogram(
+    waveform: torch.Tensor,
+    sample_rate: int = 16000,
+    n_fft: int = 400,
+    win_length: int | None = None,
+    hop_length: int | None = None,
+    f_min: float = 0.0,
+    f_max: float | None = None,
+    n_mels: int = 128,
+    power: float = 2.0,
+    center: bool = True,
+    pad_mode: str = "reflect",
+    norm: str | None = None,
+    mel_scale: str = "htk",
+) -> torch.Tensor:
+    """Mel spectrogram ``(..., n_mels, frames)``: the filterbank applied to the power
+    spectrogram, ``M = F^T S``; arguments and defaults as ``torchaudio.transforms.MelSpectrogram``."""
+    fn = "mel_spectrogram"
+    sample_rate = _check_positive_number("sample_rate", sample_rate, fn)
+    spec = spectrogram(waveform, n_fft, hop_length, win_length, power, center, pad_mode)
+    fb = mel_filterbank(n_fft // 2 + 1, f_min, f_max if f_max is not None else sample_rate / 2, n_mels,
+                        sample_rate, norm, mel_scale).to(spec.dtype).to(spec.device)
+    return torch.matmul(spec.transpose(-1, -2), fb).transpose(-1, -2)
+
+
+def amplitude_to_db(x: torch.Tensor, multiplier: float = 10.0, amin: float = 1e-10,
+                    top_db: float | None = 80.0) -> torch.Tensor:
+    """``multiplier * log10(max(x, amin))``, floored at ``top_db`` below the maximum of each
+    ``(channel, freq, time)`` block, as torchaudio's ``AmplitudeToDB`` (reference 1)."""
+    if not isinstance(x, torch.Tensor) or x.ndim < 2:
+        raise ValueError(f"amplitude_to_db: x must be a tensor (..., freq, time), got {getattr(x, 'shape', x)!r}")
+    x_db = multiplier * torch.log10(torch.clamp(x, min=amin))
+    if top_db is not None:
+        shape = x_db.shape
+        channels = shape[-3] if x_db.ndim > 2 else 1
+        packed = x_db.reshape(-1, channels, shape[-2], shape[-1])
+        floor = packed.amax(dim=(-3, -2, -1)) - top_db
+        x_db = torch.maximum(packed, floor.view(-1, 1, 1, 1)).reshape(shape)
+    return x_db
+
+
+def dct_matrix(n_mfcc: int, n_mels: int, norm: str | None = "ortho") -> torch.Tensor:
+    """DCT-II basis ``(n_mels, n_mfcc)``: column k is ``cos(pi / n_mels * (n + 1/2) * k)``,
+    scaled to be orthonormal with ``norm="ortho"`` (else multiplied by 2)."""
+    n_mfcc = _check_positive_int("n_mfcc", n_mfcc, "dct_matrix")
+    n_mels = _check_positive_int("n_mels", n_mels, "dct_matrix")
+    if n_mfcc > n_mels:
+        raise ValueError(f"dct_matrix: n_mfcc ({n_mfcc}) cannot exceed n_mels ({n_mels})")
+    if norm not in (None, "ortho"):
+        raise ValueError(f"dct_matrix: norm must be None or 'ortho', got {norm!r}")
+    n = torch.arange(n_mels, dtype=torch.float32)
+    k = torch.arange(n_mfcc, dtype=torch.float32).unsqueeze(1)
+    dct = torch.cos(math.pi / n_mels * (n + 0.5) * k)  # (n_mfcc, n_mels)
+    if norm is None:
+        dct = dct * 2.0
+    else:
+        dct[0] *= 1.0 / math.sqrt(2.0)
+        dct = dct * math.sqrt(2.0 / n_mels)
+    return dct.t()
+
+
+def mfcc(
+    waveform: torch.Tensor,
+    sample_rate: int = 16000,
+    n_mfcc: int = 40,
+    norm: str | None = "ortho",
+    log_mels: bool = False,
+    melkwargs: dict | None = None,
+) -> torch.Tensor:
+    """Mel-frequency cepstral coefficients ``(..., n_mfcc, frames)``: the DCT-II of the log
+    mel spectrogram (decibels with an 80 dB floor, or ``log(M + 1e-6)`` with ``log_mels``),
+    as ``torchaudio.transforms.MFCC``."""
+    melkwargs = dict(melkwargs or {})
+    if "sample_rate" in melkwargs:
+        raise ValueError("mfcc: pass sample_rate as an argument, not inside melkwargs")
+    mel = mel_spectrogram(waveform, sample_rate=sample_rate, **melkwargs)
+    n_mels = mel.shape[-2]
+    if isinstance(n_mfcc, bool) or not isinstance(n_mfcc, int) or not 1 <= n_mfcc <= n_mels:
+        raise ValueError(f"mfcc: n_mfcc must be an int in [1, n_mels={n_mels}], got {n_mfcc!r}")
+    log_mel = torch.log(mel + 1e-6) if log_mels else amplitude_to_db(mel)
+    basis = dct_matrix(n_mfcc, n_mels, norm).to(log_mel.dtype).to(log_mel.device)
+    return torch.matmul(log_mel.transpose(-1, -2), basis).transpose(-1, -2)
+
+
+def write_wav(path: str | Path, waveform: torch.Tensor, sample_rate: int) -> None:
+    """Write a float waveform ``(time,)`` or ``(channels, time)`` in [-1, 1] as 16-bit PCM WAV
+    with the standard library (values outside [-1, 1] are clipped)."""
+    waveform = _check_waveform(waveform, "write_wav")
+    if waveform.ndim == 3:
+        raise ValueError(f"write_wav: waveform must be (time,) or (channels, time), got {tuple(waveform.shape)}")
+    sample_rate = int(_check_positive_number("sample_rate", sample_rate, "write_wav"))
+    data = waveform.detach().cpu().reshape(-1 if waveform.ndim == 1 else waveform.shape[0], waveform.shape[-1])
+    if waveform.ndim == 1:
+        data = data.reshape(1, -1)
+    pcm = (data.clamp(-1.0, 1.0) * 32767.0).round().to(torch.int16).t().contiguous()  # (time, channels)
+    with wave.open(str(path), "wb") as f:
+        f.setnchannels(pcm.shape[1])
+        f.setsampwidth(2)
+        f.setframerate(sample_rate)
+        f.writeframes(pcm.numpy().astype("<i2").tobytes())
+
+
+def read_wav(path: str | Path) -> tuple[torch.Tensor, int]:
+    """Read a 16-bit PCM WAV file with the standard library.
+
+    Returns ``(waveform, sample_rate)`` with ``waveform`` float32 ``(channels, time)`` in
+    [-1, 1) (``int16 / 32768``, as soundfile and torchaudio scale it)."""
+    import numpy as np
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"read_wav: no such file {str(path)!r}")
+    with wave.open(str(path), "rb") as f:
+        if f.getsampwidth() != 2:
+            raise ValueError(f"read_wav: only 16-bit PCM is supported, {path.name} has {8 * f.getsampwidth()}-bit")
+        channels, rate, frames = f.getnchannels(), f.getframerate(), f.readframes(f.getnframes())
+    pcm = np.frombuffer(frames, dtype="<i2").reshape(-1, channels).T.astype(np.float32) / 32768.0
+    return torch.from_numpy(np.ascontiguousarray(pcm)), rate

@@ -1,0 +1,103 @@
+import pytest
+import soundfile
+import torch
+import torchaudio.functional as AF
+import torchaudio.transforms as T
+
+import mmbook
+from mmbook.audio import (
+    dct_matrix,
+    hz_to_mel,
+    mel_filterbank,
+    mel_spectrogram,
+    mel_to_hz,
+    mfcc,
+    read_wav,
+    spectrogram,
+    stft,
+    write_wav,
+)
+
+# float32 throughout; differences come from summation order in the FFT/matmul (a few ulps of O(1)-O(1e3) values)
+TOL = {"rtol": 1e-4, "atol": 1e-5}
+
+
+def _wave(batch=(2,), n=8000):
+    mmbook.set_seed(0)
+    t = torch.arange(n) / 16000
+    return torch.sin(2 * torch.pi * 440 * t) * 0.5 + 0.1 * torch.randn(*batch, n)
+
+
+@pytest.mark.parametrize("norm", [None, "slaney"])
+@pytest.mark.parametrize("scale", ["htk", "slaney"])
+def test_mel_filterbank_matches_torchaudio(norm, scale):
+    ours = mel_filterbank(201, 0.0, 8000.0, 40, 16000, norm=norm, mel_scale=scale)
+    ref = AF.melscale_fbanks(201, 0.0, 8000.0, 40, 16000, norm=norm, mel_scale=scale)
+    # torchaudio maps the mel points back to Hz in float32, we in float64 (then round): the triangle
+    # values in [0, 1] differ by a few float32 ulps after the slope division, so atol 1e-5.
+    torch.testing.assert_close(ours, ref, rtol=0, atol=1e-5)
+    ours = mel_filterbank(257, 50.0, 3000.0, 23, 8000, norm=norm, mel_scale=scale)
+    ref = AF.melscale_fbanks(257, 50.0, 3000.0, 23, 8000, norm=norm, mel_scale=scale)
+    torch.testing.assert_close(ours, ref, rtol=0, atol=1e-5 if norm is None else 1e-7)
+
+
+def test_mel_scale_round_trip():
+    f = torch.tensor([0.0, 100.0, 999.0, 1000.0, 4000.0, 8000.0], dtype=torch.float64)
+    for scale in ("htk", "slaney"):
+        torch.testing.assert_close(mel_to_hz(hz_to_mel(f, scale), scale), f, rtol=1e-12, atol=1e-9)
+
+
+def test_stft_and_spectrogram_match_torch():
+    x = _wave()
+    ours = stft(x, n_fft=256, hop_length=64, win_length=200)
+    ref = torch.stft(x, 256, 64, 200, window=torch.hann_window(200), center=True, pad_mode="reflect",
+                     return_complex=True)
+    torch.testing.assert_close(ours, ref, **TOL)
+    torch.testing.assert_close(spectrogram(x, n_fft=400), T.Spectrogram(n_fft=400)(x), **TOL)
+
+
+def test_mel_spectrogram_and_mfcc_match_torchaudio():
+    x = _wave()
+    kw = dict(n_fft=400, hop_length=160, n_mels=40, f_min=20.0, f_max=7600.0)
+    torch.testing.assert_close(mel_spectrogram(x, 16000, **kw), T.MelSpectrogram(16000, **kw)(x), **TOL)
+    kw2 = dict(n_fft=512, n_mels=64, norm="slaney", mel_scale="slaney")
+    torch.testing.assert_close(mel_spectrogram(x, 16000, **kw2), T.MelSpectrogram(16000, **kw2)(x), **TOL)
+    # dB values are O(10-100); float32 log of matching inputs agrees to ~1e-4 absolute
+    torch.testing.assert_close(mfcc(x, 16000, n_mfcc=13, melkwargs=kw),
+                               T.MFCC(16000, n_mfcc=13, melkwargs=kw)(x), rtol=1e-4, atol=2e-4)
+    torch.testing.assert_close(mfcc(x, 16000, n_mfcc=20, log_mels=True, melkwargs=kw),
+                               T.MFCC(16000, n_mfcc=20, log_mels=True, melkwargs=kw)(x), rtol=1e-4, atol=2e-4)
+    torch.testing.assert_close(dct_matrix(13, 40), AF.create_dct(13, 40, "ortho"), rtol=1e-6, atol=1e-6)
+
+
+def test_wav_round_trip_and_soundfile(tmp_path):
+    x = _wave(batch=(2,), n=1000).clamp(-1, 1)
+    path = tmp_path / "a.wav"
+    write_wav(path, x, 16000)
+    y, sr = read_wav(path)
+    assert sr == 16000 and y.shape == (2, 1000)
+    # 16-bit quantisation: written as round(x * 32767), read as k / 32768 (libsndfile's convention), so the
+    # error is at most 0.5 / 32767 + |x| / 32768 < 2 / 32768
+    torch.testing.assert_close(y, x, rtol=0, atol=2.0 / 32768)
+    data, sr2 = soundfile.read(str(path), dtype="float32", always_2d=True)
+    assert sr2 == 16000
+    torch.testing.assert_close(y, torch.from_numpy(data.T.copy()), rtol=0, atol=0)
+
+
+def test_bad_input():
+    with pytest.raises(ValueError, match="sample_rate must be a positive number, got 0"):
+        mel_filterbank(201, 0.0, 8000.0, 40, 0)
+    with pytest.raises(ValueError, match=r"f_max must be in .*Nyquist.*got 9000"):
+        mel_filterbank(201, 0.0, 9000.0, 40, 16000)
+    with pytest.raises(ValueError, match="n_mels=128 is too large for n_freqs=33"):
+        mel_filterbank(33, 0.0, 8000.0, 128, 16000)
+    with pytest.raises(ValueError, match="mel_scale must be 'htk' or 'slaney'"):
+        mel_filterbank(201, 0.0, 8000.0, 40, 16000, mel_scale="mel")
+    with pytest.raises(ValueError, match=r"waveform must have shape .* got \(1, 1, 1, 100\)"):
+        mel_spectrogram(torch.zeros(1, 1, 1, 100))
+    with pytest.raises(TypeError, match="floating-point"):
+        stft(torch.zeros(1000, dtype=torch.int64))
+    with pytest.raises(ValueError, match="n_mfcc must be an int in"):
+        mfcc(torch.zeros(2000), n_mfcc=50, melkwargs={"n_mels": 40})
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        read_wav("does/not/exist.wav")
