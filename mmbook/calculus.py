@@ -69,7 +69,8 @@ def numerical_gradient(f: Callable[[torch.Tensor], torch.Tensor], x: torch.Tenso
     value = f(x.detach())
     if not (isinstance(value, torch.Tensor) and value.numel() == 1) and not isinstance(value, float):
         raise ValueError(f"numerical_gradient: f must return a scalar, got {getattr(value, 'shape', value)!r}")
-    return numerical_jacobian(lambda t: torch.as_tensor(f(t)).reshape(1), x, eps).reshape(x.shape)
+    # keep x's dtype: torch.as_tensor(python_float) would be float32 and ruin a float64 check
+    return numerical_jacobian(lambda t: torch.as_tensor(f(t), dtype=x.dtype).reshape(1), x, eps).reshape(x.shape)
 
 
 def max_relative_error(a: torch.Tensor, b: torch.Tensor, floor: float = 1e-12) -> float:
