@@ -1,0 +1,396 @@
+"""Tokenization: a byte-level BPE tokenizer trained from scratch, and WordPiece's greedy longest match.
+
+:class:`BPETokenizer` works on the UTF-8 *bytes* of a text, so its base vocabulary is the 256
+possible byte values and every Unicode string -- Chinese, emoji, combining marks -- can be
+encoded without an unknown token: ``decode(encode(s)) == s`` for every string ``s`` that UTF-8
+can encode (any ``str`` free of lone surrogates). Training learns merges of adjacent token pairs,
+most frequent pair first, with incremental pair-count updates so that a thousand merges over the
+book's corpus take seconds.
+
+Text is first cut into pieces by a GPT-2-style regular expression (:data:`GPT2_SPLIT_PATTERN`),
+and merges never cross a piece boundary.
+
+:func:`wordpiece_tokenize` is BERT's WordPiece encoding of one word: greedy longest-match-first
+with ``##`` marking pieces that continue a word.
+"""
+
+from __future__ import annotations
+
+import heapq
+import json
+import re
+from collections import Counter, defaultdict
+from collections.abc import Collection, Iterable, Sequence
+from itertools import pairwise
+from pathlib import Path
+
+__all__ = [
+    "GPT2_SPLIT_PATTERN",
+    "BPETokenizer",
+    "bytes_to_unicode",
+    "merge_pair",
+    "wordpiece_tokenize",
+]
+
+#: A simplified GPT-2 pre-tokenization pattern for Python's ``re`` module, which has no ``\p{L}``.
+#: Alternatives, tried left to right at each position:
+#: ``'(?:[sdmt]|ll|ve|re)`` English contractions ('s 't 'd 'm 'll 've 're);
+#: `` ?[^\W\d_]+`` a run of letters (word characters that are neither digits nor ``_``), with at most
+#: one leading space; `` ?\d+`` a run of digits; `` ?(?:[^\s\w]|_)+`` a run of other symbols
+#: (punctuation, emoji, combining marks, ``_``); ``\s+(?!\S)`` whitespace, leaving the last space to
+#: the next word; ``\s+`` any remaining whitespace. Every character falls into one of these, so
+#: the pieces always concatenate back to the text.
+GPT2_SPLIT_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?[^\W\d_]+| ?\d+| ?(?:[^\s\w]|_)+|\s+(?!\S)|\s+"""
+
+_DECODE_ERRORS = ("strict", "replace", "ignore", "backslashreplace")
+_FORMAT = "mmbook-bpe"
+
+
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible map from the 256 byte values to 256 printable Unicode characters.
+
+    Printable Latin-1 bytes map to themselves; the others (control characters, space, ...) map to
+    ``chr(256 + k)`` in order, so the space byte 32 becomes ``'Ġ'`` and newline 10 becomes ``'Ċ'``.
+    Byte-level tokenizers in the ``tokenizers`` library store their tokens in this alphabet.
+    """
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+    printable += list(range(ord("®"), ord("ÿ") + 1))
+    mapping, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            mapping[b] = chr(b)
+        else:
+            mapping[b] = chr(256 + extra)
+            extra += 1
+    return mapping
+
+
+def merge_pair(ids: Sequence[int], pair: tuple[int, int], new_id: int) -> list[int]:
+    """Replace every occurrence of ``pair`` in ``ids``, scanning left to right, by ``new_id``.
+
+    Occurrences do not overlap: merging ``(a, a)`` in ``[a, a, a]`` gives ``[new_id, a]``.
+    Shapes: ``ids`` is a sequence of length ``n``; the result has length ``n - (number of merges)``.
+    """
+    if not isinstance(pair, tuple) or len(pair) != 2:
+        raise ValueError(f"merge_pair: pair must be a tuple of two ids, got {pair!r}")
+    a, b = pair
+    out: list[int] = []
+    i, n = 0, len(ids)
+    while i < n:
+        if i + 1 < n and ids[i] == a and ids[i + 1] == b:
+            out.append(new_id)
+            i += 2
+        else:
+            out.append(ids[i])
+            i += 1
+    return out
+
+
+def _check_int(name: str, value: object, fn: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{fn}: {name} must be an int, got {type(value).__name__}")
+    return value
+
+
+class BPETokenizer:
+    """A byte-level byte-pair-encoding tokenizer.
+
+    Token ids ``0..255`` are the single bytes; id ``256 + r`` is the token made by merge number
+    ``r`` (``merges[r] = (left_id, right_id)``). An untrained tokenizer is a pure byte tokenizer
+    with ``vocab_size == 256``.
+
+    ``pattern`` is the pre-tokenization regular expression (Python ``re`` syntax; default
+    :data:`GPT2_SPLIT_PATTERN`); ``None`` treats each text as a single piece, so merges may cross
+    word boundaries (slow to train on long texts).
+    """
+
+    def __init__(self, pattern: str | None = GPT2_SPLIT_PATTERN) -> None:
+        if pattern is not None and not isinstance(pattern, str):
+            raise TypeError(f"BPETokenizer: pattern must be a str or None, got {type(pattern).__name__}")
+        if pattern is not None:
+            try:
+                compiled = re.compile(pattern)
+            except re.error as err:
+                raise ValueError(f"BPETokenizer: pattern is not a valid regular expression ({err})") from None
+            if compiled.match("") is not None:
+                raise ValueError(f"BPETokenizer: pattern must not match the empty string, got {pattern!r}")
+        self.pattern = pattern
+        self._regex = None if pattern is None else re.compile(pattern)
+        self.merges: list[tuple[int, int]] = []
+        self.merge_counts: list[int] = []
+        self._set_merges([], [])
+
+    # ------------------------------------------------------------------ state
+    def _set_merges(self, merges: list[tuple[int, int]], counts: list[int]) -> None:
+        self.merges = list(merges)
+        self.merge_counts = list(counts)
+        self._ranks = {pair: rank for rank, pair in enumerate(self.merges)}
+        tokens = [bytes([b]) for b in range(256)]
+        for a, b in self.merges:
+            tokens.append(tokens[a] + tokens[b])
+        self._tokens = tokens
+
+    @property
+    def vocab_size(self) -> int:
+        """Number of tokens: 256 bytes plus one per merge."""
+        return 256 + len(self.merges)
+
+    def __len__(self) -> int:
+        return self.vocab_size
+
+    @property
+    def vocab(self) -> dict[int, bytes]:
+        """A fresh dict ``{id: bytes of the token}`` of all ``vocab_size`` tokens."""
+        return dict(enumerate(self._tokens))
+
+    def __repr__(self) -> str:
+        return f"BPETokenizer(vocab_size={self.vocab_size}, pattern={'None' if self.pattern is None else 'custom'})"
+
+    # ------------------------------------------------------------- splitting
+    def pre_tokenize(self, text: str) -> list[str]:
+        """Cut ``text`` into the pieces that merges never cross; ``"".join(pieces) == text``."""
+        if not isinstance(text, str):
+            raise TypeError(f"pre_tokenize: text must be a str, got {type(text).__name__}")
+        if self._regex is None:
+            return [text] if text else []
+        return self._regex.findall(text)
+
+    # --------------------------------------------------------------- training
+    def train(self, text: str | Iterable[str], vocab_size: int) -> BPETokenizer:
+        """Learn ``vocab_size - 256`` merges from ``text`` (a string or an iterable of documents).
+
+        Replaces any previous merges and returns ``self``. Each step merges the most frequent
+        adjacent pair; ties go to the pair with the smallest ``(left_id, right_id)``. Pair counts
+        are updated incrementally: a merge only revisits the distinct pieces that contain the pair.
+        If the text runs out of pairs first, the vocabulary stays smaller than ``vocab_size``.
+        """
+        _check_int("vocab_size", vocab_size, "train")
+        if vocab_size < 256:
+            raise ValueError(f"train: vocab_size must be >= 256 (the byte alphabet), got {vocab_size}")
+        if isinstance(text, str):
+            documents: list[str] = [text]
+        else:
+            try:
+                documents = list(text)
+            except TypeError:
+                raise TypeError(f"train: text must be a str or an iterable of str, got {type(text).__name__}") from None
+            bad = next((d for d in documents if not isinstance(d, str)), None)
+            if bad is not None:
+                raise TypeError(f"train: every document must be a str, got {type(bad).__name__}")
+
+        piece_counts: Counter[str] = Counter()
+        for position, doc in enumerate(documents):
+            _check_utf8(doc, f"train: document {position}" if len(documents) > 1 else "train: text")
+            piece_counts.update(self.pre_tokenize(doc))
+        distinct = sorted(piece_counts)  # a fixed order, independent of hashing
+        words = [list(piece.encode("utf-8")) for piece in distinct]
+        freqs = [piece_counts[piece] for piece in distinct]
+
+        pair_counts: defaultdict[tuple[int, int], int] = defaultdict(int)
+        where: defaultdict[tuple[int, int], set[int]] = defaultdict(set)
+        for w, (ids, f) in enumerate(zip(words, freqs, strict=True)):
+            for pair in pairwise(ids):
+                pair_counts[pair] += f
+                where[pair].add(w)
+        heap = [(-count, pair) for pair, count in pair_counts.items()]
+        heapq.heapify(heap)
+
+        merges: list[tuple[int, int]] = []
+        counts: list[int] = []
+        while len(merges) < vocab_size - 256 and heap:
+            neg_count, pair = heapq.heappop(heap)
+            if pair_counts.get(pair, 0) != -neg_count or neg_count == 0:
+                continue  # a stale heap entry: the pair's count has changed since it was pushed
+            new_id = 256 + len(merges)
+            merges.append(pair)
+            counts.append(-neg_count)
+            delta: defaultdict[tuple[int, int], int] = defaultdict(int)
+            for w in where.pop(pair):
+                ids, f = words[w], freqs[w]
+                new_ids = merge_pair(ids, pair, new_id)
+                if len(new_ids) == len(ids):
+                    continue  # stale index entry: the pair no longer occurs in this piece
+                for p in pairwise(ids):
+                    delta[p] -= f
+                for p in pairwise(new_ids):
+                    delta[p] += f
+                    where[p].add(w)
+                words[w] = new_ids
+            for p, d in delta.items():
+                if d:
+                    pair_counts[p] += d
+                    if pair_counts[p] > 0:
+                        heapq.heappush(heap, (-pair_counts[p], p))
+                    else:
+                        del pair_counts[p]
+        self._set_merges(merges, counts)
+        return self
+
+    def truncated(self, vocab_size: int) -> BPETokenizer:
+        """A new tokenizer with only the first ``vocab_size - 256`` merges.
+
+        Training is greedy and sequential, so this equals training with ``vocab_size`` directly.
+        """
+        _check_int("vocab_size", vocab_size, "truncated")
+        if not 256 <= vocab_size <= self.vocab_size:
+            raise ValueError(f"truncated: vocab_size must be in [256, {self.vocab_size}], got {vocab_size}")
+        out = BPETokenizer(self.pattern)
+        n = vocab_size - 256
+        out._set_merges(self.merges[:n], self.merge_counts[:n])
+        return out
+
+    # --------------------------------------------------------------- encoding
+    def _encode_piece(self, data: bytes) -> list[int]:
+        ids = list(data)
+        ranks = self._ranks
+        while len(ids) >= 2:
+            best = min(pairwise(ids), key=lambda p: ranks.get(p, len(ranks)))
+            rank = ranks.get(best)
+            if rank is None:
+                break  # no adjacent pair is a learned merge
+            ids = merge_pair(ids, best, 256 + rank)
+        return ids
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of ``text``: a list of ints in ``[0, vocab_size)``.
+
+        Within each pre-tokenized piece, the earliest-learned merge among adjacent pairs is
+        applied repeatedly, which reproduces the segmentation training arrived at.
+        """
+        if not isinstance(text, str):
+            raise TypeError(f"encode: text must be a str, got {type(text).__name__}")
+        _check_utf8(text, "encode: text")
+        cache: dict[str, list[int]] = {}
+        out: list[int] = []
+        for piece in self.pre_tokenize(text):
+            ids = cache.get(piece)
+            if ids is None:
+                ids = cache[piece] = self._encode_piece(piece.encode("utf-8"))
+            out.extend(ids)
+        return out
+
+    def _check_ids(self, ids: object, fn: str) -> list[int]:
+        if hasattr(ids, "tolist") and not isinstance(ids, list):
+            ids = ids.tolist()  # a 1-D torch tensor or NumPy array
+        if isinstance(ids, (str, bytes)) or not isinstance(ids, Iterable):
+            raise TypeError(f"{fn}: ids must be a sequence of ints, got {type(ids).__name__}")
+        ids = list(ids)
+        for position, i in enumerate(ids):
+            if isinstance(i, bool) or not isinstance(i, int):
+                raise TypeError(f"{fn}: ids[{position}] must be an int, got {type(i).__name__}")
+            if not 0 <= i < self.vocab_size:
+                raise ValueError(f"{fn}: ids[{position}] = {i} is outside the vocabulary [0, {self.vocab_size})")
+        return ids
+
+    def decode_bytes(self, ids: Sequence[int]) -> bytes:
+        """The raw bytes of the tokens ``ids`` (shape ``(seq,)``), concatenated."""
+        return b"".join(self._tokens[i] for i in self._check_ids(ids, "decode_bytes"))
+
+    def decode(self, ids: Sequence[int], errors: str = "replace") -> str:
+        """The text of the tokens ``ids`` (a sequence, 1-D tensor or array of shape ``(seq,)``).
+
+        The tokens' bytes are concatenated and decoded as UTF-8. A sequence that cuts a multi-byte
+        character (as a language model's sample may) is not valid UTF-8; with the default
+        ``errors="replace"`` each broken piece becomes U+FFFD '\ufffd', with ``"strict"`` it raises
+        :class:`UnicodeDecodeError`; ``"ignore"`` and ``"backslashreplace"`` are also accepted.
+        """
+        if errors not in _DECODE_ERRORS:
+            raise ValueError(f"decode: errors must be one of {_DECODE_ERRORS}, got {errors!r}")
+        data = b"".join(self._tokens[i] for i in self._check_ids(ids, "decode"))
+        return data.decode("utf-8", errors=errors)
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes of one token."""
+        (token_id,) = self._check_ids([token_id], "token_bytes")
+        return self._tokens[token_id]
+
+    # ---------------------------------------------------------------- storage
+    def save(self, path: str | Path) -> None:
+        """Write the pattern and merges as JSON to ``path``."""
+        if not isinstance(path, (str, Path)):
+            raise TypeError(f"save: path must be a str or pathlib.Path, got {type(path).__name__}")
+        state = {
+            "format": _FORMAT,
+            "version": 1,
+            "pattern": self.pattern,
+            "merges": [list(pair) for pair in self.merges],
+            "merge_counts": self.merge_counts,
+        }
+        Path(path).write_text(json.dumps(state), encoding="utf-8")
+
+    @classmethod
+    def load(cls, path: str | Path) -> BPETokenizer:
+        """Read a tokenizer written by :meth:`save`."""
+        if not isinstance(path, (str, Path)):
+            raise TypeError(f"load: path must be a str or pathlib.Path, got {type(path).__name__}")
+        try:
+            state = json.loads(Path(path).read_text(encoding="utf-8"))
+        except json.JSONDecodeError as err:
+            raise ValueError(f"load: {Path(path).name} is not valid JSON ({err})") from None
+        if not isinstance(state, dict) or state.get("format") != _FORMAT:
+            raise ValueError(f"load: {Path(path).name} is not an {_FORMAT} file")
+        merges = state.get("merges")
+        if not isinstance(merges, list):
+            raise ValueError("load: 'merges' must be a list of [left_id, right_id] pairs")
+        pairs: list[tuple[int, int]] = []
+        for rank, pair in enumerate(merges):
+            ok = (isinstance(pair, list) and len(pair) == 2
+                  and all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < 256 + rank for i in pair))
+            if not ok:
+                raise ValueError(f"load: merge {rank} must be two ids below {256 + rank}, got {pair!r}")
+            pairs.append((pair[0], pair[1]))
+        counts = state.get("merge_counts") or []
+        if len(counts) not in (0, len(pairs)):
+            raise ValueError(f"load: merge_counts has {len(counts)} entries for {len(pairs)} merges")
+        tokenizer = cls(state.get("pattern"))
+        tokenizer._set_merges(pairs, [int(c) for c in counts])
+        return tokenizer
+
+
+def _check_utf8(text: str, where: str) -> None:
+    """Raise a clear ValueError if ``text`` holds a lone surrogate, which UTF-8 cannot encode."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise ValueError(
+            f"{where} holds a lone surrogate U+{ord(text[err.start]):04X} at position {err.start}, "
+            "which UTF-8 cannot encode"
+        ) from None
+
+
+def wordpiece_tokenize(
+    word: str,
+    vocab: Collection[str],
+    unk_token: str = "[UNK]",
+    prefix: str = "##",
+    max_input_chars_per_word: int = 100,
+) -> list[str]:
+    """WordPiece tokens of one word (no spaces): greedy longest-match-first, as in BERT.
+
+    From the current position, take the longest substring that is in ``vocab`` (written with
+    ``prefix`` unless it starts the word) and move past it. If no substring matches, or the word
+    is longer than ``max_input_chars_per_word``, the whole word becomes ``[unk_token]``.
+    """
+    if not isinstance(word, str):
+        raise TypeError(f"wordpiece_tokenize: word must be a str, got {type(word).__name__}")
+    if not isinstance(vocab, Collection) or isinstance(vocab, str):
+        raise TypeError(f"wordpiece_tokenize: vocab must be a collection of str, got {type(vocab).__name__}")
+    if any(ch.isspace() for ch in word):
+        raise ValueError(f"wordpiece_tokenize: word must not contain whitespace, got {word!r}")
+    _check_int("max_input_chars_per_word", max_input_chars_per_word, "wordpiece_tokenize")
+    if len(word) > max_input_chars_per_word:
+        return [unk_token]
+    tokens: list[str] = []
+    start = 0
+    while start < len(word):
+        end = len(word)
+        while end > start:
+            candidate = word[start:end] if start == 0 else prefix + word[start:end]
+            if candidate in vocab:
+                break
+            end -= 1
+        if end == start:
+            return [unk_token]
+        tokens.append(candidate)
+        start = end
+    return tokens

