@@ -34,6 +34,7 @@ __all__ = [
     "Scene",
     "ShapeObject",
     "ShapesScenes",
+    "WordVocab",
     "audio_visual_digits",
     "cache_dir",
     "describe_scene",
@@ -469,3 +470,72 @@ def shapes_scenes(
         questions.append(scene_questions(scene, rng))
         images.append(render_scene(scene, image_size))
     return ShapesScenes(scenes, captions, questions, torch.stack(images))
+
+
+# ----------------------------------------------------------------------------- word vocabulary
+class WordVocab:
+    """A word-level vocabulary for the small, closed-vocabulary texts of the generated datasets
+    (captions, questions, answers). Words are lower-cased and split on spaces; ``"?"``, ``","``
+    and ``"."`` become tokens of their own.
+
+    Ids 0..3 are the specials ``<pad>``, ``<unk>``, ``<bos>``, ``<eos>``; the other words follow
+    in sorted order, so the ids do not depend on the order of ``texts``.
+    """
+
+    PAD, UNK, BOS, EOS = 0, 1, 2, 3
+    SPECIALS = ("<pad>", "<unk>", "<bos>", "<eos>")
+
+    def __init__(self, texts: Sequence[str]) -> None:
+        if isinstance(texts, str) or not isinstance(texts, Sequence):
+            raise TypeError(f"WordVocab: texts must be a sequence of strings, got {type(texts).__name__}")
+        words = sorted({w for t in texts for w in self.split(t)} - set(self.SPECIALS))
+        self.itos: list[str] = list(self.SPECIALS) + words
+        self.stoi: dict[str, int] = {w: i for i, w in enumerate(self.itos)}
+
+    @staticmethod
+    def split(text: str) -> list[str]:
+        """Lower-case and split into words, with ``? , .`` as separate tokens."""
+        if not isinstance(text, str):
+            raise TypeError(f"WordVocab: text must be a str, got {type(text).__name__}")
+        for mark in ("?", ",", "."):
+            text = text.replace(mark, f" {mark} ")
+        return text.lower().split()
+
+    def __len__(self) -> int:
+        return len(self.itos)
+
+    def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
+        """Word ids of ``text`` (unknown words map to ``<unk>``), optionally framed by ``<bos>``/``<eos>``."""
+        ids = [self.stoi.get(w, self.UNK) for w in self.split(text)]
+        return ([self.BOS] if bos else []) + ids + ([self.EOS] if eos else [])
+
+    def encode_batch(self, texts: Sequence[str], bos: bool = False, eos: bool = False,
+                     max_len: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pad to a batch: ``ids`` ``(batch, T)`` int64 (``<pad>`` = 0) and ``lengths`` ``(batch,)``.
+        ``max_len`` truncates (and pads) every sequence to exactly that length."""
+        if isinstance(texts, str):
+            raise TypeError("WordVocab.encode_batch: texts must be a sequence of strings, not one string")
+        seqs = [self.encode(t, bos, eos) for t in texts]
+        if max_len is not None:
+            max_len = _check_int("max_len", max_len, "WordVocab.encode_batch", 1)
+            seqs = [s[:max_len] for s in seqs]
+        width = max_len if max_len is not None else max((len(s) for s in seqs), default=0)
+        ids = torch.zeros(len(seqs), width, dtype=torch.int64)
+        for row, seq in enumerate(seqs):
+            ids[row, : len(seq)] = torch.tensor(seq, dtype=torch.int64)
+        return ids, torch.tensor([len(s) for s in seqs], dtype=torch.int64)
+
+    def decode(self, ids: Sequence[int] | torch.Tensor, skip_special: bool = True) -> str:
+        """Words joined by spaces (``" ?"`` re-attached); specials dropped unless ``skip_special=False``."""
+        if isinstance(ids, torch.Tensor):
+            if ids.ndim != 1:
+                raise ValueError(f"WordVocab.decode: ids must be 1-D, got shape {tuple(ids.shape)}")
+            ids = ids.tolist()
+        words = []
+        for i in ids:
+            if not 0 <= int(i) < len(self.itos):
+                raise ValueError(f"WordVocab.decode: id {i} out of range for a vocabulary of {len(self.itos)}")
+            if skip_special and int(i) < len(self.SPECIALS):
+                continue
+            words.append(self.itos[int(i)])
+        return " ".join(words).replace(" ?", "?").replace(" ,", ",").replace(" .", ".")

@@ -8,6 +8,7 @@ from mmbook.data import (
     QUESTION_KINDS,
     Scene,
     ShapeObject,
+    WordVocab,
     audio_visual_digits,
     describe_scene,
     render_scene,
@@ -91,3 +92,27 @@ def test_audio_visual_digits_bad_input():
         audio_visual_digits("train", snr_db=(30.0, 10.0))
     with pytest.raises(ValueError, match="test_fraction"):
         audio_visual_digits("train", test_fraction=0.9)
+
+
+def test_word_vocab_round_trip_and_padding():
+    ds = shapes_scenes(30, seed=1)
+    texts = ds.captions + [q for qs in ds.questions for q, _, _ in qs]
+    vocab = WordVocab(texts)
+    assert vocab.itos[:4] == list(WordVocab.SPECIALS) and vocab.itos[4:] == sorted(vocab.itos[4:])
+    assert vocab.itos == WordVocab(list(reversed(texts))).itos
+    for t in texts[:20]:
+        assert vocab.decode(vocab.encode(t, bos=True, eos=True)) == t
+    ids, lengths = vocab.encode_batch(["a red circle", "is there a blue square?"], eos=True)
+    assert ids.shape == (2, 7) and lengths.tolist() == [4, 7] and ids[0, 4:].tolist() == [0, 0, 0]
+    assert vocab.encode("a zebra")[1] == WordVocab.UNK
+    assert vocab.encode_batch(["a red circle"], max_len=2)[0].shape == (1, 2)
+
+
+def test_word_vocab_bad_input():
+    vocab = WordVocab(["a red circle"])
+    with pytest.raises(TypeError, match="texts must be a sequence of strings, got str"):
+        WordVocab("a red circle")
+    with pytest.raises(ValueError, match="id 99 out of range"):
+        vocab.decode([99])
+    with pytest.raises(TypeError, match="not one string"):
+        vocab.encode_batch("a red circle")
