@@ -1,0 +1,261 @@
+"""Optimisers written from their update equations, and early stopping.
+
+:class:`SGD` (with momentum, Nesterov momentum and L2 weight decay), :class:`Adam` and
+:class:`AdamW` are ``torch.optim.Optimizer`` subclasses, so they plug into any training loop,
+including :func:`mmbook.train.fit`. Each ``step`` is the textbook equation, one parameter
+tensor at a time, with the conventions of ``torch.optim`` (chapter 3 checks them step for step
+against it). :class:`EarlyStopping` watches a validation metric and keeps the best weights.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = ["SGD", "Adam", "AdamW", "EarlyStopping"]
+
+Params = Iterable[torch.Tensor] | Iterable[dict[str, Any]]
+
+
+def _check_nonneg(fn: str, name: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{fn}: {name} must be a number, got {type(value).__name__}")
+    if not (math.isfinite(value) and value >= 0):
+        raise ValueError(f"{fn}: {name} must be a finite number >= 0, got {value!r}")
+    return float(value)
+
+
+def _closure_loss(closure: Callable[[], torch.Tensor] | None) -> torch.Tensor | None:
+    if closure is None:
+        return None
+    with torch.enable_grad():
+        return closure()
+
+
+class SGD(torch.optim.Optimizer):
+    r"""Stochastic gradient descent with optional momentum, Nesterov momentum and L2 weight decay.
+
+    With learning rate :math:`\eta`, momentum :math:`\mu`, dampening :math:`\tau` and weight
+    decay :math:`\lambda`, one step on a parameter :math:`\theta` with gradient
+    :math:`\nabla L(\theta)` is::
+
+        g_t = grad L(theta_{t-1}) + lambda * theta_{t-1}       # L2 penalty (lambda/2)||theta||^2
+        b_t = g_t                      if t == 1               # momentum buffer ("velocity")
+              mu * b_{t-1} + (1 - tau) * g_t   otherwise
+        d_t = g_t + mu * b_t           if nesterov else  b_t   (d_t = g_t when mu == 0)
+        theta_t = theta_{t-1} - eta * d_t
+
+    These are the conventions of ``torch.optim.SGD``. Parameters may have any shape; the
+    state ``self.state[p]["momentum_buffer"]`` has the shape of ``p``.
+    """
+
+    def __init__(
+        self,
+        params: Params,
+        lr: float,
+        momentum: float = 0.0,
+        dampening: float = 0.0,
+        weight_decay: float = 0.0,
+        nesterov: bool = False,
+    ) -> None:
+        lr = _check_nonneg("SGD", "lr", lr)
+        momentum = _check_nonneg("SGD", "momentum", momentum)
+        dampening = _check_nonneg("SGD", "dampening", dampening)
+        weight_decay = _check_nonneg("SGD", "weight_decay", weight_decay)
+        if not isinstance(nesterov, bool):
+            raise TypeError(f"SGD: nesterov must be a bool, got {type(nesterov).__name__}")
+        if nesterov and (momentum == 0 or dampening != 0):
+            raise ValueError(
+                f"SGD: nesterov=True needs momentum > 0 and dampening == 0, got momentum={momentum}, "
+                f"dampening={dampening}"
+            )
+        defaults = {"lr": lr, "momentum": momentum, "dampening": dampening, "weight_decay": weight_decay,
+                    "nesterov": nesterov}
+        super().__init__(params, defaults)
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor | None:
+        """Update every parameter that has a gradient, in place; return the closure's loss if given."""
+        loss = _closure_loss(closure)
+        for group in self.param_groups:
+            lr, mu, tau = group["lr"], group["momentum"], group["dampening"]
+            wd, nesterov = group["weight_decay"], group["nesterov"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                g = p.grad
+                if wd != 0:
+                    g = g + wd * p
+                if mu != 0:
+                    state = self.state[p]
+                    if "momentum_buffer" not in state:
+                        buf = g.clone()
+                    else:
+                        buf = mu * state["momentum_buffer"] + (1 - tau) * g
+                    state["momentum_buffer"] = buf
+                    g = g + mu * buf if nesterov else buf
+                p.sub_(lr * g)
+        return loss
+
+
+class Adam(torch.optim.Optimizer):
+    r"""Adam (Kingma & Ba, 2015), with L2 or decoupled (AdamW) weight decay.
+
+    With step size :math:`\eta`, decay rates :math:`\beta_1, \beta_2`, :math:`\epsilon` and weight
+    decay :math:`\lambda`, step :math:`t = 1, 2, \dots` on a parameter :math:`\theta` is::
+
+        g_t = grad L(theta_{t-1}) (+ lambda * theta_{t-1}   coupled L2, decoupled_weight_decay=False)
+        theta_{t-1} <- (1 - eta * lambda) * theta_{t-1}     (decoupled_weight_decay=True, AdamW)
+        m_t = beta1 * m_{t-1} + (1 - beta1) * g_t            first moment,  m_0 = 0
+        v_t = beta2 * v_{t-1} + (1 - beta2) * g_t**2         second moment, v_0 = 0
+        m_hat = m_t / (1 - beta1**t),  v_hat = v_t / (1 - beta2**t)     bias corrections
+        theta_t = theta_{t-1} - eta * m_hat / (sqrt(v_hat) + eps)
+
+    These are the conventions of ``torch.optim.Adam`` / ``AdamW``. The state
+    ``self.state[p]`` holds ``step`` (an int) and ``exp_avg``, ``exp_avg_sq`` of the shape of ``p``.
+    """
+
+    def __init__(
+        self,
+        params: Params,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        decoupled_weight_decay: bool = False,
+    ) -> None:
+        name = type(self).__name__
+        lr = _check_nonneg(name, "lr", lr)
+        eps = _check_nonneg(name, "eps", eps)
+        weight_decay = _check_nonneg(name, "weight_decay", weight_decay)
+        if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+            raise TypeError(f"{name}: betas must be a pair (beta1, beta2), got {betas!r}")
+        beta1, beta2 = (_check_nonneg(name, f"betas[{i}]", b) for i, b in enumerate(betas))
+        if not (beta1 < 1 and beta2 < 1):
+            raise ValueError(f"{name}: betas must lie in [0, 1), got {tuple(betas)}")
+        if not isinstance(decoupled_weight_decay, bool):
+            raise TypeError(
+                f"{name}: decoupled_weight_decay must be a bool, got {type(decoupled_weight_decay).__name__}"
+            )
+        defaults = {"lr": lr, "betas": (beta1, beta2), "eps": eps, "weight_decay": weight_decay,
+                    "decoupled_weight_decay": decoupled_weight_decay}
+        super().__init__(params, defaults)
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor | None:
+        """Update every parameter that has a gradient, in place; return the closure's loss if given."""
+        loss = _closure_loss(closure)
+        for group in self.param_groups:
+            lr, (beta1, beta2), eps = group["lr"], group["betas"], group["eps"]
+            wd, decoupled = group["weight_decay"], group["decoupled_weight_decay"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                g = p.grad
+                state = self.state[p]
+                if not state:
+                    state["step"] = 0
+                    state["exp_avg"] = torch.zeros_like(p)
+                    state["exp_avg_sq"] = torch.zeros_like(p)
+                state["step"] += 1
+                t = state["step"]
+                if wd != 0:
+                    if decoupled:
+                        p.mul_(1 - lr * wd)
+                    else:
+                        g = g + wd * p
+                m = beta1 * state["exp_avg"] + (1 - beta1) * g
+                v = beta2 * state["exp_avg_sq"] + (1 - beta2) * g * g
+                state["exp_avg"], state["exp_avg_sq"] = m, v
+                m_hat = m / (1 - beta1**t)
+                v_hat = v / (1 - beta2**t)
+                p.sub_(lr * m_hat / (v_hat.sqrt() + eps))
+        return loss
+
+
+class AdamW(Adam):
+    """Adam with decoupled weight decay (Loshchilov & Hutter, 2019): ``theta <- (1 - lr * wd) * theta``.
+
+    The decay shrinks the weights directly instead of entering the gradient, so it is *not*
+    rescaled by ``1 / (sqrt(v_hat) + eps)``. Default ``weight_decay=1e-2`` as in ``torch.optim.AdamW``.
+    """
+
+    def __init__(
+        self,
+        params: Params,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+    ) -> None:
+        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                         decoupled_weight_decay=True)
+
+
+class EarlyStopping:
+    """Stop training when a validation metric has not improved for ``patience`` epochs.
+
+    Call :meth:`step` once per epoch with the epoch's validation value (and the model, to keep a
+    copy of its best weights). An epoch *improves* when its value beats the best so far by more
+    than ``min_delta`` (lower is better for ``mode="min"``, higher for ``mode="max"``); a NaN never
+    improves. :meth:`step` returns ``True`` once ``patience`` consecutive epochs have not improved.
+    Attributes: ``best`` (best value), ``best_epoch`` (1-based), ``epoch`` (epochs seen),
+    ``num_bad_epochs``, ``best_state`` (a detached copy of the model's ``state_dict`` or ``None``).
+    """
+
+    def __init__(self, patience: int = 10, min_delta: float = 0.0, mode: str = "min") -> None:
+        if isinstance(patience, bool) or not isinstance(patience, int) or patience < 1:
+            raise ValueError(f"EarlyStopping: patience must be a positive int, got {patience!r}")
+        self.min_delta = _check_nonneg("EarlyStopping", "min_delta", min_delta)
+        if mode not in ("min", "max"):
+            raise ValueError(f"EarlyStopping: mode must be 'min' or 'max', got {mode!r}")
+        self.patience = patience
+        self.mode = mode
+        self.best = math.inf if mode == "min" else -math.inf
+        self.best_epoch = 0
+        self.epoch = 0
+        self.num_bad_epochs = 0
+        self.best_state: dict[str, torch.Tensor] | None = None
+
+    def _improves(self, value: float) -> bool:
+        if self.mode == "min":
+            return value < self.best - self.min_delta
+        return value > self.best + self.min_delta
+
+    @property
+    def should_stop(self) -> bool:
+        """Whether ``patience`` consecutive epochs have passed without improvement."""
+        return self.num_bad_epochs >= self.patience
+
+    def step(self, value: float | torch.Tensor, model: nn.Module | None = None) -> bool:
+        """Record one epoch's validation ``value``; return ``True`` when training should stop."""
+        if isinstance(value, torch.Tensor):
+            if value.numel() != 1:
+                raise ValueError(f"EarlyStopping.step: value must be a scalar, got shape {tuple(value.shape)}")
+            value = value.item()
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise TypeError(f"EarlyStopping.step: value must be a float, got {type(value).__name__}")
+        if model is not None and not isinstance(model, nn.Module):
+            raise TypeError(f"EarlyStopping.step: model must be an nn.Module or None, got {type(model).__name__}")
+        self.epoch += 1
+        if self._improves(float(value)):
+            self.best, self.best_epoch, self.num_bad_epochs = float(value), self.epoch, 0
+            if model is not None:
+                self.best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        else:
+            self.num_bad_epochs += 1
+        return self.should_stop
+
+    def restore(self, model: nn.Module) -> nn.Module:
+        """Load the best weights seen into ``model`` (in place) and return it."""
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"EarlyStopping.restore: model must be an nn.Module, got {type(model).__name__}")
+        if self.best_state is None:
+            raise ValueError("EarlyStopping.restore: no weights were kept; pass model= to step()")
+        model.load_state_dict(self.best_state)
+        return model

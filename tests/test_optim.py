@@ -1,0 +1,127 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import mmbook
+from mmbook.optim import SGD, Adam, AdamW, EarlyStopping
+
+
+def _model_and_batches(dtype=torch.float64, steps=10):
+    mmbook.set_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3)).to(dtype)
+    batches = [(torch.randn(16, 6, dtype=dtype), torch.randint(0, 3, (16,))) for _ in range(steps)]
+    return model, batches
+
+
+def _train(model, opt, batches):
+    for x, y in batches:
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    return [p.detach().clone() for p in model.parameters()]
+
+
+CASES = [
+    (SGD, torch.optim.SGD, {"lr": 0.1}),
+    (SGD, torch.optim.SGD, {"lr": 0.1, "momentum": 0.9}),
+    (SGD, torch.optim.SGD, {"lr": 0.1, "momentum": 0.9, "dampening": 0.3, "weight_decay": 0.01}),
+    (SGD, torch.optim.SGD, {"lr": 0.1, "momentum": 0.9, "nesterov": True, "weight_decay": 0.01}),
+    (Adam, torch.optim.Adam, {"lr": 0.01}),
+    (Adam, torch.optim.Adam, {"lr": 0.01, "betas": (0.8, 0.99), "eps": 1e-6, "weight_decay": 0.1}),
+    (Adam, torch.optim.Adam, {"lr": 0.01, "weight_decay": 0.1, "decoupled_weight_decay": True}),
+    (AdamW, torch.optim.AdamW, {"lr": 0.01, "weight_decay": 0.1}),
+]
+
+
+@pytest.mark.parametrize(("ours", "ref", "kwargs"), CASES)
+def test_matches_torch_optim_float64(ours, ref, kwargs):
+    model, batches = _model_and_batches()
+    twin, _ = _model_and_batches()
+    got = _train(model, ours(model.parameters(), **kwargs), batches)
+    want = _train(twin, ref(twin.parameters(), **kwargs), batches)
+    for a, b in zip(got, want, strict=True):
+        # Same equations; only rounding order differs (float64, 10 steps).
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_adam_without_bias_correction_would_differ():
+    # A check that can fail: the first Adam step moves every weight by ~lr (bias-corrected).
+    p = nn.Parameter(torch.tensor([1.0, -2.0, 3.0], dtype=torch.float64))
+    p.grad = torch.tensor([1e-3, 5.0, -200.0], dtype=torch.float64)
+    Adam([p], lr=0.1).step()
+    torch.testing.assert_close(p.detach(), torch.tensor([0.9, -2.1, 3.1], dtype=torch.float64), rtol=0, atol=1e-6)
+
+
+def test_closure_and_param_groups():
+    w = nn.Parameter(torch.tensor([2.0], dtype=torch.float64))
+    b = nn.Parameter(torch.tensor([2.0], dtype=torch.float64))
+    opt = SGD([{"params": [w], "lr": 0.5}, {"params": [b]}], lr=0.1)
+
+    def closure():
+        opt.zero_grad()
+        loss = (w**2).sum() + (b**2).sum()
+        loss.backward()
+        return loss
+
+    loss = opt.step(closure)
+    assert loss.item() == pytest.approx(8.0)
+    assert w.item() == pytest.approx(2.0 - 0.5 * 4.0)
+    assert b.item() == pytest.approx(2.0 - 0.1 * 4.0)
+
+
+def test_optim_bad_input():
+    p = [nn.Parameter(torch.zeros(2))]
+    with pytest.raises(ValueError, match="lr must be a finite number >= 0, got -0.1"):
+        SGD(p, lr=-0.1)
+    with pytest.raises(TypeError, match="lr must be a number, got str"):
+        SGD(p, lr="0.1")
+    with pytest.raises(ValueError, match="nesterov=True needs momentum > 0"):
+        SGD(p, lr=0.1, nesterov=True)
+    with pytest.raises(ValueError, match=r"betas must lie in \[0, 1\), got \(0.9, 1.0\)"):
+        Adam(p, betas=(0.9, 1.0))
+    with pytest.raises(TypeError, match="betas must be a pair"):
+        AdamW(p, betas=0.9)
+    with pytest.raises(ValueError, match="weight_decay must be a finite number >= 0"):
+        AdamW(p, weight_decay=-1.0)
+    with pytest.raises(ValueError, match="eps must be a finite number >= 0, got nan"):
+        Adam(p, eps=math.nan)
+
+
+def test_early_stopping_patience_and_restore():
+    model = nn.Linear(1, 1, bias=False)
+    stopper = EarlyStopping(patience=2)
+    values = [3.0, 2.0, 2.5, 1.0, 1.5, float("nan"), 0.5]
+    stops = []
+    for v in values:
+        with torch.no_grad():
+            model.weight.fill_(v)
+        stops.append(stopper.step(v, model))
+    # improves at epochs 1, 2, 4; epochs 5 and 6 do not (NaN never improves) -> stop at 6
+    assert stops == [False, False, False, False, False, True, False]
+    assert (stopper.best, stopper.best_epoch) == (0.5, 7)
+    with torch.no_grad():
+        model.weight.fill_(9.0)
+    stopper.restore(model)
+    assert model.weight.item() == 0.5
+    maxer = EarlyStopping(patience=1, min_delta=0.1, mode="max")
+    assert maxer.step(torch.tensor(0.5)) is False  # tensors and numpy scalars are accepted
+    assert maxer.step(np.float32(0.55)) is True  # not better by more than min_delta
+
+
+def test_early_stopping_bad_input():
+    with pytest.raises(ValueError, match="patience must be a positive int, got 0"):
+        EarlyStopping(patience=0)
+    with pytest.raises(ValueError, match="mode must be 'min' or 'max', got 'best'"):
+        EarlyStopping(mode="best")
+    stopper = EarlyStopping()
+    with pytest.raises(TypeError, match="value must be a float, got str"):
+        stopper.step("0.3")
+    with pytest.raises(ValueError, match=r"value must be a scalar, got shape \(2,\)"):
+        stopper.step(torch.zeros(2))
+    with pytest.raises(ValueError, match="no weights were kept"):
+        stopper.restore(nn.Linear(1, 1))
+    with pytest.raises(TypeError, match="model must be an nn.Module"):
+        stopper.restore("model")
