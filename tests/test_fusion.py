@@ -1,0 +1,295 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import mmbook
+from mmbook.fusion import (
+    FUSION_METHODS,
+    ConcatFusion,
+    ConvFusion,
+    GatedFusion,
+    LateFusionClassifier,
+    LowRankFusion,
+    MLPEncoder,
+    MultimodalClassifier,
+    RecurrentFusion,
+    TensorFusion,
+    WeightedSumFusion,
+    audio_visual_features,
+    corrupt_images,
+    drop_modalities,
+    fusion_classifier,
+    make_fusion,
+    trace_shapes,
+)
+
+# float64 results of two different summation orders over <= 1e4 terms of size <= 10 agree to ~1e-11
+TOL64 = {"rtol": 1e-10, "atol": 1e-10}
+# float32: a few ulps of O(1) values
+TOL32 = {"rtol": 1e-5, "atol": 1e-6}
+
+
+def _inputs(dims, batch=5, dtype=torch.float32):
+    mmbook.set_seed(0)
+    return [torch.randn(batch, d, dtype=dtype) for d in dims]
+
+
+@pytest.mark.parametrize("dims", [(3, 4), (3, 4, 2)])
+@pytest.mark.parametrize("name", FUSION_METHODS)
+def test_every_method_maps_list_to_batch_by_d_out(name, dims):
+    mmbook.set_seed(0)
+    fusion = make_fusion(name, dims, 6)
+    out = fusion(_inputs(dims))
+    assert out.shape == (5, 6) and torch.isfinite(out).all()
+    out.sum().backward()
+    assert all(p.grad is not None for p in fusion.parameters())
+
+
+def test_weighted_sum_and_concat_match_their_formulas():
+    xs = _inputs((3, 4))
+    ws = WeightedSumFusion((3, 4), 6)
+    with torch.no_grad():
+        ws.weight_logits.copy_(torch.tensor([0.3, -0.2]))
+    w = torch.softmax(torch.tensor([0.3, -0.2]), 0)
+    ref = sum(w[m] * (xs[m] @ ws.projections[m].weight.T + ws.projections[m].bias) for m in range(2))
+    torch.testing.assert_close(ws(xs), ref, **TOL32)
+    torch.testing.assert_close(ws.modality_weights.sum(), torch.tensor(1.0))
+    cat = ConcatFusion((3, 4), 6)
+    W, b = cat.linear.weight, cat.linear.bias
+    torch.testing.assert_close(cat(xs), xs[0] @ W[:, :3].T + xs[1] @ W[:, 3:].T + b, **TOL32)
+
+
+def test_gated_fusion_is_the_papers_gmu_for_two_modalities():
+    xs = _inputs((3, 4), dtype=torch.float64)
+    gmu = GatedFusion((3, 4), 6).double()
+    h1 = torch.tanh(gmu.hidden[0](xs[0]))
+    h2 = torch.tanh(gmu.hidden[1](xs[1]))
+    # softmax over two gate logits a, b is sigmoid(a - b): the paper's single gate W_z = W_a - W_b
+    Wg, bg = gmu.gate.weight.view(2, 6, 7), gmu.gate.bias.view(2, 6)
+    z = torch.sigmoid(torch.cat(xs, 1) @ (Wg[0] - Wg[1]).T + (bg[0] - bg[1]))
+    torch.testing.assert_close(gmu(xs), z * h1 + (1 - z) * h2, **TOL64)
+    gates = gmu.gates(xs)
+    torch.testing.assert_close(gates.sum(1), torch.ones(5, 6, dtype=torch.float64), **TOL64)
+
+
+def test_tensor_fusion_features_contain_all_interaction_terms():
+    xs = _inputs((3, 4, 2), dtype=torch.float64)
+    z = TensorFusion((3, 4, 2), 6).double().features(xs).view(5, 4, 5, 3)
+    x1, x2, x3 = xs
+    assert (z[:, 3, 4, 2] == 1).all()
+    assert torch.equal(z[:, :3, 4, 2], x1) and torch.equal(z[:, 3, :4, 2], x2) and torch.equal(z[:, 3, 4, :2], x3)
+    assert torch.equal(z[:, :3, :4, 2], x1[:, :, None] * x2[:, None, :])
+    # a triple product is rounded once or twice depending on the order: relative error <= 2u
+    torch.testing.assert_close(z[:, :3, :4, :2], torch.einsum("bi,bj,bk->bijk", x1, x2, x3), rtol=1e-15, atol=0)
+
+
+def test_tensor_fusion_parameter_count():
+    tf = TensorFusion((3, 4, 2), 6)
+    assert sum(p.numel() for p in tf.parameters()) == 4 * 5 * 3 * 6 + 6
+    lr = LowRankFusion((3, 4, 2), 6, rank=2)
+    assert sum(p.numel() for p in lr.parameters()) == 2 * (4 + 5 + 3) * 6 + 6
+
+
+@pytest.mark.parametrize("dims", [(3, 4), (3, 4, 2)])
+def test_low_rank_equals_tensor_fusion_with_its_full_weight(dims):
+    mmbook.set_seed(1)
+    lr = LowRankFusion(dims, 6, rank=3).double()
+    with torch.no_grad():
+        lr.bias.normal_()
+    xs = _inputs(dims, dtype=torch.float64)
+    tf = lr.to_tensor_fusion()
+    assert tf.linear.weight.dtype == torch.float64
+    torch.testing.assert_close(lr(xs), tf(xs), **TOL64)
+    # an independent rebuild of the full weight from the factors, one rank-one term at a time
+    W = torch.zeros(*(d + 1 for d in dims), 6, dtype=torch.float64)
+    for r in range(3):
+        for o in range(6):
+            term = lr.factors[0][r, :, o]
+            for f in lr.factors[1:]:
+                term = torch.tensordot(term, f[r, :, o], dims=0)
+            W[..., o] += term
+    torch.testing.assert_close(lr.full_weight(), W, **TOL64)
+
+
+def test_conv_fusion_matches_an_explicit_convolution():
+    xs = _inputs((3, 4), dtype=torch.float64)
+    cf = ConvFusion((3, 4), 5, channels=2, kernel_size=3).double()
+    stack = cf.stack(xs)  # (5, 2, 5)
+    padded = F.pad(stack, (1, 1))
+    conv = torch.zeros(5, 2, 5, dtype=torch.float64)
+    for c in range(2):
+        for t in range(5):
+            conv[:, c, t] = (cf.conv.weight[c] * padded[:, :, t:t + 3]).sum((1, 2)) + cf.conv.bias[c]
+    torch.testing.assert_close(cf(xs), cf.out(torch.relu(conv).flatten(1)), **TOL64)
+
+
+@pytest.mark.parametrize("cell", ["gru", "lstm"])
+def test_recurrent_fusion_matches_a_step_by_step_cell(cell):
+    xs = _inputs((3, 4), dtype=torch.float64)
+    rf = RecurrentFusion((3, 4), 5, cell=cell).double()
+    seq = rf.sequence(xs)
+    step = (nn.GRUCell if cell == "gru" else nn.LSTMCell)(5, 5).double()
+    step.load_state_dict({k.replace("_l0", ""): v for k, v in rf.rnn.state_dict().items()})
+    h = torch.zeros(5, 5, dtype=torch.float64)
+    c = torch.zeros_like(h)
+    for t in range(2):
+        if cell == "gru":
+            h = step(seq[:, t], h)
+        else:
+            h, c = step(seq[:, t], (h, c))
+    torch.testing.assert_close(rf(xs), h, **TOL64)
+
+
+def test_late_fusion_averages_probabilities_or_logits():
+    mmbook.set_seed(0)
+    a, b = nn.Linear(3, 4), nn.Linear(2, 4)
+    x, y = torch.randn(6, 3), torch.randn(6, 2)
+    probs = LateFusionClassifier([a, b])(x, y)
+    ref = torch.log((torch.softmax(a(x), -1) + torch.softmax(b(y), -1)) / 2)
+    torch.testing.assert_close(probs, ref, **TOL32)
+    torch.testing.assert_close(probs.exp().sum(-1), torch.ones(6), **TOL32)
+    torch.testing.assert_close(LateFusionClassifier([a, b], "logits")(x, y), (a(x) + b(y)) / 2, **TOL32)
+
+
+def test_classifier_shapes_and_modality_dropout_only_in_training():
+    model = fusion_classifier((3, 4), "gated", d_embed=8, num_classes=7, modality_dropout=1.0)
+    xs = _inputs((3, 4))
+    assert model(*xs).shape == (5, 7)
+    model.eval()
+    torch.testing.assert_close(model(*xs), model(*xs))
+    single = fusion_classifier((3,), d_embed=8)
+    assert single(xs[0]).shape == (5, 10)
+    assert isinstance(single.encoders[0], MLPEncoder)
+
+
+def test_drop_modalities_drops_at_most_one_per_example():
+    g = torch.Generator().manual_seed(0)
+    xs = [torch.ones(2000, 3), torch.ones(2000, 2, 2)]
+    out = drop_modalities(xs, 0.4, generator=g)
+    kept = torch.stack([out[0].flatten(1).all(1), out[1].flatten(1).all(1)], 1)
+    zeroed = torch.stack([(out[0] == 0).flatten(1).all(1), (out[1] == 0).flatten(1).all(1)], 1)
+    assert (kept | zeroed).all() and kept.any(1).all()
+    assert abs(zeroed.any(1).float().mean().item() - 0.4) < 0.05
+    assert torch.equal(drop_modalities(xs, 0.0)[1], xs[1])
+
+
+def test_corrupt_images_occludes_one_square_and_adds_noise():
+    images = torch.ones(50, 1, 8, 8)
+    g = torch.Generator().manual_seed(0)
+    occluded = corrupt_images(images, noise_std=0.0, occlusion=3, generator=g)
+    assert ((occluded == 0).sum((1, 2, 3)) == 9).all()
+    noisy = corrupt_images(images, noise_std=0.5, occlusion=0, generator=g)
+    assert abs((noisy - 1).std().item() - 0.5) < 0.03
+
+
+def test_audio_visual_features_are_the_documented_transforms():
+    from mmbook.audio import mfcc
+    from mmbook.data import audio_visual_digits
+
+    feats = audio_visual_features("test", seed=0)
+    ds = audio_visual_digits("test", seed=0, snr_db=(-15.0, -5.0))
+    n = len(ds)
+    assert feats["image"].shape == (n, 64) and feats["audio"].shape == (n, 100) and feats["mfcc"].shape == (n, 20, 51)
+    torch.testing.assert_close(feats["image_clean"], ds.images.flatten(1))
+    ref = mfcc(ds.waveform(3), n_mfcc=20, melkwargs={"n_fft": 400, "hop_length": 320, "n_mels": 40})
+    torch.testing.assert_close(feats["mfcc"][3], ref, rtol=1e-4, atol=1e-3)
+    torch.testing.assert_close(feats["audio"][3].view(20, 5)[:, 0], ref[:, :11].mean(1), rtol=1e-4, atol=1e-3)
+    g = torch.Generator().manual_seed(1)  # seed * 2 + 1 for the test split
+    torch.testing.assert_close(feats["image"], corrupt_images(ds.images, 0.3, 3, g).flatten(1))
+
+
+def test_trace_shapes_records_calls_and_the_error():
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(5, 2))
+    trace = trace_shapes(model, torch.randn(2, 3))
+    assert [r[0] for r in trace.rows] == ["0", "1", "2"]
+    assert trace.rows[0][2:] == ([(2, 3)], (2, 4)) and trace.rows[2][3] is None
+    assert isinstance(trace.error, RuntimeError) and "RAISED" in str(trace)
+    ok = trace_shapes(nn.Linear(3, 4), torch.randn(2, 3))
+    assert ok.error is None and ok.rows == []  # a leaf as the model itself has no named children
+
+
+# ----------------------------------------------------------------------------- bad input
+def test_fusion_rejects_bad_inputs():
+    fusion = ConcatFusion((3, 4), 6)
+    with pytest.raises(ValueError, match="expected 2 modality tensors"):
+        fusion([torch.randn(5, 3)])
+    with pytest.raises(ValueError, match=r"modality 1 must have shape \(batch, 4\), got \(5, 2\)"):
+        fusion([torch.randn(5, 3), torch.randn(5, 2)])
+    with pytest.raises(ValueError, match="same batch size"):
+        fusion([torch.randn(5, 3), torch.randn(4, 4)])
+    with pytest.raises(TypeError, match="list of 2 tensors"):
+        fusion(torch.randn(5, 7))
+    with pytest.raises(TypeError, match="floating-point"):
+        fusion([torch.ones(5, 3, dtype=torch.long), torch.randn(5, 4)])
+
+
+def test_constructors_reject_bad_arguments():
+    with pytest.raises(ValueError, match="name must be one of"):
+        make_fusion("bilinear", (3, 4), 6)
+    with pytest.raises(TypeError, match="does not take"):
+        make_fusion("concat", (3, 4), 6, rank=2)
+    with pytest.raises(TypeError, match="dims"):
+        make_fusion("concat", 3, 6)
+    with pytest.raises(ValueError, match="dims"):
+        make_fusion("tensor", (3, 0), 6)
+    with pytest.raises(ValueError, match="d_out"):
+        WeightedSumFusion((3, 4), 0)
+    with pytest.raises(ValueError, match="rank"):
+        LowRankFusion((3, 4), 6, rank=0)
+    with pytest.raises(ValueError, match="kernel_size must be odd"):
+        ConvFusion((3, 4), 6, kernel_size=2)
+    with pytest.raises(ValueError, match="cell"):
+        RecurrentFusion((3, 4), 6, cell="rnn")
+    with pytest.raises(TypeError, match="must be an int"):
+        GatedFusion((3, 4), 6.0)
+    with pytest.raises(ValueError, match="dropout"):
+        MLPEncoder(3, 4, dropout=1.0)
+    with pytest.raises(ValueError, match="d_embed"):
+        fusion_classifier((3, 4), d_embed=0)
+
+
+def test_classifiers_reject_bad_arguments():
+    with pytest.raises(ValueError, match="2 encoders for a fusion of 3"):
+        MultimodalClassifier([nn.Linear(3, 4)] * 2, ConcatFusion((4, 4, 4), 6), 10)
+    with pytest.raises(TypeError, match="fusion must be"):
+        MultimodalClassifier([nn.Linear(3, 4)], nn.Linear(4, 4), 10)
+    with pytest.raises(ValueError, match="modality_dropout needs at least 2"):
+        MultimodalClassifier([nn.Linear(3, 4)], ConcatFusion((4,), 6), 10, modality_dropout=0.5)
+    model = fusion_classifier((3, 4))
+    with pytest.raises(ValueError, match="expected 2 inputs"):
+        model(torch.randn(5, 3))
+    with pytest.raises(ValueError, match="combine"):
+        LateFusionClassifier([nn.Linear(3, 4)], combine="max")
+    with pytest.raises(TypeError, match="classifiers"):
+        LateFusionClassifier([])
+    with pytest.raises(ValueError, match="expected 1 inputs"):
+        LateFusionClassifier([nn.Linear(3, 4)])(torch.randn(2, 3), torch.randn(2, 3))
+
+
+def test_helpers_reject_bad_arguments():
+    with pytest.raises(ValueError, match="at least 2 tensors"):
+        drop_modalities([torch.ones(3, 2)], 0.5)
+    with pytest.raises(ValueError, match="p must be in"):
+        drop_modalities([torch.ones(3, 2), torch.ones(3, 2)], 1.5)
+    with pytest.raises(ValueError, match="share the batch size"):
+        drop_modalities([torch.ones(3, 2), torch.ones(4, 2)], 0.5)
+    with pytest.raises(ValueError, match=r"images must be .* got \(8, 8\)"):
+        corrupt_images(torch.ones(8, 8))
+    with pytest.raises(ValueError, match="occlusion"):
+        corrupt_images(torch.ones(2, 1, 8, 8), occlusion=9)
+    with pytest.raises(ValueError, match="noise_std"):
+        corrupt_images(torch.ones(2, 1, 8, 8), noise_std=-1.0)
+    with pytest.raises(ValueError, match="n_mfcc"):
+        audio_visual_features("test", n_mfcc=41)
+    with pytest.raises(TypeError, match="model must be an nn.Module"):
+        trace_shapes(lambda x: x, torch.ones(1))
+
+
+def test_parameter_counts_are_finite_and_formula_for_concat():
+    for name in FUSION_METHODS:
+        n = sum(p.numel() for p in make_fusion(name, (8, 8), 8).parameters())
+        assert n > 0 and math.isfinite(n)
+    assert sum(p.numel() for p in ConcatFusion((8, 8), 8).parameters()) == 16 * 8 + 8
