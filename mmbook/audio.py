@@ -1,4 +1,5 @@
-"""Audio features written from their definitions: STFT, mel filterbank, log-mel, MFCC, WAV I/O.
+"""Audio features written from their definitions: STFT, mel filterbank, log-mel, MFCC, WAV I/O,
+SpecAugment masking, and a small CNN audio encoder on log-mel inputs.
 
 Conventions match torchaudio, which the book uses as the reference: a waveform is a float
 tensor ``(..., time)``; spectrograms are ``(..., n_freqs, frames)`` with
@@ -12,16 +13,21 @@ import wave
 from pathlib import Path
 
 import torch
+from torch import nn
 
 __all__ = [
+    "AudioCNN",
     "amplitude_to_db",
     "dct_matrix",
     "hz_to_mel",
+    "log_mel_spectrogram",
+    "mask_along_axis",
     "mel_filterbank",
     "mel_spectrogram",
     "mel_to_hz",
     "mfcc",
     "read_wav",
+    "spec_augment",
     "spectrogram",
     "stft",
     "write_wav",
@@ -188,6 +194,7 @@ def spectrogram(waveform: torch.Tensor, n_fft: int = 400, hop_length: int | None
     """``|STFT|**power``: ``(..., n_fft // 2 + 1, frames)`` (power 2: energy, 1: magnitude)."""
     if isinstance(power, bool) or not isinstance(power, (int, float)) or power <= 0:
         raise ValueError(f"spectrogram: power must be a positive number, got {power!r}")
+    _check_waveform(waveform, "spectrogram")
     spec = stft(waveform, n_fft, hop_length, win_length, center=center, pad_mode=pad_mode)
     return spec.abs().pow(power)
 
@@ -210,6 +217,7 @@ def mel_spectrogram(
     """Mel spectrogram ``(..., n_mels, frames)``: the filterbank applied to the power
     spectrogram, ``M = F^T S``; arguments and defaults as ``torchaudio.transforms.MelSpectrogram``."""
     fn = "mel_spectrogram"
+    _check_waveform(waveform, fn)  # name this function, not stft, in the error
     sample_rate = _check_positive_number("sample_rate", sample_rate, fn)
     spec = spectrogram(waveform, n_fft, hop_length, win_length, power, center, pad_mode)
     fb = mel_filterbank(n_fft // 2 + 1, f_min, f_max if f_max is not None else sample_rate / 2, n_mels,
@@ -310,3 +318,189 @@ def read_wav(path: str | Path) -> tuple[torch.Tensor, int]:
         channels, rate, frames = f.getnchannels(), f.getframerate(), f.readframes(f.getnframes())
     pcm = np.frombuffer(frames, dtype="<i2").reshape(-1, channels).T.astype(np.float32) / 32768.0
     return torch.from_numpy(np.ascontiguousarray(pcm)), rate
+
+
+# ----------------------------------------------------------------------------- features for a classifier
+
+
+def log_mel_spectrogram(
+    waveform: torch.Tensor,
+    sample_rate: int = 16000,
+    n_fft: int = 400,
+    hop_length: int = 160,
+    n_mels: int = 40,
+    f_min: float = 0.0,
+    f_max: float | None = None,
+    top_db: float | None = 80.0,
+) -> torch.Tensor:
+    """Log-mel spectrogram in decibels, ``10 log10(max(M, 1e-10))``, one example at a time.
+
+    ``waveform`` ``(time,)`` or ``(batch, time)`` -> ``(n_mels, frames)`` or ``(batch, n_mels, frames)``
+    with ``frames = 1 + time // hop_length`` (centred frames). Unlike :func:`amplitude_to_db` on a
+    3-D tensor (which torchaudio reads as ``(channel, freq, time)`` and floors jointly), the
+    ``top_db`` floor is set per example: ``max(M_dB) - top_db`` of that example alone, so an
+    example's features never depend on the others in its batch. Defaults: 25 ms windows every
+    10 ms at 16 kHz, 40 HTK mel bands.
+    """
+    fn = "log_mel_spectrogram"
+    if not isinstance(waveform, torch.Tensor) or waveform.ndim not in (1, 2):
+        raise ValueError(f"{fn}: waveform must be a tensor (time,) or (batch, time), got "
+                         f"{tuple(waveform.shape) if isinstance(waveform, torch.Tensor) else type(waveform).__name__}")
+    if top_db is not None and (isinstance(top_db, bool) or not isinstance(top_db, (int, float)) or top_db <= 0):
+        raise ValueError(f"{fn}: top_db must be a positive number or None, got {top_db!r}")
+    mel = mel_spectrogram(waveform, sample_rate=sample_rate, n_fft=n_fft, hop_length=hop_length, n_mels=n_mels,
+                          f_min=f_min, f_max=f_max)  # (..., n_mels, frames)
+    db = 10.0 * torch.log10(torch.clamp(mel, min=1e-10))
+    if top_db is not None:
+        db = torch.maximum(db, db.amax(dim=(-2, -1), keepdim=True) - top_db)
+    return db
+
+
+def mask_along_axis(
+    spec: torch.Tensor,
+    mask_param: int,
+    axis: int,
+    mask_value: float = 0.0,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """One random mask per example along the frequency (``axis=-2``) or time (``axis=-1``) axis.
+
+    ``spec`` ``(..., n_mels, frames)``; every index of the leading dimensions gets its own mask.
+    As in SpecAugment (and ``torchaudio.functional.mask_along_axis_iid``, whose draws this
+    reproduces exactly for the same random state): a width ``v = u_1 * mask_param`` and a start
+    ``v_0 = u_2 * (size - v)`` with ``u_1, u_2 ~ U[0, 1)``; indices
+    ``floor(v_0) <= i < floor(v_0) + floor(v)`` are set to ``mask_value``. Returns a new tensor.
+    """
+    fn = "mask_along_axis"
+    if not isinstance(spec, torch.Tensor) or not torch.is_floating_point(spec) or spec.ndim < 2:
+        raise ValueError(f"{fn}: spec must be a floating-point tensor (..., n_mels, frames), got "
+                         f"{tuple(spec.shape) if isinstance(spec, torch.Tensor) else type(spec).__name__}")
+    if isinstance(mask_param, bool) or not isinstance(mask_param, int) or mask_param < 0:
+        raise ValueError(f"{fn}: mask_param must be a non-negative int, got {mask_param!r}")
+    if axis not in (-2, -1):
+        raise ValueError(f"{fn}: axis must be -2 (frequency) or -1 (time), got {axis!r}")
+    size = spec.shape[axis]
+    if mask_param > size:
+        raise ValueError(f"{fn}: mask_param ({mask_param}) exceeds the size of axis {axis} ({size})")
+    if mask_param == 0:
+        return spec.clone()
+    lead = spec.shape[:-2]
+    width = torch.rand(lead, generator=generator, dtype=spec.dtype, device=spec.device) * mask_param
+    start = torch.rand(lead, generator=generator, dtype=spec.dtype, device=spec.device) * (size - width)
+    first = start.long()[..., None, None]
+    stop = (start.long() + width.long())[..., None, None]
+    index = torch.arange(size, device=spec.device)
+    index = index.view(-1, 1) if axis == -2 else index.view(1, -1)  # broadcast along (n_mels, frames)
+    return spec.masked_fill((index >= first) & (index < stop), mask_value)
+
+
+def spec_augment(
+    spec: torch.Tensor,
+    freq_mask_param: int = 8,
+    time_mask_param: int = 20,
+    num_freq_masks: int = 1,
+    num_time_masks: int = 1,
+    mask_value: float = 0.0,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """SpecAugment's masking (Park et al., 2019) without time warping: ``num_freq_masks``
+    frequency masks of up to ``freq_mask_param`` bands, then ``num_time_masks`` time masks of up
+    to ``time_mask_param`` frames, drawn independently for every example of
+    ``spec`` ``(..., n_mels, frames)``. Masked cells get ``mask_value`` (0 = the mean of
+    standardised features). Returns a new tensor of the same shape."""
+    for name, value in (("num_freq_masks", num_freq_masks), ("num_time_masks", num_time_masks)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"spec_augment: {name} must be a non-negative int, got {value!r}")
+    out = spec
+    for _ in range(num_freq_masks):
+        out = mask_along_axis(out, freq_mask_param, -2, mask_value, generator)
+    for _ in range(num_time_masks):
+        out = mask_along_axis(out, time_mask_param, -1, mask_value, generator)
+    return out if out is not spec else spec.clone()
+
+
+class AudioCNN(nn.Module):
+    """A small convolutional audio classifier/encoder on (standardised) log-mel spectrograms.
+
+    The ``n_mels`` bands of a log-mel ``(batch, n_mels, frames)`` are the input *channels* of
+    1-D convolutions over time (temporal convolution, as in TC-ResNet): each filter sees the
+    whole spectrum of ``kernel_size`` neighbouring frames, which costs far less than a 2-D CNN
+    that treats the spectrogram as an image. Block ``i`` is
+    ``Conv1d(kernel_size, padding kernel_size // 2) -> BatchNorm -> ReLU -> MaxPool1d(2)`` with
+    ``channels[i]`` outputs; the first convolution has stride ``stride`` (2 halves the frame rate
+    at once). With the defaults, 101 frames (1 s at a 10 ms hop) become 6 tokens of 64 features.
+
+    * ``features(x)``: ``(batch, feature_dim, frames')`` with ``feature_dim = channels[-1]``;
+    * ``tokens(x)``: the same as a sequence of audio tokens ``(batch, frames', feature_dim)``
+      (for cross-attention in later chapters);
+    * ``embed(x)``: the time average ``(batch, feature_dim)``;
+    * ``forward(x)``: ``dropout -> linear`` on the embedding, ``(batch, out_dim)`` (the embedding
+      itself when ``out_dim`` is None).
+
+    Inputs should be standardised (zero mean, unit variance over the training set), so that a
+    SpecAugment mask value of 0 means "average".
+    """
+
+    def __init__(
+        self,
+        n_mels: int = 40,
+        out_dim: int | None = 10,
+        channels: tuple[int, ...] = (32, 64, 64),
+        kernel_size: int = 3,
+        stride: int = 2,
+        dropout: float = 0.1,
+    ) -> None:
+        super().__init__()
+        fn = "AudioCNN"
+        self.n_mels = _check_positive_int("n_mels", n_mels, fn)
+        if out_dim is not None:
+            _check_positive_int("out_dim", out_dim, fn)
+        if isinstance(channels, (str, bytes)) or not isinstance(channels, (tuple, list)) or not channels:
+            raise ValueError(f"{fn}: channels must be a non-empty tuple of positive ints, got {channels!r}")
+        for c in channels:
+            _check_positive_int("channels[i]", c, fn)
+        kernel_size = _check_positive_int("kernel_size", kernel_size, fn)
+        if kernel_size % 2 == 0:
+            raise ValueError(f"{fn}: kernel_size must be odd (so padding keeps frames centred), got {kernel_size}")
+        self.stride = _check_positive_int("stride", stride, fn)
+        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
+            raise ValueError(f"{fn}: dropout must be in [0, 1), got {dropout!r}")
+        layers: list[nn.Module] = []
+        c_in = n_mels
+        for i, c_out in enumerate(channels):
+            layers += [nn.Conv1d(c_in, c_out, kernel_size, stride=stride if i == 0 else 1, padding=kernel_size // 2,
+                                 bias=False), nn.BatchNorm1d(c_out), nn.ReLU(), nn.MaxPool1d(2)]
+            c_in = c_out
+        self.body = nn.Sequential(*layers)
+        self.num_blocks, self.feature_dim, self.out_dim = len(channels), c_in, out_dim
+        self.dropout = nn.Dropout(dropout)
+        self.head = nn.Linear(c_in, out_dim) if out_dim is not None else nn.Identity()
+
+    def min_frames(self) -> int:
+        """The fewest input frames that leave at least one output frame."""
+        return self.stride * 2**self.num_blocks
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """``(batch, n_mels, frames) -> (batch, feature_dim, frames')``."""
+        if not isinstance(x, torch.Tensor) or not torch.is_floating_point(x):
+            raise TypeError("AudioCNN: x must be a floating-point tensor, got "
+                            + (f"a tensor of {x.dtype}" if isinstance(x, torch.Tensor) else type(x).__name__))
+        if x.ndim != 3 or x.shape[1] != self.n_mels:
+            raise ValueError(f"AudioCNN: x must have shape (batch, n_mels={self.n_mels}, frames), "
+                             f"got {tuple(x.shape)}")
+        if x.shape[2] < self.min_frames():
+            raise ValueError(f"AudioCNN: {x.shape[2]} frames are too few for stride {self.stride} and "
+                             f"{self.num_blocks} pooling blocks (need at least {self.min_frames()})")
+        return self.body(x)
+
+    def tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """``(batch, n_mels, frames) -> (batch, frames', feature_dim)``: one token per output frame."""
+        return self.features(x).transpose(1, 2)
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """``(batch, n_mels, frames) -> (batch, feature_dim)``: the features averaged over time."""
+        return self.features(x).mean(dim=2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``(batch, n_mels, frames) -> (batch, out_dim)`` (``(batch, feature_dim)`` if ``out_dim`` is None)."""
+        return self.head(self.dropout(self.embed(x)))

@@ -6,13 +6,17 @@ import torchaudio.transforms as T
 
 import mmbook
 from mmbook.audio import (
+    AudioCNN,
     dct_matrix,
     hz_to_mel,
+    log_mel_spectrogram,
+    mask_along_axis,
     mel_filterbank,
     mel_spectrogram,
     mel_to_hz,
     mfcc,
     read_wav,
+    spec_augment,
     spectrogram,
     stft,
     write_wav,
@@ -101,3 +105,78 @@ def test_bad_input():
         mfcc(torch.zeros(2000), n_mfcc=50, melkwargs={"n_mels": 40})
     with pytest.raises(FileNotFoundError, match="no such file"):
         read_wav("does/not/exist.wav")
+
+
+def test_log_mel_spectrogram_matches_torchaudio_per_example():
+    x = _wave(batch=(3,))
+    x[1] *= 0.01  # a quiet example: its 80 dB floor must not depend on the loud ones
+    ours = log_mel_spectrogram(x, 16000, n_fft=400, hop_length=160, n_mels=40)
+    mel = T.MelSpectrogram(16000, n_fft=400, hop_length=160, n_mels=40)
+    ref = T.AmplitudeToDB("power", top_db=80.0)(mel(x).unsqueeze(1)).squeeze(1)  # (batch, 1, ...): one per example
+    assert ours.shape == (3, 40, 1 + 8000 // 160)
+    # dB of matching float32 powers: |10 log10(a) - 10 log10(b)| ~ 4.3 |a - b| / a ~ 1e-5 relative, on values O(100)
+    torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-3)
+    torch.testing.assert_close(log_mel_spectrogram(x[1]), ours[1], rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("axis", [-2, -1])
+def test_mask_along_axis_reproduces_torchaudio_draws(axis):
+    mmbook.set_seed(1)
+    spec = torch.randn(4, 2, 40, 101)
+    torch.manual_seed(7)
+    ours = mask_along_axis(spec, 12, axis, mask_value=-3.0)
+    torch.manual_seed(7)
+    ref = AF.mask_along_axis_iid(spec, 12, -3.0, spec.ndim + axis)
+    torch.testing.assert_close(ours, ref, rtol=0, atol=0)
+    masked = ours == -3.0
+    # each example's mask is one band (or block of frames) spanning the whole other axis
+    other = -1 if axis == -2 else -2
+    full = masked.all(dim=other)
+    assert torch.equal(full, masked.any(dim=other)) and int(full.sum(dim=-1).max()) <= 12
+
+
+def test_spec_augment_masks_and_generator():
+    spec = torch.randn(8, 40, 101) + 5.0  # no cell equals 0 by chance
+    a = spec_augment(spec, 8, 20, 2, 2, generator=torch.Generator().manual_seed(0))
+    b = spec_augment(spec, 8, 20, 2, 2, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    zero = a == 0
+    assert a.shape == spec.shape and torch.equal(a[~zero], spec[~zero])
+    bands = zero.all(dim=-1).sum(dim=-1)  # fully masked mel bands per example
+    assert int(bands.max()) <= 2 * 8
+    assert torch.equal(spec_augment(spec, 8, 20, 0, 0), spec)
+
+
+def test_audio_cnn_shapes_and_conv2d_equivalence():
+    mmbook.set_seed(0)
+    model = AudioCNN(n_mels=40, out_dim=10).eval()
+    x = torch.randn(3, 40, 101)
+    assert model.features(x).shape == (3, 64, 6) and model.tokens(x).shape == (3, 6, 64)
+    assert model(x).shape == (3, 10) and AudioCNN(40, out_dim=None)(x).shape == (3, 64)
+    torch.testing.assert_close(model(x), model.head(model.tokens(x).mean(dim=1)), rtol=1e-6, atol=1e-6)
+    # independent reference: a temporal convolution over n_mels channels is a 2-D convolution of the
+    # (1, n_mels, frames) image with a kernel as tall as the spectrogram and no padding along frequency
+    conv = model.body[0]
+    ref = torch.nn.functional.conv2d(x.unsqueeze(1), conv.weight.unsqueeze(1), stride=(1, 2), padding=(0, 1))
+    torch.testing.assert_close(conv(x), ref.squeeze(2), rtol=1e-5, atol=1e-5)
+
+
+def test_bad_input_additions():
+    with pytest.raises(ValueError, match=r"waveform must be a tensor \(time,\) or \(batch, time\)"):
+        log_mel_spectrogram(torch.zeros(1, 1, 1600))
+    with pytest.raises(ValueError, match="top_db must be a positive number"):
+        log_mel_spectrogram(torch.zeros(1600), top_db=-1)
+    with pytest.raises(ValueError, match="axis must be -2 .* or -1"):
+        mask_along_axis(torch.zeros(2, 40, 101), 5, 1)
+    with pytest.raises(ValueError, match=r"mask_param \(50\) exceeds the size of axis -2 \(40\)"):
+        mask_along_axis(torch.zeros(2, 40, 101), 50, -2)
+    with pytest.raises(ValueError, match="num_time_masks must be a non-negative int"):
+        spec_augment(torch.zeros(2, 40, 101), num_time_masks=-1)
+    with pytest.raises(ValueError, match=r"x must have shape \(batch, n_mels=40, frames\), got \(2, 64, 101\)"):
+        AudioCNN(40)(torch.zeros(2, 64, 101))
+    with pytest.raises(ValueError, match="8 frames are too few"):
+        AudioCNN(40)(torch.zeros(2, 40, 8))
+    with pytest.raises(TypeError, match="floating-point"):
+        AudioCNN(40)(torch.zeros(2, 40, 101, dtype=torch.int64))
+    with pytest.raises(ValueError, match="kernel_size must be odd"):
+        AudioCNN(40, kernel_size=4)
