@@ -18,6 +18,10 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
+# One intra-op thread per notebook: the book's models are tiny, so threads mostly add overhead (and thrash
+# badly on a busy machine), and single-threaded results do not depend on the number of cores.
+export OMP_NUM_THREADS := 1
+export MKL_NUM_THREADS := 1
 
 NBVAL_FLAGS := --nbval-current-env --nbval-cell-timeout=600 \
                --nbval-sanitize-with tests/nbval_sanitize.cfg -p no:randomly
