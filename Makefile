@@ -6,7 +6,8 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.mmbook-installed
 NB     ?= chapters
-JOBS   ?= 1
+# Notebooks run on two workers where there are two cores or more (each notebook uses one thread).
+JOBS   ?= $(shell n=$$(nproc 2>/dev/null || echo 1); if [ $$n -ge 2 ]; then echo 2; else echo 1; fi)
 PORT   ?= 8888
 # JupyterLab refuses to run as root (containers, CI) unless told it may.
 LAB_FLAGS ?= $(if $(filter 0,$(shell id -u)),--allow-root,)
@@ -29,13 +30,21 @@ ifneq ($(JOBS),1)
 NBVAL_FLAGS += -n $(JOBS) --dist loadfile
 endif
 
-.PHONY: help venv lab test test-unit test-notebooks test-gpu check-notebooks regen lint doctor clean
+SITE := _build/book
+# Sphinx with myst-nb renders the stored outputs (nothing is executed); warnings are errors, so a broken
+# cross-reference fails the build.
+SPHINX_FLAGS := -q -b html -c book -W --keep-going -j auto
+
+.PHONY: help venv lab test test-unit test-notebooks test-gpu test-book check-notebooks regen lint doctor \
+        book book-serve clean
 
 help:
 	@echo "make lab        set up .venv (once) and open the book in JupyterLab"
-	@echo "make test       set up .venv (once), run unit tests, notebook hygiene and strict nbval"
+	@echo "make test       set up .venv (once), run unit tests, notebook hygiene, strict nbval and the book test"
 	@echo "make test-gpu   nbval-lax on every notebook with MMBOOK_DEVICE=cuda"
 	@echo "make regen      re-execute notebooks on CPU in place (NB=path to limit)"
+	@echo "make book       build the HTML book from the stored outputs into $(SITE)"
+	@echo "make book-serve serve $(SITE) on http://127.0.0.1:$(PORT)"
 	@echo "make lint       ruff over mmbook, tests, tools and notebooks"
 	@echo "make doctor     versions, device and chapter imports"
 	@echo "make clean      remove .venv, caches and built files"
@@ -54,17 +63,18 @@ lab: $(STAMP)
 	@echo "Starting JupyterLab on chapters/ (Ctrl-C to stop); open the URL printed below."
 	$(PY) -m jupyterlab --no-browser --port=$(PORT) --ServerApp.root_dir=chapters $(LAB_FLAGS)
 
-# All three stages run even when one fails, so a single run reports every problem.
+# All four stages run even when one fails, so a single run reports every problem.
 test: $(STAMP)
 	@status=0; \
-	MMBOOK_DEVICE=cpu $(PY) -m pytest -q tests || status=1; \
+	MMBOOK_DEVICE=cpu $(PY) -m pytest -q tests --ignore=tests/book || status=1; \
 	$(PY) tools/check_notebooks.py chapters || status=1; \
 	MMBOOK_DEVICE=cpu $(PY) -m pytest --nbval $(NBVAL_FLAGS) chapters || status=1; \
+	{ $(PY) -m sphinx $(SPHINX_FLAGS) . $(SITE) && $(PY) -m pytest -q tests/book; } || status=1; \
 	if [ $$status -ne 0 ]; then echo "make test: FAILED (see above)"; else echo "make test: all stages passed"; fi; \
 	exit $$status
 
 test-unit: $(STAMP)
-	MMBOOK_DEVICE=cpu $(PY) -m pytest -q tests
+	MMBOOK_DEVICE=cpu $(PY) -m pytest -q tests --ignore=tests/book
 
 check-notebooks: $(STAMP)
 	$(PY) tools/check_notebooks.py chapters
@@ -73,14 +83,25 @@ test-notebooks: $(STAMP)
 	MMBOOK_DEVICE=cpu $(PY) -m pytest --nbval $(NBVAL_FLAGS) $(NB)
 
 test-gpu: $(STAMP)
-	MMBOOK_DEVICE=cuda $(PY) -m pytest -q tests
+	MMBOOK_DEVICE=cuda $(PY) -m pytest -q tests --ignore=tests/book
 	MMBOOK_DEVICE=cuda $(PY) -m pytest --nbval-lax $(NBVAL_FLAGS) chapters
 
 regen: $(STAMP)
 	MMBOOK_DEVICE=cpu $(PY) tools/regen.py $(NB)
 
+book: $(STAMP)
+	$(PY) -m sphinx $(SPHINX_FLAGS) . $(SITE)
+	@echo "Built $(SITE)/index.html: open it in a browser, or run 'make book-serve'."
+
+book-serve: book
+	$(PY) -m http.server $(PORT) --bind 127.0.0.1 --directory $(SITE)
+
+# Opens every page of the built book in headless Chromium (skipped with the reason where there is none).
+test-book: book
+	$(PY) -m pytest -q tests/book
+
 lint: $(STAMP)
-	$(PY) -m ruff check mmbook tests tools chapters conftest.py
+	$(PY) -m ruff check mmbook tests tools chapters book conftest.py
 
 doctor: $(STAMP)
 	$(PY) -m mmbook.doctor
