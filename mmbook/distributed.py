@@ -1,0 +1,280 @@
+"""Data-parallel training of our GPT with ``torch.distributed`` and ``DistributedDataParallel``.
+
+Two ways in, one training function (:func:`ddp_train`):
+
+* :func:`run_ddp` starts ``world_size`` processes on this machine with
+  ``torch.multiprocessing`` (the ``gloo`` backend, CPU, ``127.0.0.1`` and a free port), waits for
+  them with a time limit and returns what each rank computed — the gradients of the first step
+  after DDP's all-reduce, the losses and the final parameters. Chapter 16 compares them with
+  single-process training.
+* ``torchrun`` runs this module as a script, on one machine or many, with ``nccl`` on GPUs::
+
+      torchrun --standalone --nproc_per_node=2 -m mmbook.distributed --steps 20
+      torchrun --nnodes=2 --nproc_per_node=8 --node_rank=0 --rdzv_backend=c10d \\
+               --rdzv_endpoint=HOST:29500 -m mmbook.distributed --steps 20
+
+  ``torchrun`` sets ``RANK``, ``LOCAL_RANK``, ``WORLD_SIZE``, ``MASTER_ADDR`` and ``MASTER_PORT``
+  in each process; :func:`main` reads them, uses GPU ``LOCAL_RANK`` when CUDA is available.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import socket
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch.nn.parallel import DistributedDataParallel
+
+from mmbook.gpt import GPT, GPTConfig
+
+__all__ = ["DDPJob", "DDPResult", "ddp_train", "find_free_port", "main", "run_ddp", "shard"]
+
+_BACKENDS = ("gloo", "nccl")
+
+
+def find_free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port on ``host`` that is free right now: bind to port 0 and let the OS choose one."""
+    if not isinstance(host, str) or not host:
+        raise TypeError(f"find_free_port: host must be a non-empty str, got {host!r}")
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def shard(x: torch.Tensor, rank: int, world_size: int) -> torch.Tensor:
+    """Rank ``rank``'s contiguous share of the rows of ``x`` ``(batch, ...)``: ``(batch / world_size, ...)``.
+
+    The batch must divide evenly, so that every rank's mean loss averages the same number of
+    tokens and the average of the ranks' gradients is the gradient of the whole batch.
+    """
+    fn = "shard"
+    if not isinstance(x, torch.Tensor) or x.ndim < 1:
+        raise TypeError(f"{fn}: x must be a tensor with a batch dimension, got {type(x).__name__}")
+    for name, v in (("rank", rank), ("world_size", world_size)):
+        if not isinstance(v, int) or isinstance(v, bool):
+            raise TypeError(f"{fn}: {name} must be an int, got {type(v).__name__}")
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"{fn}: need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
+    if x.shape[0] % world_size:
+        raise ValueError(f"{fn}: batch size {x.shape[0]} is not divisible by world_size={world_size}")
+    n = x.shape[0] // world_size
+    return x[rank * n:(rank + 1) * n]
+
+
+@dataclass
+class DDPJob:
+    """What every rank trains: a GPT built with ``seed`` in ``dtype``, AdamW at ``lr``, one step per batch.
+
+    ``batches`` is a list of ``(idx, targets)`` pairs of the *global* batch, each ``(batch, T)``
+    int64; rank ``r`` trains on ``shard(., r, world_size)`` of each.
+    """
+
+    config: GPTConfig
+    batches: list[tuple[torch.Tensor, torch.Tensor]]
+    seed: int = 0
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    dtype: torch.dtype = torch.float64
+    backend: str = "gloo"
+
+    def __post_init__(self) -> None:
+        fn = "DDPJob"
+        if not isinstance(self.config, GPTConfig):
+            raise TypeError(f"{fn}: config must be a GPTConfig, got {type(self.config).__name__}")
+        if not isinstance(self.batches, list) or not self.batches:
+            raise ValueError(f"{fn}: batches must be a non-empty list of (idx, targets) pairs")
+        for i, pair in enumerate(self.batches):
+            ok = isinstance(pair, tuple) and len(pair) == 2 and all(
+                isinstance(t, torch.Tensor) and t.dtype == torch.long and t.ndim == 2 for t in pair)
+            if not ok or pair[0].shape != pair[1].shape:
+                raise TypeError(f"{fn}: batches[{i}] must be a pair of int64 (batch, T) tensors of equal shape")
+        if self.dtype not in (torch.float32, torch.float64):
+            raise ValueError(f"{fn}: dtype must be torch.float32 or torch.float64, got {self.dtype}")
+        if self.backend not in _BACKENDS:
+            raise ValueError(f"{fn}: backend must be one of {_BACKENDS}, got {self.backend!r}")
+        if isinstance(self.lr, bool) or not isinstance(self.lr, (int, float)) or self.lr <= 0:
+            raise ValueError(f"{fn}: lr must be a positive number, got {self.lr!r}")
+
+
+@dataclass
+class DDPResult:
+    """What each rank reports, indexed by rank.
+
+    ``first_grads[r]`` maps parameter names to rank ``r``'s gradients after the first backward
+    pass (already all-reduced by DDP); ``losses[r]`` its local losses, one per step;
+    ``params[r]`` its parameters after the last step.
+    """
+
+    first_grads: list[dict[str, torch.Tensor]] = field(default_factory=list)
+    losses: list[list[float]] = field(default_factory=list)
+    params: list[dict[str, torch.Tensor]] = field(default_factory=list)
+
+
+def ddp_train(job: DDPJob, rank: int, world_size: int, device: torch.device | None = None) -> dict[str, Any]:
+    """Train ``job`` as rank ``rank`` of an initialised process group; returns this rank's report.
+
+    Builds the model (same seed everywhere; DDP also broadcasts rank 0's weights), wraps it in
+    ``DistributedDataParallel`` and runs one AdamW step per batch on this rank's shard. DDP
+    all-reduces (averages) the gradients during ``backward()``, so every rank applies the same
+    update. Returns ``{"first_grads", "losses", "params"}`` on the CPU.
+    """
+    if not dist.is_available() or not dist.is_initialized():
+        raise RuntimeError("ddp_train: call torch.distributed.init_process_group first")
+    if not isinstance(job, DDPJob):
+        raise TypeError(f"ddp_train: job must be a DDPJob, got {type(job).__name__}")
+    device = torch.device("cpu") if device is None else device
+    torch.manual_seed(job.seed)
+    model = GPT(job.config).to(device=device, dtype=job.dtype)
+    ddp_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=job.lr, weight_decay=job.weight_decay)
+    losses, first_grads = [], {}
+    for step, (idx, targets) in enumerate(job.batches):
+        x = shard(idx, rank, world_size).to(device)
+        y = shard(targets, rank, world_size).to(device)
+        optimizer.zero_grad(set_to_none=True)
+        loss = ddp_model(x, y).loss
+        loss.backward()  # DDP averages the gradients over the ranks here
+        if step == 0:
+            first_grads = {n: p.grad.detach().cpu().clone() for n, p in model.named_parameters()}
+        optimizer.step()
+        losses.append(loss.item())
+    params = {n: p.detach().cpu().clone() for n, p in model.named_parameters()}
+    return {"first_grads": first_grads, "losses": losses, "params": params}
+
+
+def _spawn_entry(rank: int, world_size: int, port: int, job: DDPJob, out_dir: str, timeout_s: float) -> None:
+    """Body of each process that :func:`run_ddp` starts: quiet, single-threaded, gloo on 127.0.0.1."""
+    log = open(os.path.join(out_dir, f"rank{rank}.log"), "w")  # kept open for the life of the process
+    os.dup2(log.fileno(), 1)  # C++ warnings of gloo go to the log, not to the notebook
+    os.dup2(log.fileno(), 2)
+    sys.stdout = sys.stderr = log
+    torch.set_num_threads(1)
+    dist.init_process_group(job.backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=world_size, timeout=timedelta(seconds=timeout_s))
+    try:
+        report = ddp_train(job, rank, world_size)
+        torch.save(report, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def _log_tails(out_dir: str, world_size: int) -> str:
+    tails = []
+    for r in range(world_size):
+        path = Path(out_dir) / f"rank{r}.log"
+        text = path.read_text(errors="replace")[-1500:] if path.exists() else "(no log)"
+        tails.append(f"--- rank {r} ---\n{text}")
+    return "\n".join(tails)
+
+
+def run_ddp(
+    job: DDPJob, world_size: int = 2, timeout_s: float = 120.0, start_method: str | None = None
+) -> DDPResult:
+    """Run ``job`` with DDP in ``world_size`` new processes on this machine; returns every rank's report.
+
+    The processes are started with ``torch.multiprocessing`` — by default ``"fork"`` on Linux
+    (the children inherit the already imported ``torch``, which saves seconds per process) and
+    ``"spawn"`` elsewhere or once this process has initialised CUDA; only CPU tensors cross
+    into them. They find each other over TCP
+    on ``127.0.0.1`` at a port from :func:`find_free_port`, and use one CPU thread each. The
+    whole run is bounded by ``timeout_s`` seconds: processes still alive then are terminated
+    and ``TimeoutError`` is raised, with the tail of each rank's log. A rank that fails raises
+    ``RuntimeError`` with its log.
+    """
+    fn = "run_ddp"
+    if not isinstance(job, DDPJob):
+        raise TypeError(f"{fn}: job must be a DDPJob, got {type(job).__name__}")
+    if job.backend != "gloo":
+        raise ValueError(f"{fn}: processes on this machine use the gloo backend (CPU); got backend={job.backend!r}")
+    if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
+        raise ValueError(f"{fn}: world_size must be a positive int, got {world_size!r}")
+    if isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float)) or timeout_s <= 0:
+        raise ValueError(f"{fn}: timeout_s must be a positive number, got {timeout_s!r}")
+    if start_method is None:  # fork is unsafe once this process has initialised CUDA
+        linux = sys.platform.startswith("linux")
+        start_method = "fork" if linux and not torch.cuda.is_initialized() else "spawn"
+    if start_method not in mp.get_all_start_methods():
+        raise ValueError(f"{fn}: start_method must be one of {mp.get_all_start_methods()}, got {start_method!r}")
+    for i, (idx, _) in enumerate(job.batches):
+        if idx.shape[0] % world_size:
+            raise ValueError(f"{fn}: batch {i} has {idx.shape[0]} rows, not divisible by world_size={world_size}")
+    if start_method == "fork":
+        importlib.import_module("torch._dynamo")  # DDP imports it: once here, not in every child
+    with tempfile.TemporaryDirectory(prefix="mmbook-ddp-") as out_dir:
+        port = find_free_port()
+        ctx = mp.start_processes(_spawn_entry, args=(world_size, port, job, out_dir, float(timeout_s)),
+                                 nprocs=world_size, join=False, start_method=start_method)
+        deadline = time.monotonic() + timeout_s
+        try:
+            while not ctx.join(timeout=max(0.1, deadline - time.monotonic())):
+                if time.monotonic() >= deadline:
+                    raise TimeoutError(f"{fn}: the {world_size} processes did not finish within {timeout_s} s\n"
+                                       + _log_tails(out_dir, world_size))
+        except (mp.ProcessRaisedException, mp.ProcessExitedException) as err:
+            raise RuntimeError(f"{fn}: a rank failed: {err}\n{_log_tails(out_dir, world_size)}") from None
+        finally:
+            for p in ctx.processes:
+                if p.is_alive():
+                    p.terminate()
+                    p.join(5)
+                    if p.is_alive():
+                        p.kill()
+                        p.join()
+        reports = [torch.load(Path(out_dir) / f"rank{r}.pt", weights_only=True) for r in range(world_size)]
+    return DDPResult([r["first_grads"] for r in reports], [r["losses"] for r in reports],
+                     [r["params"] for r in reports])
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point for ``torchrun -m mmbook.distributed``: DDP training of a small GPT on random tokens.
+
+    Reads ``RANK``, ``LOCAL_RANK`` and ``WORLD_SIZE`` from the environment ``torchrun`` sets;
+    uses ``nccl`` and GPU ``LOCAL_RANK`` when CUDA is available, else ``gloo`` on the CPU.
+    Rank 0 prints the loss of each step. Returns the exit status.
+    """
+    parser = argparse.ArgumentParser(prog="python -m mmbook.distributed", description=main.__doc__)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--batch-size", type=int, default=8, help="global batch (rows), split over the ranks")
+    parser.add_argument("--seq-len", type=int, default=64)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    args = parser.parse_args(argv)
+    if "RANK" not in os.environ:
+        parser.error("run me under torchrun, e.g. torchrun --standalone --nproc_per_node=2 -m mmbook.distributed")
+    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        backend, device = "nccl", torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    else:
+        backend, device = "gloo", torch.device("cpu")
+    dist.init_process_group(backend, timeout=timedelta(seconds=120))
+    try:
+        config = GPTConfig(block_size=args.seq_len)
+        gen = torch.Generator().manual_seed(1)  # every rank draws the same global batches
+        batches = []
+        for _ in range(args.steps):
+            tokens = torch.randint(0, config.vocab_size, (args.batch_size, args.seq_len + 1), generator=gen)
+            batches.append((tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()))
+        job = DDPJob(config, batches, lr=args.lr, dtype=torch.float32, backend=backend)
+        report = ddp_train(job, rank, world_size, device)
+        if rank == 0:
+            for step, loss in enumerate(report["losses"]):
+                print(f"step {step}: loss on rank 0's shard {loss:.4f}")
+    finally:
+        dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
