@@ -1,0 +1,502 @@
+"""Contrastive alignment of two modalities: CLIP and CLAP in miniature.
+
+Building blocks of chapter 13:
+
+* :func:`clip_logits` and :func:`clip_loss` — cosine similarities scaled by a learned temperature, and the
+  symmetric InfoNCE loss of CLIP (optionally with extra hard-negative texts, as in NegCLIP).
+* :class:`BagOfWordsEncoder` and :class:`TransformerTextEncoder` — two text towers, one blind to word order and
+  one that is not (it reuses :class:`mmbook.crossmodal.TextTransformer`).
+* :class:`DualEncoder` — two towers, L2-normalised embeddings and a learned logit scale;
+  :func:`train_dual_encoder` trains one, :func:`encode` embeds a whole data set in batches.
+* :func:`recall_at_k`, :func:`prompt_ensemble`, :func:`zero_shot_classify` — retrieval and zero-shot evaluation.
+* :func:`swap_relation` and :func:`swap_attributes` — the relation- and attribute-swapped twins of a shapes caption
+  for the compositionality test.
+
+Convention: ``logit_scale`` is the *multiplier* ``1 / temperature`` (positive), as in open_clip's loss; CLIP and
+``transformers`` store its logarithm as the parameter and pass ``logit_scale.exp()``.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from mmbook.crossmodal import TextTransformer, masked_mean
+from mmbook.data import RELATIONS
+
+__all__ = [
+    "BagOfWordsEncoder",
+    "DualEncoder",
+    "TransformerTextEncoder",
+    "clip_logits",
+    "clip_loss",
+    "encode",
+    "prompt_ensemble",
+    "recall_at_k",
+    "swap_attributes",
+    "swap_relation",
+    "train_dual_encoder",
+    "zero_shot_classify",
+]
+
+
+# ----------------------------------------------------------------------------- argument checks
+def _positive_int(name: str, value: object, fn: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{fn}: {name} must be an int, got {type(value).__name__}")
+    if value < 1:
+        raise ValueError(f"{fn}: {name} must be positive, got {value}")
+    return value
+
+
+def _check_embeds(name: str, x: object, fn: str) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{fn}: {name} must be a torch.Tensor, got {type(x).__name__}")
+    if not torch.is_floating_point(x):
+        raise TypeError(f"{fn}: {name} must be a floating-point tensor, got {x.dtype}")
+    if x.ndim != 2:
+        raise ValueError(f"{fn}: {name} must be 2-D (batch, embed_dim), got shape {tuple(x.shape)}")
+    if x.shape[0] == 0 or x.shape[1] == 0:
+        raise ValueError(f"{fn}: {name} must not be empty, got shape {tuple(x.shape)}")
+    return x
+
+
+def _check_scale(logit_scale: object, fn: str) -> torch.Tensor | float:
+    if isinstance(logit_scale, torch.Tensor):
+        if logit_scale.numel() != 1:
+            raise ValueError(f"{fn}: logit_scale must be a scalar, got a tensor of shape {tuple(logit_scale.shape)}")
+        value = float(logit_scale.detach().reshape(()).item())
+    elif isinstance(logit_scale, (int, float)) and not isinstance(logit_scale, bool):
+        value = float(logit_scale)
+    else:
+        raise TypeError(f"{fn}: logit_scale must be a positive number or a scalar tensor, "
+                        f"got {type(logit_scale).__name__}")
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{fn}: logit_scale must be positive and finite (it is 1 / temperature, not its log), "
+                         f"got {value}")
+    return logit_scale.reshape(()) if isinstance(logit_scale, torch.Tensor) else value
+
+
+def _check_similarity(similarity: object, fn: str) -> torch.Tensor:
+    if not isinstance(similarity, torch.Tensor) or not torch.is_floating_point(similarity):
+        raise TypeError(f"{fn}: similarity must be a floating-point tensor, got "
+                        + (f"a tensor of {similarity.dtype}" if isinstance(similarity, torch.Tensor)
+                           else type(similarity).__name__))
+    if similarity.ndim != 2 or 0 in similarity.shape:
+        raise ValueError(f"{fn}: similarity must be a non-empty (queries, candidates) matrix, "
+                         f"got shape {tuple(similarity.shape)}")
+    return similarity
+
+
+# ----------------------------------------------------------------------------- the loss
+def clip_logits(image_embeds: torch.Tensor, text_embeds: torch.Tensor,
+                logit_scale: torch.Tensor | float) -> torch.Tensor:
+    """CLIP's logits: ``logit_scale * cos(image_i, text_j)``.
+
+    ``image_embeds`` ``(n_images, embed_dim)`` and ``text_embeds`` ``(n_texts, embed_dim)`` are L2-normalised here
+    (normalising an already unit vector changes it only by rounding); ``logit_scale`` ``= 1 / temperature`` is a
+    positive number or scalar tensor (gradients flow into it). Returns ``logits_per_image`` ``(n_images,
+    n_texts)``; its transpose is ``logits_per_text``.
+    """
+    fn = "clip_logits"
+    image_embeds = _check_embeds("image_embeds", image_embeds, fn)
+    text_embeds = _check_embeds("text_embeds", text_embeds, fn)
+    if image_embeds.shape[1] != text_embeds.shape[1]:
+        raise ValueError(f"{fn}: image_embeds and text_embeds must share embed_dim, got {tuple(image_embeds.shape)} "
+                         f"and {tuple(text_embeds.shape)}")
+    scale = _check_scale(logit_scale, fn)
+    image_embeds = nn.functional.normalize(image_embeds, dim=-1)
+    text_embeds = nn.functional.normalize(text_embeds, dim=-1)
+    return scale * image_embeds @ text_embeds.T
+
+
+def clip_loss(
+    image_embeds: torch.Tensor,
+    text_embeds: torch.Tensor,
+    logit_scale: torch.Tensor | float,
+    hard_negatives: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The symmetric InfoNCE loss of CLIP for ``N`` matching pairs ``(image_i, text_i)``.
+
+    With ``L = logit_scale * cos`` the ``(N, N)`` matrix of :func:`clip_logits`, the loss is the mean of two
+    cross-entropies whose targets are the diagonal:
+
+    ``0.5 * ( mean_i -log softmax_j(L[i, :])[i]  +  mean_j -log softmax_i(L[:, j])[j] )``
+
+    (image -> text over each row, text -> image over each column). ``image_embeds`` and ``text_embeds`` are
+    ``(N, embed_dim)``. ``hard_negatives`` ``(M, embed_dim)``, optional, are extra texts that match no image (e.g.
+    captions with swapped words, as in NegCLIP): they are appended as ``M`` more columns to the image -> text term
+    only. Returns a scalar tensor.
+    """
+    fn = "clip_loss"
+    image_embeds = _check_embeds("image_embeds", image_embeds, fn)
+    text_embeds = _check_embeds("text_embeds", text_embeds, fn)
+    if image_embeds.shape != text_embeds.shape:
+        raise ValueError(f"{fn}: image_embeds and text_embeds must have the same shape (N, embed_dim) -- row i of "
+                         f"each is a matching pair -- got {tuple(image_embeds.shape)} and {tuple(text_embeds.shape)}")
+    texts = text_embeds
+    if hard_negatives is not None:
+        hard_negatives = _check_embeds("hard_negatives", hard_negatives, fn)
+        if hard_negatives.shape[1] != text_embeds.shape[1]:
+            raise ValueError(f"{fn}: hard_negatives must be (M, {text_embeds.shape[1]}), got "
+                             f"{tuple(hard_negatives.shape)}")
+        texts = torch.cat([text_embeds, hard_negatives], dim=0)
+    logits = clip_logits(image_embeds, texts, logit_scale)  # (N, N + M)
+    n = image_embeds.shape[0]
+    targets = torch.arange(n, device=logits.device)
+    image_to_text = nn.functional.cross_entropy(logits, targets)
+    text_to_image = nn.functional.cross_entropy(logits[:, :n].T, targets)
+    return 0.5 * (image_to_text + text_to_image)
+
+
+# ----------------------------------------------------------------------------- text towers
+def _check_ids(ids: object, lengths: object, fn: str) -> None:
+    if not isinstance(ids, torch.Tensor) or ids.ndim != 2 or torch.is_floating_point(ids) or ids.dtype == torch.bool:
+        got = f"{ids.dtype} {tuple(ids.shape)}" if isinstance(ids, torch.Tensor) else type(ids).__name__
+        raise ValueError(f"{fn}: ids must be an integer tensor of shape (batch, T), got {got}")
+    if lengths is not None:
+        if not isinstance(lengths, torch.Tensor) or lengths.shape != (ids.shape[0],):
+            got = tuple(lengths.shape) if isinstance(lengths, torch.Tensor) else type(lengths).__name__
+            raise ValueError(f"{fn}: lengths must be a ({ids.shape[0]},) tensor, got {got}")
+        if bool((lengths < 1).any()) or bool((lengths > ids.shape[1]).any()):
+            raise ValueError(f"{fn}: lengths must lie in [1, {ids.shape[1]}], got {lengths.tolist()}")
+
+
+def _token_mask(ids: torch.Tensor, lengths: torch.Tensor | None) -> torch.Tensor:
+    positions = torch.arange(ids.shape[1], device=ids.device)
+    if lengths is None:
+        return torch.ones(ids.shape, dtype=torch.bool, device=ids.device)
+    return positions[None, :] < lengths.to(ids.device)[:, None]
+
+
+class BagOfWordsEncoder(nn.Module):
+    """A text tower that sees only *which* words occur, not their order.
+
+    The caption becomes its normalised word-count vector ``c / length`` ``(batch, vocab_size)``; multiplied by the
+    embedding matrix that is the mean of the word embeddings ``(batch, d_model)``, followed by
+    ``LayerNorm -> Linear -> GELU -> Linear`` to ``(batch, embed_dim)``. Because the count vector of a sentence and
+    of any permutation of it are the same numbers, the two embeddings are identical bit for bit.
+
+    ``forward(ids, lengths)``: ids ``(batch, T)`` int64, lengths ``(batch,)`` (positions ``>= length`` are
+    padding; ``None``: no padding). Returns ``(batch, embed_dim)`` (not normalised).
+    """
+
+    def __init__(self, vocab_size: int, embed_dim: int = 32, d_model: int = 64) -> None:
+        super().__init__()
+        fn = "BagOfWordsEncoder"
+        self.vocab_size = _positive_int("vocab_size", vocab_size, fn)
+        embed_dim, d_model = _positive_int("embed_dim", embed_dim, fn), _positive_int("d_model", d_model, fn)
+        self.embed = nn.Parameter(torch.randn(vocab_size, d_model) * 0.1)
+        self.head = nn.Sequential(nn.LayerNorm(d_model), nn.Linear(d_model, d_model), nn.GELU(),
+                                  nn.Linear(d_model, embed_dim))
+
+    def word_counts(self, ids: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
+        """``(batch, vocab_size)`` word frequencies ``count / length`` of each caption."""
+        fn = "BagOfWordsEncoder"
+        _check_ids(ids, lengths, fn)
+        if bool((ids < 0).any()) or bool((ids >= self.vocab_size).any()):
+            raise ValueError(f"{fn}: ids must lie in [0, {self.vocab_size}), got min {int(ids.min())} "
+                             f"max {int(ids.max())}")
+        mask = _token_mask(ids, lengths).to(self.embed.dtype)
+        counts = torch.zeros(ids.shape[0], self.vocab_size, dtype=self.embed.dtype, device=ids.device)
+        counts.scatter_add_(1, ids, mask)  # integers in floating point: exact in any order
+        return counts / mask.sum(dim=1, keepdim=True)
+
+    def forward(self, ids: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
+        return self.head(self.word_counts(ids, lengths) @ self.embed)
+
+
+class TransformerTextEncoder(nn.Module):
+    """A text tower that reads word order: a bidirectional :class:`mmbook.crossmodal.TextTransformer` (word and
+    learned position embeddings, ``num_layers`` self-attention blocks), a pooling of its output tokens, and an MLP
+    ``Linear -> GELU -> Linear`` to ``embed_dim``.
+
+    ``pooling="concat"`` (default) zeroes the padding positions, pads to ``max_len`` and concatenates the tokens,
+    ``(batch, max_len * d_model)``, so that a word reaches the output through weights that depend on its slot;
+    ``pooling="mean"`` averages the real tokens, ``(batch, d_model)``, which makes the tower a sum of per-word terms
+    that is nearly blind to word order at initialisation.
+
+    ``forward(ids, lengths)``: ids ``(batch, T)`` int64 with ``T <= max_len``, lengths ``(batch,)`` or ``None``.
+    Returns ``(batch, embed_dim)`` (not normalised).
+    """
+
+    def __init__(self, vocab_size: int, embed_dim: int = 32, d_model: int = 64, num_heads: int = 4,
+                 num_layers: int = 1, max_len: int = 16, pooling: str = "concat") -> None:
+        super().__init__()
+        embed_dim = _positive_int("embed_dim", embed_dim, "TransformerTextEncoder")
+        self.transformer = TextTransformer(vocab_size, d_model=d_model, num_heads=num_heads, num_layers=num_layers,
+                                           max_len=max_len)
+        if pooling not in ("mean", "concat"):
+            raise ValueError(f"TransformerTextEncoder: pooling must be 'mean' or 'concat', got {pooling!r}")
+        self.pooling, self.max_len = pooling, max_len
+        width = d_model * max_len if pooling == "concat" else d_model
+        self.proj = nn.Sequential(nn.Linear(width, 4 * d_model), nn.GELU(), nn.Linear(4 * d_model, embed_dim))
+
+    def forward(self, ids: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
+        _check_ids(ids, lengths, "TransformerTextEncoder")
+        tokens = self.transformer(ids, lengths)  # (batch, T, d_model)
+        if self.pooling == "concat":
+            tokens = tokens * _token_mask(ids, lengths)[..., None]
+            tokens = nn.functional.pad(tokens, (0, 0, 0, self.max_len - ids.shape[1]))
+            return self.proj(tokens.flatten(1))
+        return self.proj(masked_mean(tokens, _token_mask(ids, lengths)))
+
+
+# ----------------------------------------------------------------------------- two towers
+class DualEncoder(nn.Module):
+    """Two towers and a learned temperature: CLIP (images and text) or CLAP (audio and text).
+
+    ``media_encoder`` maps a batch of images (or log-mel spectrograms) to ``(batch, embed_dim)``;
+    ``text_encoder`` maps ``(ids, lengths)`` to ``(batch, embed_dim)``. Both outputs are L2-normalised. The
+    temperature is learned through its logarithm, as in CLIP: the parameter ``log_logit_scale`` starts at
+    ``log(1 / init_temperature)`` and :attr:`logit_scale` ``= exp(log_logit_scale)`` is clipped at
+    ``max_logit_scale`` (CLIP: 100) so that training cannot make the softmax arbitrarily sharp.
+
+    ``forward(media, ids, lengths)`` returns ``(media_embeds, text_embeds, logit_scale)``: two ``(batch,
+    embed_dim)`` unit-norm tensors and a scalar, the arguments of :func:`clip_loss`.
+    """
+
+    def __init__(self, media_encoder: nn.Module, text_encoder: nn.Module, init_temperature: float = 0.07,
+                 max_logit_scale: float = 100.0) -> None:
+        super().__init__()
+        fn = "DualEncoder"
+        for name, module in (("media_encoder", media_encoder), ("text_encoder", text_encoder)):
+            if not isinstance(module, nn.Module):
+                raise TypeError(f"{fn}: {name} must be an nn.Module, got {type(module).__name__}")
+        if not isinstance(init_temperature, (int, float)) or not 0 < init_temperature < math.inf:
+            raise ValueError(f"{fn}: init_temperature must be positive, got {init_temperature!r}")
+        if not isinstance(max_logit_scale, (int, float)) or not 1.0 / init_temperature <= max_logit_scale < math.inf:
+            raise ValueError(f"{fn}: max_logit_scale must be finite and >= 1 / init_temperature = "
+                             f"{1.0 / init_temperature:.4g}, got {max_logit_scale!r}")
+        self.media_encoder, self.text_encoder = media_encoder, text_encoder
+        self.log_logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / init_temperature)))
+        self.max_logit_scale = float(max_logit_scale)
+
+    @property
+    def logit_scale(self) -> torch.Tensor:
+        """``exp(log_logit_scale)`` clipped at ``max_logit_scale``: the scalar ``1 / temperature``."""
+        return self.log_logit_scale.clamp(max=math.log(self.max_logit_scale)).exp()
+
+    def encode_media(self, media: torch.Tensor) -> torch.Tensor:
+        """Unit-norm media embeddings ``(batch, embed_dim)``."""
+        return nn.functional.normalize(self.media_encoder(media), dim=-1)
+
+    def encode_text(self, ids: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
+        """Unit-norm text embeddings ``(batch, embed_dim)`` of word ids ``(batch, T)``."""
+        return nn.functional.normalize(self.text_encoder(ids, lengths), dim=-1)
+
+    def forward(self, media: torch.Tensor, ids: torch.Tensor,
+                lengths: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        media_embeds, text_embeds = self.encode_media(media), self.encode_text(ids, lengths)
+        if media_embeds.shape != text_embeds.shape:
+            raise ValueError(f"DualEncoder: the towers must give the same (batch, embed_dim), got "
+                             f"{tuple(media_embeds.shape)} and {tuple(text_embeds.shape)}")
+        return media_embeds, text_embeds, self.logit_scale
+
+
+def _distinct_group_batches(groups: torch.Tensor, batch_size: int, generator: torch.Generator) -> list[torch.Tensor]:
+    """Batches (index tensors) in which no two items share a group label: shuffle, number the items of each group
+    0, 1, 2, ..., and cut every level (all items numbered r) into batches separately."""
+    order = torch.randperm(groups.numel(), generator=generator)
+    shuffled = groups[order]
+    rank = torch.zeros_like(order)
+    seen: dict[int, int] = {}
+    for position, label in enumerate(shuffled.tolist()):
+        rank[position] = seen.get(label, 0)
+        seen[label] = int(rank[position]) + 1
+    batches = []
+    for level in range(int(rank.max()) + 1):
+        items = order[rank == level]
+        batches.extend(items.split(batch_size))
+    return [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
+
+
+def train_dual_encoder(
+    model: DualEncoder,
+    media: torch.Tensor,
+    ids: torch.Tensor,
+    lengths: torch.Tensor,
+    *,
+    epochs: int = 10,
+    batch_size: int = 128,
+    lr: float = 3e-3,
+    weight_decay: float = 0.01,
+    seed: int = 0,
+    device: torch.device | str | None = None,
+    groups: torch.Tensor | None = None,
+    hard_negatives: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None,
+) -> list[float]:
+    """Train a :class:`DualEncoder` with :func:`clip_loss`, AdamW and a one-cycle learning-rate schedule.
+
+    Pair ``i`` is ``media[i]`` ``(N, ...)`` with the caption ``ids[i]`` ``(N, T)`` of length ``lengths[i]``.
+    Batches are drawn by a generator seeded with ``seed`` (the last one may be smaller). Options:
+
+    * ``groups`` ``(N,)`` int labels: no batch holds two items of one group. Use it when many pairs share a
+      caption (e.g. only ten digit words): two identical captions in a batch would be *false negatives*.
+    * ``hard_negatives(rows) -> (ids, lengths)``: extra negative captions for the batch ``rows`` (NegCLIP),
+      passed to :func:`clip_loss` as ``hard_negatives``.
+
+    Returns the mean training loss of each epoch.
+    """
+    fn = "train_dual_encoder"
+    if not isinstance(model, DualEncoder):
+        raise TypeError(f"{fn}: model must be a DualEncoder, got {type(model).__name__}")
+    epochs, batch_size = _positive_int("epochs", epochs, fn), _positive_int("batch_size", batch_size, fn)
+    if not isinstance(media, torch.Tensor) or not torch.is_floating_point(media) or media.ndim < 2:
+        raise TypeError(f"{fn}: media must be a floating-point tensor (N, ...), got "
+                        f"{getattr(media, 'shape', type(media).__name__)}")
+    _check_ids(ids, lengths, fn)
+    n = media.shape[0]
+    if ids.shape[0] != n:
+        raise ValueError(f"{fn}: media and ids must have the same number of pairs, got {n} and {ids.shape[0]}")
+    if groups is not None and (not isinstance(groups, torch.Tensor) or groups.shape != (n,)
+                               or torch.is_floating_point(groups)):
+        raise ValueError(f"{fn}: groups must be an integer tensor of shape ({n},), got "
+                         f"{getattr(groups, 'shape', type(groups).__name__)}")
+    if not lr > 0:
+        raise ValueError(f"{fn}: lr must be positive, got {lr!r}")
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    model.to(device).train()
+    generator = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay,
+                                  fused=device.type in ("cpu", "cuda"))
+    if groups is None:
+        steps_per_epoch = math.ceil(n / batch_size)
+    else:
+        steps_per_epoch = len(_distinct_group_batches(groups, batch_size, torch.Generator().manual_seed(seed)))
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=epochs * steps_per_epoch,
+                                                    pct_start=0.15)
+    history = []
+    for _ in range(epochs):
+        if groups is None:
+            batches = torch.randperm(n, generator=generator).split(batch_size)
+        else:
+            batches = _distinct_group_batches(groups, batch_size, generator)[:steps_per_epoch]
+        total, count = 0.0, 0
+        for rows in batches:
+            media_embeds, text_embeds, scale = model(media[rows].to(device), ids[rows].to(device),
+                                                     lengths[rows].to(device))
+            negatives = None
+            if hard_negatives is not None:
+                neg_ids, neg_lengths = hard_negatives(rows)
+                negatives = model.encode_text(neg_ids.to(device), neg_lengths.to(device))
+            loss = clip_loss(media_embeds, text_embeds, scale, hard_negatives=negatives)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            total += loss.item() * rows.numel()
+            count += rows.numel()
+        history.append(total / count)
+    return history
+
+
+@torch.no_grad()
+def encode(encoder: Callable[..., torch.Tensor], *inputs: torch.Tensor, batch_size: int = 512,
+           device: torch.device | str | None = None) -> torch.Tensor:
+    """Apply ``encoder`` (e.g. ``model.encode_media`` or ``model.encode_text``) to ``inputs`` (tensors sharing
+    their first dimension ``N``) in batches, without gradients, and return the stacked ``(N, embed_dim)`` result on
+    the CPU. Modules that ``encoder`` belongs to are put in eval mode by the caller."""
+    batch_size = _positive_int("batch_size", batch_size, "encode")
+    if not inputs or not all(isinstance(t, torch.Tensor) for t in inputs):
+        raise TypeError("encode: inputs must be one or more tensors")
+    n = inputs[0].shape[0]
+    if any(t.shape[0] != n for t in inputs):
+        raise ValueError(f"encode: inputs must share their first dimension, got {[tuple(t.shape) for t in inputs]}")
+    outputs = []
+    for start in range(0, n, batch_size):
+        chunk = [t[start: start + batch_size] for t in inputs]
+        if device is not None:
+            chunk = [t.to(device) for t in chunk]
+        outputs.append(encoder(*chunk).cpu())
+    return torch.cat(outputs)
+
+
+# ----------------------------------------------------------------------------- evaluation
+def recall_at_k(similarity: torch.Tensor, k: int, positives: torch.Tensor | None = None) -> float:
+    """Recall@k for retrieval: the fraction of queries with a correct candidate among their top ``k``.
+
+    ``similarity`` ``(n_queries, n_candidates)``: higher = more similar. ``positives`` bool ``(n_queries,
+    n_candidates)`` marks the correct candidates of each query (default: the identity, candidate ``i`` for query
+    ``i``, which needs a square matrix); every query needs at least one. A query's rank is the number of *wrong*
+    candidates scoring at least as high as its best correct one, so ties count against the model (a tower that
+    cannot tell two captions apart does not get lucky); it is a hit when ``rank < k``.
+    """
+    fn = "recall_at_k"
+    similarity = _check_similarity(similarity, fn)
+    k = _positive_int("k", k, fn)
+    if positives is None:
+        if similarity.shape[0] != similarity.shape[1]:
+            raise ValueError(f"{fn}: without positives similarity must be square, got {tuple(similarity.shape)}")
+        positives = torch.eye(similarity.shape[0], dtype=torch.bool, device=similarity.device)
+    if not isinstance(positives, torch.Tensor) or positives.dtype != torch.bool or positives.shape != similarity.shape:
+        raise ValueError(f"{fn}: positives must be a bool tensor of shape {tuple(similarity.shape)}, got "
+                         f"{getattr(positives, 'dtype', type(positives).__name__)} "
+                         f"{tuple(getattr(positives, 'shape', ()))}")
+    if not bool(positives.any(dim=1).all()):
+        raise ValueError(f"{fn}: every query needs at least one positive; rows without one: "
+                         f"{torch.nonzero(~positives.any(dim=1)).flatten().tolist()[:10]}")
+    best_positive = similarity.masked_fill(~positives, -math.inf).amax(dim=1, keepdim=True)
+    rank = ((similarity >= best_positive) & ~positives).sum(dim=1)
+    return int((rank < k).sum()) / rank.numel()  # exact: hits / queries
+
+
+def prompt_ensemble(text_embeds: torch.Tensor) -> torch.Tensor:
+    """Class embeddings from prompt templates, as in CLIP: normalise each prompt's embedding, average over the
+    templates, normalise again. ``text_embeds`` ``(num_classes, num_templates, embed_dim)`` -> ``(num_classes,
+    embed_dim)`` unit vectors (one template: just its normalised embedding)."""
+    if not isinstance(text_embeds, torch.Tensor) or not torch.is_floating_point(text_embeds) or text_embeds.ndim != 3:
+        raise ValueError("prompt_ensemble: text_embeds must be a floating-point (num_classes, num_templates, "
+                         f"embed_dim) tensor, got {getattr(text_embeds, 'shape', type(text_embeds).__name__)}")
+    mean = nn.functional.normalize(text_embeds, dim=-1).mean(dim=1)
+    return nn.functional.normalize(mean, dim=-1)
+
+
+def zero_shot_classify(media_embeds: torch.Tensor, class_embeds: torch.Tensor) -> torch.Tensor:
+    """Zero-shot classification: the class whose text embedding has the highest cosine similarity.
+
+    ``media_embeds`` ``(N, embed_dim)``, ``class_embeds`` ``(num_classes, embed_dim)`` (e.g. from
+    :func:`prompt_ensemble`). Returns the predicted class indices ``(N,)`` int64. (The temperature does not change
+    an arg-max.)"""
+    fn = "zero_shot_classify"
+    media_embeds = _check_embeds("media_embeds", media_embeds, fn)
+    class_embeds = _check_embeds("class_embeds", class_embeds, fn)
+    if media_embeds.shape[1] != class_embeds.shape[1]:
+        raise ValueError(f"{fn}: media_embeds and class_embeds must share embed_dim, got "
+                         f"{tuple(media_embeds.shape)} and {tuple(class_embeds.shape)}")
+    return clip_logits(media_embeds, class_embeds, 1.0).argmax(dim=1)
+
+
+# ----------------------------------------------------------------------------- compositionality twins
+_RELATION_PATTERN = "|".join(RELATIONS)
+_CAPTION = re.compile(rf"^a (\w+) (\w+) ({_RELATION_PATTERN}) a (\w+) (\w+)(.*)$")
+
+
+def _parse(caption: object, fn: str) -> re.Match[str]:
+    if not isinstance(caption, str):
+        raise TypeError(f"{fn}: caption must be a str, got {type(caption).__name__}")
+    match = _CAPTION.match(caption)
+    if match is None:
+        raise ValueError(f"{fn}: caption must look like 'a <colour> <shape> <relation> a <colour> <shape>[ ...]' "
+                         f"(a shapes-scenes caption with two or more objects), got {caption!r}")
+    return match
+
+
+def swap_relation(caption: str) -> str:
+    """Swap the two objects around the relation: ``"a red circle left of a blue square"`` ->
+    ``"a blue square left of a red circle"`` (anything after the second object, e.g. ``" and a green triangle"``,
+    is kept). The twin uses exactly the same words, and is false whenever the original is true."""
+    c1, s1, rel, c2, s2, rest = _parse(caption, "swap_relation").groups()
+    return f"a {c2} {s2} {rel} a {c1} {s1}{rest}"
+
+
+def swap_attributes(caption: str) -> str:
+    """Swap the colours of the two related objects: ``"a red circle left of a blue square"`` ->
+    ``"a blue circle left of a red square"``. Same words again; the result equals the input when both objects
+    have the same colour."""
+    c1, s1, rel, c2, s2, rest = _parse(caption, "swap_attributes").groups()
+    return f"a {c2} {s1} {rel} a {c1} {s2}{rest}"
