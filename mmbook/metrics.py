@@ -17,11 +17,17 @@ import torch
 
 __all__ = [
     "PrecisionRecallF1",
+    "brevity_penalty",
     "classification_report",
+    "closest_reference_length",
     "confusion_matrix",
+    "corpus_bleu",
+    "exact_match",
     "kfold_indices",
+    "modified_precision",
     "precision_recall_f1",
     "precision_recall_f1_from_confusion",
+    "sentence_bleu",
     "split_indices",
 ]
 
@@ -291,3 +297,139 @@ def kfold_indices(
         in_test[test] = True
         splits.append((torch.nonzero(~in_test).flatten(), test.clone()))
     return splits
+
+
+# ----------------------------------------------------------------------------- text generation: BLEU, exact match
+def _as_tokens(fn: str, name: str, text: Any) -> list[str]:
+    """A string is split on whitespace; a sequence of strings is taken as the tokens."""
+    if isinstance(text, str):
+        return text.split()
+    if isinstance(text, Sequence) and all(isinstance(t, str) for t in text):
+        return list(text)
+    raise TypeError(f"{fn}: {name} must be a string or a sequence of string tokens, got {type(text).__name__}")
+
+
+def _as_references(fn: str, references: Any) -> list[list[str]]:
+    if isinstance(references, str) or not isinstance(references, Sequence) or len(references) == 0:
+        raise TypeError(f"{fn}: references must be a non-empty list of references (strings or token lists), "
+                        f"got {references!r}")
+    return [_as_tokens(fn, "each reference", r) for r in references]
+
+
+def _ngrams(tokens: Sequence[str], n: int) -> dict[tuple[str, ...], int]:
+    counts: dict[tuple[str, ...], int] = {}
+    for i in range(len(tokens) - n + 1):
+        gram = tuple(tokens[i: i + n])
+        counts[gram] = counts.get(gram, 0) + 1
+    return counts
+
+
+def modified_precision(candidate: Any, references: Any, n: int) -> tuple[int, int]:
+    """BLEU's clipped n-gram counts: ``(matches, total)``.
+
+    ``total`` is the number of n-grams of ``candidate``; each distinct n-gram counts as a match at most
+    as often as it occurs in the single reference that contains it most often (Papineni et al., 2002,
+    section 2.1). ``candidate`` is a string (split on whitespace) or a list of tokens; ``references`` a
+    list of them. The modified precision is ``matches / total``.
+    """
+    fn = "modified_precision"
+    cand = _as_tokens(fn, "candidate", candidate)
+    refs = _as_references(fn, references)
+    n = _check_count(fn, "n", n, 1)
+    counts = _ngrams(cand, n)
+    max_ref: dict[tuple[str, ...], int] = {}
+    for ref in refs:
+        for gram, c in _ngrams(ref, n).items():
+            max_ref[gram] = max(max_ref.get(gram, 0), c)
+    matches = sum(min(c, max_ref.get(gram, 0)) for gram, c in counts.items())
+    return matches, sum(counts.values())
+
+
+def closest_reference_length(candidate_length: int, reference_lengths: Sequence[int]) -> int:
+    """The reference length closest to ``candidate_length`` (the shorter one on a tie): BLEU's effective
+    reference length for one sentence."""
+    fn = "closest_reference_length"
+    candidate_length = _check_count(fn, "candidate_length", candidate_length, 0)
+    if isinstance(reference_lengths, (str, int)) or not isinstance(reference_lengths, Sequence) or not reference_lengths:
+        raise TypeError(f"{fn}: reference_lengths must be a non-empty sequence of ints, got {reference_lengths!r}")
+    return min((_check_count(fn, "each reference length", r, 0) for r in reference_lengths),
+               key=lambda r: (abs(r - candidate_length), r))
+
+
+def brevity_penalty(candidate_length: int, reference_length: int) -> float:
+    """``1`` if ``c > r``, else ``exp(1 - r / c)`` (``0`` for an empty candidate), with ``c`` the total
+    candidate length and ``r`` the effective reference length of the corpus."""
+    fn = "brevity_penalty"
+    c = _check_count(fn, "candidate_length", candidate_length, 0)
+    r = _check_count(fn, "reference_length", reference_length, 0)
+    if c > r:
+        return 1.0
+    if c == 0:
+        return 0.0
+    return math.exp(1.0 - r / c)
+
+
+def corpus_bleu(candidates: Sequence[Any], references: Sequence[Any], max_n: int = 4) -> float:
+    """Corpus BLEU of Papineni et al. (2002) with uniform weights ``1 / max_n``, no smoothing, in [0, 1].
+
+    ``candidates[i]`` (a string or a token list) is scored against ``references[i]`` (a list of
+    references). Clipped n-gram matches and n-gram totals are summed over the corpus *before* the
+    precisions ``p_n`` are formed; ``c`` is the total candidate length and ``r`` the sum of each
+    sentence's closest reference length. ``BLEU = BP(c, r) * exp(sum_n log(p_n) / max_n)``, which is 0
+    when some ``p_n`` is 0 (or has no n-grams at all). Equals NLTK's ``corpus_bleu`` without smoothing.
+    """
+    fn = "corpus_bleu"
+    if isinstance(candidates, str) or not isinstance(candidates, Sequence):
+        raise TypeError(f"{fn}: candidates must be a sequence of candidates, got {type(candidates).__name__}")
+    if isinstance(references, str) or not isinstance(references, Sequence) or len(references) != len(candidates):
+        raise ValueError(f"{fn}: references must hold one list of references per candidate "
+                         f"({len(candidates)}), got {type(references).__name__} of length "
+                         f"{len(references) if isinstance(references, Sequence) else '?'}")
+    if len(candidates) == 0:
+        raise ValueError(f"{fn}: candidates must not be empty")
+    max_n = _check_count(fn, "max_n", max_n, 1)
+    matches, totals = [0] * max_n, [0] * max_n
+    c = r = 0
+    for candidate, refs in zip(candidates, references, strict=True):
+        cand = _as_tokens(fn, "each candidate", candidate)
+        ref_tokens = _as_references(fn, refs)
+        for n in range(1, max_n + 1):
+            m, t = modified_precision(cand, ref_tokens, n)
+            matches[n - 1] += m
+            totals[n - 1] += t
+        c += len(cand)
+        r += closest_reference_length(len(cand), [len(x) for x in ref_tokens])
+    if min(matches) == 0:
+        return 0.0
+    log_precision = sum(math.log(m / t) for m, t in zip(matches, totals, strict=True)) / max_n
+    return brevity_penalty(c, r) * math.exp(log_precision)
+
+
+def sentence_bleu(candidate: Any, references: Any, max_n: int = 4) -> float:
+    """BLEU of one candidate against its references: :func:`corpus_bleu` of a one-sentence corpus."""
+    return corpus_bleu([candidate], [references], max_n)
+
+
+def exact_match(predictions: Sequence[str], references: Sequence[Any]) -> float:
+    """The fraction of predictions equal to their reference after normalising case and whitespace.
+
+    ``references[i]`` is a string or a list of acceptable strings (a match with any counts).
+    """
+    fn = "exact_match"
+    if isinstance(predictions, str) or not isinstance(predictions, Sequence):
+        raise TypeError(f"{fn}: predictions must be a sequence of strings, got {type(predictions).__name__}")
+    if isinstance(references, str) or not isinstance(references, Sequence) or len(references) != len(predictions):
+        raise ValueError(f"{fn}: references must be a sequence with one entry per prediction ({len(predictions)})")
+    if not predictions:
+        raise ValueError(f"{fn}: predictions must not be empty")
+
+    def norm(text: Any) -> str:
+        if not isinstance(text, str):
+            raise TypeError(f"{fn}: predictions and references must be strings, got {type(text).__name__}")
+        return " ".join(text.lower().split())
+
+    hits = 0
+    for pred, ref in zip(predictions, references, strict=True):
+        options = [ref] if isinstance(ref, str) else list(ref)
+        hits += norm(pred) in {norm(o) for o in options}
+    return hits / len(predictions)

@@ -130,3 +130,80 @@ def test_kfold_bad_input():
         kfold_indices(10, 1)
     with pytest.raises(TypeError, match="shuffle must be a bool, got int"):
         kfold_indices(10, 2, shuffle=1)
+
+
+# ----------------------------------------------------------------------------- BLEU and exact match
+from mmbook.metrics import (  # noqa: E402
+    brevity_penalty,
+    closest_reference_length,
+    corpus_bleu,
+    exact_match,
+    modified_precision,
+    sentence_bleu,
+)
+
+# The example of Papineni et al. (2002), also used in NLTK's documentation.
+PAPER_CANDIDATE_1 = "It is a guide to action which ensures that the military always obeys the commands of the party"
+PAPER_CANDIDATE_2 = "It is to insure the troops forever hearing the activity guidebook that party direct"
+PAPER_REFERENCES = [
+    "It is a guide to action that ensures that the military will forever heed Party commands",
+    "It is the guiding principle which guarantees the military forces always being under the command of the Party",
+    "It is the practical guide for the army always to heed the directions of the party",
+]
+
+
+def test_modified_precision_reproduces_the_papers_counts():
+    assert modified_precision(PAPER_CANDIDATE_1, PAPER_REFERENCES, 1) == (17, 18)
+    assert modified_precision(PAPER_CANDIDATE_1, PAPER_REFERENCES, 2) == (10, 17)
+    assert modified_precision(PAPER_CANDIDATE_2, PAPER_REFERENCES, 1) == (8, 14)
+    assert modified_precision(PAPER_CANDIDATE_2, PAPER_REFERENCES, 2) == (1, 13)
+    # clipping: "the" seven times, at most twice in one reference
+    assert modified_precision("the the the the the the the", ["the cat is on the mat", "there is a cat on the mat"],
+                              1) == (2, 7)
+
+
+def test_bleu_matches_nltk_documented_values():
+    # values printed by nltk.translate.bleu_score.sentence_bleu / corpus_bleu (no smoothing) in NLTK's docs
+    assert sentence_bleu(PAPER_CANDIDATE_1, PAPER_REFERENCES) == pytest.approx(0.5045666840058485, abs=1e-12)
+    other = ("he read the book because he was interested in world history",
+             "he was interested in world history because he read the book")
+    score = corpus_bleu([PAPER_CANDIDATE_1, other[0]], [PAPER_REFERENCES, [other[1]]])
+    assert score == pytest.approx(0.5920778868801042, abs=1e-12)
+
+
+def test_bleu_hand_worked_and_edge_cases():
+    # "a red circle" against "a red circle above a blue square": p1..p3 = 1, c = 3, r = 7 -> BP = exp(1 - 7/3)
+    assert sentence_bleu("a red circle", ["a red circle above a blue square"], max_n=3) == pytest.approx(
+        math.exp(1 - 7 / 3))
+    assert sentence_bleu("a red circle", ["a red circle"]) == 0.0  # no 4-grams at all
+    assert sentence_bleu("a b c d", ["a b c d"]) == 1.0
+    assert sentence_bleu("x y z w", ["a b c d"]) == 0.0
+    assert sentence_bleu("", ["a b c d"]) == 0.0
+    assert brevity_penalty(5, 4) == 1.0 and brevity_penalty(4, 4) == 1.0 and brevity_penalty(0, 3) == 0.0
+    assert brevity_penalty(2, 4) == pytest.approx(math.exp(-1))
+    assert closest_reference_length(5, [3, 7, 9]) == 3  # tie between 3 and 7: the shorter
+    assert closest_reference_length(6, [3, 7]) == 7
+    assert sentence_bleu(["a", "b", "c", "d"], [["a", "b", "c", "d"], "z"]) == 1.0  # token lists work too
+
+
+def test_exact_match():
+    assert exact_match(["Yes", "no ", "two"], ["yes", "yes", ["one", "two"]]) == pytest.approx(2 / 3)
+
+
+def test_bleu_and_exact_match_bad_input():
+    with pytest.raises(TypeError, match="references"):
+        sentence_bleu("a b", "a b")
+    with pytest.raises(ValueError, match="one list of references per candidate"):
+        corpus_bleu(["a"], [["a"], ["b"]])
+    with pytest.raises(ValueError, match="max_n"):
+        corpus_bleu(["a"], [["a"]], max_n=0)
+    with pytest.raises(TypeError, match="candidate"):
+        modified_precision(3, ["a"], 1)
+    with pytest.raises(ValueError, match="reference_length"):
+        brevity_penalty(3, -1)
+    with pytest.raises(TypeError, match="reference_lengths"):
+        closest_reference_length(3, 4)
+    with pytest.raises(ValueError, match="one entry per prediction"):
+        exact_match(["a"], ["a", "b"])
+    with pytest.raises(TypeError, match="strings"):
+        exact_match([1], ["a"])
