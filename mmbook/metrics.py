@@ -350,7 +350,8 @@ def closest_reference_length(candidate_length: int, reference_lengths: Sequence[
     reference length for one sentence."""
     fn = "closest_reference_length"
     candidate_length = _check_count(fn, "candidate_length", candidate_length, 0)
-    if isinstance(reference_lengths, (str, int)) or not isinstance(reference_lengths, Sequence) or not reference_lengths:
+    if isinstance(reference_lengths, (str, int)) or not isinstance(reference_lengths, Sequence) or \
+            not reference_lengths:
         raise TypeError(f"{fn}: reference_lengths must be a non-empty sequence of ints, got {reference_lengths!r}")
     return min((_check_count(fn, "each reference length", r, 0) for r in reference_lengths),
                key=lambda r: (abs(r - candidate_length), r))

@@ -1,0 +1,204 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mmbook.data import WordVocab, shapes_scenes
+from mmbook.vlm import (
+    CAPTION_PROMPT,
+    ShapesVLMRecipe,
+    VisionLanguageModel,
+    VLMExamples,
+    answer_questions,
+    caption_images,
+    caption_references,
+    encode_examples,
+    masked_lm_loss,
+    mentioned_objects,
+    pretrain_patch_encoder,
+    pretrained_shapes_vlm,
+    shapes_vlm_examples,
+    shapes_vocab,
+    train_vlm,
+)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models: threads only add overhead
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def setup(one_thread):
+    data = shapes_scenes(24, seed=5)
+    vocab = shapes_vocab(data)
+    torch.manual_seed(0)
+    model = VisionLanguageModel(len(vocab), d_model=16, n_layer=1, n_head=2, block_size=48, d_vision=16).eval()
+    images = data.images.float() / 255.0
+    return data, vocab, model, images
+
+
+def test_embed_puts_projected_patches_at_image_positions(setup):
+    data, vocab, model, images = setup
+    ex = shapes_vlm_examples(data, vocab, model.image_token_id, model.num_image_tokens, ("qa",), packed=False)
+    ids, imgs = ex.ids[:5], images[ex.image_index[:5]]
+    x = model.embed(ids, imgs)
+    tokens = model.projector(model.encoder(imgs))
+    for b in range(5):  # an explicit loop over positions as the reference
+        k = 0
+        for t in range(ids.shape[1]):
+            if ids[b, t] == model.image_token_id:
+                torch.testing.assert_close(x[b, t], tokens[b, k], rtol=0, atol=0)
+                k += 1
+            else:
+                torch.testing.assert_close(x[b, t], model.lm.wte.weight[ids[b, t]], rtol=0, atol=0)
+        assert k == model.num_image_tokens
+    blind = model.embed(ids)  # without images the placeholders keep the <image> embedding
+    torch.testing.assert_close(blind[:, 0], model.lm.wte.weight[model.image_token_id].expand(5, -1))
+
+
+def test_encode_examples_layout(setup):
+    _, vocab, model, _ = setup
+    ex = encode_examples(vocab, [[("what colour is the circle?", "red")], [(CAPTION_PROMPT, "a red circle"),
+                                                                            ("how many shapes are there?", "one")]],
+                         model.image_token_id, 2, image_index=[3, 4])
+    assert ex.ids.shape == ex.targets.shape == ex.loss_mask.shape and ex.image_index.tolist() == [3, 4]
+    words = [vocab.itos[i] if i < len(vocab) else "<image>" for i in ex.ids[0].tolist()]
+    assert words[:10] == ["<image>", "<image>", "what", "colour", "is", "the", "circle", "?", "red", "<eos>"]
+    torch.testing.assert_close(ex.targets[:, :-1], ex.ids[:, 1:])
+    learned = [[vocab.itos[t] for t in ex.targets[b][ex.loss_mask[b]].tolist()] for b in range(2)]
+    assert learned == [["red", "<eos>"], ["a", "red", "circle", "<eos>", "one", "<eos>"]]
+
+
+def test_masked_lm_loss_ignores_masked_positions():
+    torch.manual_seed(1)
+    logits = torch.randn(3, 7, 11, dtype=torch.float64, requires_grad=True)
+    targets = torch.randint(0, 11, (3, 7))
+    mask = torch.rand(3, 7) < 0.5
+    mask[0, 0] = True
+    loss = masked_lm_loss(logits, targets, mask)
+    ref = F.cross_entropy(logits.reshape(21, 11), targets.masked_fill(~mask, -100).reshape(21), ignore_index=-100)
+    torch.testing.assert_close(loss, ref, rtol=1e-12, atol=1e-12)
+    loss.backward()
+    assert torch.all(logits.grad[~mask] == 0) and torch.all(logits.grad[mask].abs().sum(-1) > 0)
+    other = torch.where(mask, targets, (targets + 3) % 11)
+    assert masked_lm_loss(logits, other, mask).item() == loss.item()
+
+
+def test_cached_generation_equals_uncached_and_beam_one_is_greedy(setup):
+    data, vocab, model, images = setup
+    prompt = torch.tensor([vocab.encode(CAPTION_PROMPT)] * 6)
+    cached = model.generate(images[:6], prompt, 12)
+    uncached = model.generate(images[:6], prompt, 12, use_cache=False)
+    assert torch.equal(cached, uncached)
+    beam, _ = model.beam_search(images[:6], prompt, 1, 12)
+    assert torch.equal(beam, cached)
+
+
+def test_beam_search_with_full_beam_finds_the_best_two_token_sequence(setup):
+    data, vocab, model, images = setup
+    prompt = torch.tensor([vocab.encode("what colour is the circle?")] * 2)
+    v = model.vocab_size + 1
+    tokens, score = model.beam_search(images[:2], prompt, v, 2)
+    ids = model._prompt_ids(prompt, "test")
+    banned = [WordVocab.PAD, WordVocab.UNK, WordVocab.BOS, model.image_token_id]
+
+    def log_probs(seq, image):  # the decoder never emits the banned ids: renormalise over the others
+        logits = model(seq, features=model.encoder(image)).logits[0, -1].double()
+        logits[banned] = -float("inf")
+        return torch.log_softmax(logits, -1)
+
+    with torch.no_grad():
+        for b in range(2):
+            first = log_probs(ids[b: b + 1], images[b: b + 1])
+            best = first[WordVocab.EOS].item()  # <eos> first: a finished hypothesis keeps its score
+            for t1 in range(v):
+                if t1 in banned or t1 == WordVocab.EOS:
+                    continue
+                second = log_probs(torch.cat([ids[b: b + 1], torch.tensor([[t1]])], dim=1), images[b: b + 1])
+                best = max(best, first[t1].item() + second.max().item())
+            assert score[b].item() == pytest.approx(best, abs=1e-5)
+
+
+def test_train_vlm_freezes_other_parts_and_learns(setup):
+    data, vocab, _, images = setup
+    torch.manual_seed(0)
+    model = VisionLanguageModel(len(vocab), d_model=16, n_layer=1, n_head=2, block_size=96, d_vision=16)
+    ex = shapes_vlm_examples(data, vocab, model.image_token_id, model.num_image_tokens)
+    encoder_before = [p.clone() for p in model.encoder.parameters()]
+    lm_before = [p.clone() for p in model.lm.parameters()]
+    history = train_vlm(model, images, ex, trainable=("projector",), epochs=2, batch_size=8, lr=1e-2)
+    assert all(torch.equal(a, b) for a, b in zip(encoder_before, model.encoder.parameters(), strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(lm_before, model.lm.parameters(), strict=True))
+    assert all(p.requires_grad for p in model.parameters())
+    history = train_vlm(model, images, ex, trainable=("projector", "lm"), epochs=3, batch_size=8, lr=1e-2)
+    assert history[-1] < history[0]
+    assert len(pretrain_patch_encoder(model.encoder, data, epochs=1, batch_size=12)) == 1
+
+
+def test_answer_and_caption_strings(setup):
+    data, vocab, model, images = setup
+    questions = [q for q, _, _ in data.questions[0]] + ["how many shapes are there?"]
+    answers = answer_questions(model, vocab, images[[0] * len(questions)], questions)
+    assert len(answers) == len(questions) and all(isinstance(a, str) for a in answers)
+    assert answer_questions(model, vocab, images[[0] * len(questions)], questions, beam_size=2)
+    captions = caption_images(model, vocab, images[:3], beam_size=3, max_new_tokens=10)
+    assert len(captions) == 3 and all(len(c.split()) <= 10 for c in captions)
+
+
+def test_caption_references_and_mentioned_objects():
+    data = shapes_scenes(60, seed=3)
+    for scene, caption in zip(data.scenes, data.captions, strict=True):
+        refs = caption_references(scene)
+        assert caption in refs
+        assert sorted(mentioned_objects(caption)) == sorted((o.colour, o.shape) for o in scene.objects)
+    assert mentioned_objects("a red circle above a blue square and a green") == [("red", "circle"),
+                                                                                  ("blue", "square")]
+
+
+def test_bad_inputs(setup):
+    data, vocab, model, images = setup
+    with pytest.raises(ValueError, match="mask"):
+        masked_lm_loss(torch.zeros(1, 2, 3), torch.zeros(1, 2, dtype=torch.long), torch.zeros(1, 2))
+    with pytest.raises(ValueError, match="selects no position"):
+        masked_lm_loss(torch.zeros(1, 2, 3), torch.zeros(1, 2, dtype=torch.long), torch.zeros(1, 2, dtype=torch.bool))
+    with pytest.raises(ValueError, match="exactly 9 <image> tokens"):
+        model.embed(torch.zeros(1, 4, dtype=torch.long), images[:1])
+    with pytest.raises(TypeError, match="ids must be an int64"):
+        model.embed(torch.zeros(1, 4), images[:1])
+    with pytest.raises(ValueError, match="exceed block_size"):
+        model.generate(images[:1], torch.tensor([vocab.encode(CAPTION_PROMPT)]), 40)
+    with pytest.raises(ValueError, match="beam_size must be positive"):
+        model.beam_search(images[:1], torch.tensor([vocab.encode(CAPTION_PROMPT)]), 0, 4)
+    with pytest.raises(ValueError, match="image_token_id"):
+        encode_examples(vocab, [[("a", "b")]], 3, 9)
+    with pytest.raises(ValueError, match="conversation 0"):
+        encode_examples(vocab, [["what?"]], model.image_token_id, 9)
+    with pytest.raises(ValueError, match="tasks"):
+        shapes_vlm_examples(data, vocab, model.image_token_id, 9, ("captions",))
+    with pytest.raises(ValueError, match="trainable"):
+        train_vlm(model, images, VLMExamples(*encode_examples(vocab, [[("a", "b")]], model.image_token_id, 9)),
+                  trainable=("decoder",))
+    with pytest.raises(TypeError, match="examples"):
+        train_vlm(model, images, (1, 2), trainable=("lm",))
+    with pytest.raises(ValueError, match="images must hold 2 images"):
+        answer_questions(model, vocab, images[:1], ["what?", "why?"])
+    with pytest.raises(TypeError, match="questions"):
+        answer_questions(model, vocab, images[:1], "what?")
+    with pytest.raises(ValueError, match="vocab"):
+        caption_images(model, WordVocab(["a b"]), images[:1])
+    with pytest.raises(TypeError, match="images"):
+        caption_images(model, vocab, images[:1].to(torch.uint8))
+    with pytest.raises(TypeError, match="scene"):
+        caption_references("a red circle")
+    with pytest.raises(TypeError, match="caption"):
+        mentioned_objects(3)
+    with pytest.raises(ValueError, match="stage"):
+        pretrained_shapes_vlm(0, "cpu", stage="final")
+    with pytest.raises(ValueError, match="seed"):
+        pretrained_shapes_vlm(-1, "cpu")
+    with pytest.raises(ValueError, match="d_vision"):
+        VisionLanguageModel(10, d_vision=0)
+    assert ShapesVLMRecipe().packed
