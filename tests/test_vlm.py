@@ -202,3 +202,18 @@ def test_bad_inputs(setup):
     with pytest.raises(ValueError, match="d_vision"):
         VisionLanguageModel(10, d_vision=0)
     assert ShapesVLMRecipe().packed
+
+
+def test_pretrain_patch_encoder_does_not_depend_on_the_global_random_state(setup):
+    # torch seeds its global generator at random in every new process, so a training function that drew anything
+    # (here the throw-away probe) from it would give different models in different processes.
+    data, vocab, _, _ = setup
+    results = []
+    for global_seed in (1, 2):
+        torch.manual_seed(0)
+        model = VisionLanguageModel(len(vocab), d_model=16, n_layer=1, n_head=2, block_size=48, d_vision=16)
+        torch.manual_seed(global_seed)
+        history = pretrain_patch_encoder(model.encoder, data, epochs=1, batch_size=12, seed=3)
+        results.append((history, [p.detach().clone() for p in model.encoder.parameters()]))
+    assert results[0][0] == results[1][0]
+    assert all(torch.equal(a, b) for a, b in zip(results[0][1], results[1][1], strict=True))
