@@ -25,7 +25,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from mmbook.crossmodal import TextTransformer, masked_mean
+from mmbook.crossmodal import TextTransformer, _positive_int, masked_mean
 from mmbook.data import RELATIONS
 
 __all__ = [
@@ -45,14 +45,6 @@ __all__ = [
 
 
 # ----------------------------------------------------------------------------- argument checks
-def _positive_int(name: str, value: object, fn: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{fn}: {name} must be an int, got {type(value).__name__}")
-    if value < 1:
-        raise ValueError(f"{fn}: {name} must be positive, got {value}")
-    return value
-
-
 def _check_embeds(name: str, x: object, fn: str) -> torch.Tensor:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{fn}: {name} must be a torch.Tensor, got {type(x).__name__}")

@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mmbook.crossmodal import PatchEncoder
+from mmbook.crossmodal import PatchEncoder, _positive_int
 from mmbook.data import COLOURS, SHAPES, Scene, ShapesScenes, WordVocab, cache_dir, describe_scene, shapes_scenes
 from mmbook.gpt import GPT, GPTConfig, GPTOutput
 
@@ -67,14 +67,6 @@ __all__ = [
 CAPTION_PROMPT = "describe the image."
 PARTS = ("encoder", "projector", "lm")
 STAGES = ("lm", "align", "full")
-
-
-def _positive_int(name: str, value: object, fn: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{fn}: {name} must be an int, got {type(value).__name__}")
-    if value < 1:
-        raise ValueError(f"{fn}: {name} must be positive, got {value}")
-    return value
 
 
 def _check_images(images: object, fn: str, batch: int | None = None) -> torch.Tensor:

@@ -34,13 +34,7 @@ from mmbook.corpus import load_documents
 from mmbook.data import shapes_scenes
 from mmbook.retrieval import DocumentStore
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py: tiny models run fastest on one thread
 
 
 # ----------------------------------------------------------------------------- data
