@@ -27,6 +27,7 @@ __all__ = [
     "mean_nll",
     "perplexity",
     "perplexity_from_logits",
+    "random_windows",
     "sample",
 ]
 
@@ -149,6 +150,30 @@ def make_windows(
     padded = torch.cat([torch.full((context_size,), pad_id, dtype=torch.long), ids])
     positions = torch.arange(ids.numel()).unsqueeze(1) + torch.arange(context_size).unsqueeze(0)
     return padded[positions], ids.clone()
+
+
+def random_windows(
+    ids: torch.Tensor, batch_size: int, seq_len: int, generator: torch.Generator | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A batch of random training windows from a token stream, for next-token prediction.
+
+    ``ids`` has shape ``(seq,)``. Draws ``batch_size`` start positions uniformly from
+    ``[0, seq - seq_len - 1)`` with ``generator`` and returns ``inputs`` ``(batch_size, seq_len)``,
+    ``ids[s : s + seq_len]``, and ``targets`` ``(batch_size, seq_len)``, the same windows shifted by one
+    token. Both stay on ``ids``' device.
+    """
+    fn = "random_windows"
+    ids = _check_ids(ids, fn)
+    _check_int("batch_size", batch_size, 1, fn)
+    _check_int("seq_len", seq_len, 1, fn)
+    if ids.numel() < seq_len + 2:
+        raise ValueError(f"{fn}: ids must hold at least seq_len + 2 = {seq_len + 2} tokens, got {ids.numel()}")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"{fn}: generator must be a torch.Generator or None, got {type(generator).__name__}")
+    starts = torch.randint(ids.numel() - seq_len - 1, (batch_size,), generator=generator).tolist()
+    inputs = torch.stack([ids[s:s + seq_len] for s in starts])
+    targets = torch.stack([ids[s + 1:s + seq_len + 1] for s in starts])
+    return inputs, targets
 
 
 def perplexity(mean_nll: float) -> float:

@@ -13,6 +13,7 @@ from mmbook.lm import (
     mean_nll,
     perplexity,
     perplexity_from_logits,
+    random_windows,
     sample,
 )
 
@@ -293,3 +294,29 @@ def test_sample_bad_input(vocab):
         sample(model, vocab.encode("a"), 3, generator=gen, banned_ids=range(len(vocab)))
     with pytest.raises(ValueError, match=r"prompt must lie in \[0, "):
         sample(model, torch.tensor([999]), 3, generator=gen)
+
+
+def test_random_windows_are_shifted_slices_of_the_stream():
+    ids = torch.arange(100, 120)  # token value = position + 100, so a window's start is readable from its values
+    x, y = random_windows(ids, 500, 5, torch.Generator().manual_seed(0))
+    assert x.shape == y.shape == (500, 5) and x.dtype == torch.long
+    starts = x[:, 0] - 100
+    assert torch.equal(x, 100 + starts[:, None] + torch.arange(5))  # contiguous windows ...
+    assert torch.equal(y, x + 1)  # ... and the targets are the next tokens
+    assert set(starts.tolist()) == set(range(20 - 5 - 1))  # every allowed start is drawn, none beyond
+    again = random_windows(ids, 500, 5, torch.Generator().manual_seed(0))
+    assert torch.equal(again[0], x) and torch.equal(again[1], y)
+
+
+def test_random_windows_rejects_bad_input():
+    ids = torch.arange(10)
+    with pytest.raises(TypeError, match="ids"):
+        random_windows([1, 2, 3], 2, 2)
+    with pytest.raises(ValueError, match="seq_len"):
+        random_windows(ids, 2, 0)
+    with pytest.raises(ValueError, match="batch_size"):
+        random_windows(ids, 0, 2)
+    with pytest.raises(ValueError, match="at least seq_len"):
+        random_windows(ids, 2, 9)
+    with pytest.raises(TypeError, match="generator"):
+        random_windows(ids, 2, 2, generator=0)
