@@ -33,7 +33,6 @@ myst_enable_extensions = ["dollarmath", "amsmath"]
 myst_heading_anchors = 3
 nb_execution_mode = "off"
 nb_merge_streams = True
-suppress_warnings = ["mystnb.unknown_mime_type", "myst.header"]
 
 # Offline MathJax 2.7: its files are copied to _static/mathjax after the build, and Sphinx's MathJax
 # support loads it from there (a relative mathjax_path is relative to _static).
