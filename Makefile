@@ -35,13 +35,16 @@ SITE := _build/book
 # cross-reference fails the build.
 SPHINX_FLAGS := -q -b html -c book -W --keep-going -j auto
 
-.PHONY: help venv lab test test-unit test-notebooks test-gpu test-book check-notebooks regen lint doctor \
+.PHONY: help venv lab test test-unit test-notebooks test-gpu test-portable test-seeds test-book check-notebooks regen \
+        lint doctor \
         book book-serve clean
 
 help:
 	@echo "make lab        set up .venv (once) and open the book in JupyterLab"
 	@echo "make test       set up .venv (once), run unit tests, notebook hygiene, strict nbval and the book test"
 	@echo "make test-gpu   nbval-lax on every notebook with MMBOOK_DEVICE=cuda"
+	@echo "make test-portable  strict nbval with perturbed numerics (portable BLAS path, no SIMD dispatch, 2 threads)"
+	@echo "make test-seeds nbval-lax on every notebook with every seed shifted (SHIFTS=\"1 2\")"
 	@echo "make regen      re-execute notebooks on CPU in place (NB=path to limit)"
 	@echo "make book       build the HTML book from the stored outputs into $(SITE)"
 	@echo "make book-serve serve $(SITE) on http://127.0.0.1:$(PORT)"
@@ -85,6 +88,22 @@ test-notebooks: $(STAMP)
 test-gpu: $(STAMP)
 	MMBOOK_DEVICE=cuda $(PY) -m pytest -q tests --ignore=tests/book
 	MMBOOK_DEVICE=cuda $(PY) -m pytest --nbval-lax $(NBVAL_FLAGS) chapters
+
+# Another reader's machine, stood in for on this one: MKL's conditional-numerical-reproducibility mode on its
+# portable code path, ATen's kernels without SIMD dispatch (ATEN_CPU_CAPABILITY=default), and two intra-op threads
+# (other reduction orders). The stored outputs must still match exactly.
+PORTABLE_ENV := MKL_CBWR=COMPATIBLE ATEN_CPU_CAPABILITY=default OMP_NUM_THREADS=2 MKL_NUM_THREADS=2
+test-portable: $(STAMP)
+	$(PORTABLE_ENV) MMBOOK_DEVICE=cpu $(PY) -m pytest --nbval $(NBVAL_FLAGS) $(NB)
+
+# Every seed the book uses goes through mmbook.seed, which MMBOOK_SEED_SHIFT shifts: every assertion must hold
+# for other seeds too (lax mode: printed values differ, the asserted claims must not).
+SHIFTS ?= 1 2
+test-seeds: $(STAMP)
+	@status=0; for k in $(SHIFTS); do \
+	  echo "== MMBOOK_SEED_SHIFT=$$k"; \
+	  MMBOOK_SEED_SHIFT=$$k MMBOOK_DEVICE=cpu $(PY) -m pytest --nbval-lax $(NBVAL_FLAGS) $(NB) || status=1; \
+	done; exit $$status
 
 regen: $(STAMP)
 	MMBOOK_DEVICE=cpu $(PY) tools/regen.py $(NB)

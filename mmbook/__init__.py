@@ -5,8 +5,11 @@ lives here once; the chapter notebooks import it, show it with :func:`mmbook.sho
 verify it against independent references.
 """
 
-from mmbook.core import Source, get_device, set_seed, show
+from mmbook.core import Source, get_device, numpy_rng, python_rng, seed, seed_shift, set_seed, show, torch_generator
 
 __version__ = "0.1.0"
 
-__all__ = ["Source", "__version__", "get_device", "set_seed", "show"]
+__all__ = [
+    "Source", "__version__", "get_device", "numpy_rng", "python_rng", "seed", "seed_shift", "set_seed", "show",
+    "torch_generator",
+]

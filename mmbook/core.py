@@ -12,7 +12,9 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["Source", "get_device", "set_seed", "show"]
+__all__ = [
+    "Source", "get_device", "numpy_rng", "python_rng", "seed", "seed_shift", "set_seed", "show", "torch_generator",
+]
 
 _DEVICE_ENV = "MMBOOK_DEVICE"
 _KNOWN_DEVICE_TYPES = ("cpu", "cuda", "mps")
@@ -69,16 +71,82 @@ def get_device(name: str | None = None) -> torch.device:
     return device
 
 
-def set_seed(seed: int) -> None:
-    """Seed Python's ``random``, NumPy's global generator and PyTorch (CPU and all GPUs)."""
+_SEED_SHIFT_ENV = "MMBOOK_SEED_SHIFT"
+# A prime stride keeps shifted seeds away from the small seeds the book uses by hand (0, 1, 2, ...).
+_SEED_STRIDE = 1_000_003
+
+
+def seed_shift() -> int:
+    """The seed shift ``k`` from the environment variable ``MMBOOK_SEED_SHIFT`` (0 when unset).
+
+    ``make test-seeds`` sets it to run the whole book with other seeds: every seed the book uses
+    goes through :func:`seed`, so one variable reaches all of them. A value that is not a
+    non-negative integer raises :class:`ValueError` naming the variable.
+    """
+    raw = os.environ.get(_SEED_SHIFT_ENV, "").strip()
+    if not raw:
+        return 0
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ValueError(f"environment variable {_SEED_SHIFT_ENV} must be a non-negative integer, got {raw!r}") from None
+    if value < 0:
+        raise ValueError(f"environment variable {_SEED_SHIFT_ENV} must be a non-negative integer, got {raw!r}")
+    return value
+
+
+def _check_seed(fn: str, seed: Any) -> int:
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
-        raise TypeError(f"set_seed: seed must be an int, got {type(seed).__name__}")
+        raise TypeError(f"{fn}: seed must be an int, got {type(seed).__name__}")
     if not 0 <= int(seed) < 2**32:
-        raise ValueError(f"set_seed: seed must be in [0, 2**32), got {seed}")
-    seed = int(seed)
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)  # also seeds every CUDA device
+        raise ValueError(f"{fn}: seed must be in [0, 2**32), got {seed}")
+    return int(seed)
+
+
+def seed(base: int) -> int:
+    """The seed the book actually uses for the nominal seed ``base``.
+
+    ``base`` itself when ``MMBOOK_SEED_SHIFT`` is unset or 0 (so stored outputs are made with the
+    seeds the text names), ``(base + k * 1_000_003) mod 2**32`` under shift ``k``. Every seed in the
+    book goes through this function: :func:`set_seed`, :func:`torch_generator`, :func:`numpy_rng`
+    and :func:`python_rng` call it, and a third-party ``random_state=`` gets ``mmbook.seed(n)``.
+    """
+    return _shifted(_check_seed("seed", base))
+
+
+def _shifted(value: int) -> int:
+    return (value + seed_shift() * _SEED_STRIDE) % 2**32
+
+
+def set_seed(seed: int) -> None:
+    """Seed Python's ``random``, NumPy's global generator and PyTorch (CPU and all GPUs).
+
+    The seed goes through :func:`mmbook.seed`, so ``MMBOOK_SEED_SHIFT`` shifts it.
+    """
+    value = _shifted(_check_seed("set_seed", seed))
+    random.seed(value)
+    np.random.seed(value)
+    torch.manual_seed(value)  # also seeds every CUDA device
+
+
+def torch_generator(seed: int, device: torch.device | str = "cpu") -> torch.Generator:
+    """A new ``torch.Generator`` on ``device`` seeded with :func:`mmbook.seed` of ``seed``.
+
+    Draw on the CPU and move the result with ``.to(device)`` so that the numbers are the same on
+    every device; a CUDA generator exists for code that must draw on the GPU.
+    """
+    value = _shifted(_check_seed("torch_generator", seed))
+    return torch.Generator(device=device).manual_seed(value)
+
+
+def numpy_rng(seed: int) -> np.random.Generator:
+    """A new NumPy ``Generator`` (PCG64) seeded with :func:`mmbook.seed` of ``seed``."""
+    return np.random.default_rng(_shifted(_check_seed("numpy_rng", seed)))
+
+
+def python_rng(seed: int) -> random.Random:
+    """A new ``random.Random`` seeded with :func:`mmbook.seed` of ``seed``."""
+    return random.Random(_shifted(_check_seed("python_rng", seed)))
 
 
 class Source:

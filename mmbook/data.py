@@ -23,6 +23,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from mmbook.core import numpy_rng, seed as _book_seed, torch_generator
+
 __all__ = [
     "ANSWERS",
     "COLOURS",
@@ -48,10 +50,10 @@ DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "e
 
 
 def cache_dir() -> Path:
-    """``data/cache`` next to the package (created on demand); git-ignored."""
-    path = Path(__file__).resolve().parent.parent / "data" / "cache"
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+    """The cache folder, :func:`mmbook.cache.cache_dir` (``data/cache`` next to the package; git-ignored)."""
+    from mmbook.cache import cache_dir as _cache_dir
+
+    return _cache_dir()
 
 
 def _check_int(name: str, value: object, fn: str, low: int, high: int | None = None) -> int:
@@ -85,19 +87,25 @@ def spoken_digit_recordings(
         raise ValueError(f"{fn}: duration must be between 0.2 and 5.0 seconds, got {duration!r}")
     from mmbook.speech import VOICE_VARIANTS, synthesize_many
 
-    key = json.dumps({"v": 1, "r": recordings_per_digit, "sr": sample_rate, "d": duration, "s": seed})
-    path = cache_dir() / f"spoken_digits_{hashlib.sha1(key.encode()).hexdigest()[:12]}.npz"
+    from mmbook.cache import cache_path, load_arrays, save_arrays
+
+    key = {"what": "spoken_digits", "v": 1, "r": recordings_per_digit, "sr": sample_rate, "d": duration,
+           "s": seed}
+    path = cache_path("spoken_digits", key)
+    n, num_samples = 10 * recordings_per_digit, int(round(duration * sample_rate))
     if path.is_file():
-        with np.load(path) as z:
-            return {
-                "waveforms": torch.from_numpy(z["waveforms"]),
-                "labels": torch.from_numpy(z["labels"]),
-                "voices": [str(v) for v in z["voices"]],
-                "rates": torch.from_numpy(z["rates"]),
-                "pitches": torch.from_numpy(z["pitches"]),
-                "sample_rate": sample_rate,
-            }
-    rng = np.random.default_rng(seed)
+        z = load_arrays(path, key, {"waveforms": ((n, num_samples), np.float32), "labels": ((n,), np.int64),
+                                    "voices": ((n,), None), "rates": ((n,), np.int64), "pitches": ((n,), np.int64)},
+                        fn=fn)
+        return {
+            "waveforms": torch.from_numpy(z["waveforms"]),
+            "labels": torch.from_numpy(z["labels"]),
+            "voices": [str(v) for v in z["voices"]],
+            "rates": torch.from_numpy(z["rates"]),
+            "pitches": torch.from_numpy(z["pitches"]),
+            "sample_rate": sample_rate,
+        }
+    rng = numpy_rng(seed)
     jobs, labels, voices, rates, pitches = [], [], [], [], []
     for digit, word in enumerate(DIGIT_WORDS):
         for i in range(recordings_per_digit):
@@ -126,9 +134,7 @@ def spoken_digit_recordings(
         "rates": np.array(rates, dtype=np.int64),
         "pitches": np.array(pitches, dtype=np.int64),
     }
-    tmp = path.with_suffix(".tmp.npz")
-    np.savez_compressed(tmp, **result)
-    tmp.replace(path)
+    save_arrays(path, key, result)
     return {
         "waveforms": torch.from_numpy(waves),
         "labels": torch.from_numpy(result["labels"]),
@@ -171,7 +177,7 @@ class AudioVisualDigits(Dataset):
             return clean.clone()
         power = clean.pow(2).mean().clamp_min(1e-12)
         noise_power = power / (10.0 ** (self.snr_db[index] / 10.0))
-        gen = torch.Generator().manual_seed(self.noise_seed * 1_000_003 + int(index))
+        gen = torch_generator((self.noise_seed * 1_000_003 + int(index)) % 2**32)
         return clean + torch.randn(clean.shape, generator=gen) * noise_power.sqrt()
 
     def waveforms(self) -> torch.Tensor:
@@ -226,12 +232,12 @@ def audio_visual_digits(
     images = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0
     labels = torch.tensor(digits.target, dtype=torch.int64)
     idx_train, idx_test = train_test_split(
-        np.arange(len(labels)), test_size=test_fraction, stratify=digits.target, random_state=seed
+        np.arange(len(labels)), test_size=test_fraction, stratify=digits.target, random_state=_book_seed(seed)
     )
     idx = np.sort(idx_train if split == "train" else idx_test)
 
     rec = spoken_digit_recordings(recordings_per_digit, sample_rate, duration, seed=0)
-    rng = np.random.default_rng(seed)
+    rng = numpy_rng(seed)
     rec_labels = rec["labels"].numpy()
     n_test = max(1, int(round(test_fraction * recordings_per_digit)))
     pools = {}
@@ -239,7 +245,7 @@ def audio_visual_digits(
         rows = np.flatnonzero(rec_labels == digit)
         perm = rng.permutation(rows)
         pools[digit] = np.sort(perm[:n_test] if split == "test" else perm[n_test:])
-    pair_rng = np.random.default_rng(seed * 7919 + (1 if split == "test" else 0))
+    pair_rng = numpy_rng(seed * 7919 + (1 if split == "test" else 0))
     chosen = np.array([pair_rng.choice(pools[int(labels[i])]) for i in idx], dtype=np.int64)
     if snr_db is None:
         snr = torch.full((len(idx),), float("inf"))
@@ -461,7 +467,7 @@ def shapes_scenes(
     min_objects = _check_int("min_objects", min_objects, fn, 1, grid * grid)
     max_objects = _check_int("max_objects", max_objects, fn, min_objects, min(grid * grid, 9))
     _check_int("image_size", image_size, fn, 8 * grid, 512)
-    rng = np.random.default_rng(seed)
+    rng = numpy_rng(seed)
     scenes, captions, questions, images = [], [], [], []
     for _ in range(n):
         scene = _random_scene(rng, grid, min_objects, max_objects)

@@ -93,3 +93,34 @@ def test_show_bad_input():
         mmbook.show(3)
     with pytest.raises(TypeError, match="no Python source"):
         mmbook.show(int)
+
+
+def test_seed_shift_reaches_every_generator(monkeypatch):
+    monkeypatch.delenv("MMBOOK_SEED_SHIFT", raising=False)
+    assert mmbook.seed(7) == 7 and mmbook.seed_shift() == 0
+    base = (mmbook.torch_generator(7).initial_seed(), mmbook.numpy_rng(7).integers(1 << 30),
+            mmbook.python_rng(7).random())
+    monkeypatch.setenv("MMBOOK_SEED_SHIFT", "2")
+    assert mmbook.seed_shift() == 2
+    assert mmbook.seed(7) == 7 + 2 * 1_000_003
+    assert mmbook.torch_generator(7).initial_seed() == 7 + 2 * 1_000_003
+    assert mmbook.numpy_rng(7).integers(1 << 30) != base[1]
+    assert mmbook.python_rng(7).random() != base[2]
+    mmbook.set_seed(7)
+    assert torch.initial_seed() == 7 + 2 * 1_000_003
+    assert mmbook.seed(2**32 - 1) == (2**32 - 1 + 2 * 1_000_003) % 2**32
+
+
+@pytest.mark.parametrize("raw", ["-1", "two", "1.5"])
+def test_seed_shift_rejects_bad_environment(monkeypatch, raw):
+    monkeypatch.setenv("MMBOOK_SEED_SHIFT", raw)
+    with pytest.raises(ValueError, match="MMBOOK_SEED_SHIFT must be a non-negative integer"):
+        mmbook.seed(0)
+
+
+@pytest.mark.parametrize("fn", [mmbook.seed, mmbook.torch_generator, mmbook.numpy_rng, mmbook.python_rng])
+def test_seed_helpers_reject_bad_seeds(fn):
+    with pytest.raises(TypeError, match="seed must be an int, got float"):
+        fn(1.0)
+    with pytest.raises(ValueError, match=r"seed must be in \[0, 2\*\*32\), got -3"):
+        fn(-3)
