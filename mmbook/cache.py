@@ -118,7 +118,7 @@ def _check_expected(path: Path, got: Mapping[str, Any], expected: Mapping[str, t
         value = got[name]
         vshape, vdtype = tuple(value.shape), value.dtype
         if shape is not None and (len(vshape) != len(shape)
-                                  or any(s is not None and s != v for s, v in zip(shape, vshape))):
+                                  or any(s is not None and s != v for s, v in zip(shape, vshape, strict=True))):
             raise CacheError(f"{fn}: {path} holds {name} of shape {vshape}, expected {shape}; delete it and run again")
         if dtype is not None and vdtype != dtype:
             raise CacheError(f"{fn}: {path} holds {name} of dtype {vdtype}, expected {dtype}; delete it and run again")

@@ -89,7 +89,9 @@ def seed_shift() -> int:
     try:
         value = int(raw)
     except ValueError:
-        raise ValueError(f"environment variable {_SEED_SHIFT_ENV} must be a non-negative integer, got {raw!r}") from None
+        raise ValueError(
+            f"environment variable {_SEED_SHIFT_ENV} must be a non-negative integer, got {raw!r}"
+        ) from None
     if value < 0:
         raise ValueError(f"environment variable {_SEED_SHIFT_ENV} must be a non-negative integer, got {raw!r}")
     return value

@@ -13,8 +13,6 @@ Synthesised recordings are cached under ``data/cache/`` (git-ignored; rebuilt on
 
 from __future__ import annotations
 
-import hashlib
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +21,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from mmbook.core import numpy_rng, seed as _book_seed, torch_generator
+from mmbook.core import numpy_rng, torch_generator
+from mmbook.core import seed as _book_seed
 
 __all__ = [
     "ANSWERS",
@@ -85,9 +84,8 @@ def spoken_digit_recordings(
     seed = _check_int("seed", seed, fn, 0)
     if not isinstance(duration, (int, float)) or not 0.2 <= duration <= 5.0:
         raise ValueError(f"{fn}: duration must be between 0.2 and 5.0 seconds, got {duration!r}")
-    from mmbook.speech import VOICE_VARIANTS, synthesize_many
-
     from mmbook.cache import cache_path, load_arrays, save_arrays
+    from mmbook.speech import VOICE_VARIANTS, synthesize_many
 
     key = {"what": "spoken_digits", "v": 1, "r": recordings_per_digit, "sr": sample_rate, "d": duration,
            "s": seed}
