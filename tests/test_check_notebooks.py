@@ -118,3 +118,35 @@ def test_every_book_notebook_is_clean_and_stripped_copy_is_not(tmp_path, capsys)
 def test_main_bad_path():
     with pytest.raises(SystemExit, match="neither a directory nor a notebook"):
         main(["does/not/exist.txt"])
+
+
+def _verdict_cell(source, printed):
+    return nbformat.v4.new_code_cell(source, execution_count=3,
+                                     outputs=[nbformat.v4.new_output("stream", name="stdout", text=printed)])
+
+
+@pytest.mark.parametrize("source, printed, problem", [
+    # a literal True with nothing behind it
+    ('print("x equals y:", True)', "x equals y: True\n", "asserts nothing"),
+    # a computed verdict that is printed, not asserted
+    ('import torch\nprint("close:", torch.allclose(a, b))', "close: True\n", "asserts nothing"),
+    ('assert n == 3\nprint(f"small: {err < 1e-6}")', "small: True\n", "without asserting it"),
+    ('assert x > 0\nprint("sums to one:", bool(abs(s - 1) < 1e-12))', "sums to one: True\n", "without asserting it"),
+])
+def test_unasserted_verdicts_fail(tmp_path, source, printed, problem):
+    nb = _executed_nb()
+    nb.cells.append(_verdict_cell(source, printed))
+    problems = check_notebook(_write(tmp_path, nb))
+    assert any(problem in p and "cell 3" in p for p in problems), problems
+
+
+@pytest.mark.parametrize("source", [
+    'torch.testing.assert_close(a, b)\nprint("close:", True)',
+    'ok = torch.allclose(a, b)\nassert ok\nprint("close:", ok)',
+    'assert abs(s - 1) < 1e-12\nprint("sums to one:", bool(abs(s - 1) < 1e-12))',
+    'assert err < 1e-6, err\nprint(f"small: {err < 1e-6}")',
+])
+def test_asserted_verdicts_pass(tmp_path, source):
+    nb = _executed_nb()
+    nb.cells.append(_verdict_cell(source, "verdict: True\n"))
+    assert check_notebook(_write(tmp_path, nb)) == []

@@ -10,6 +10,9 @@ to compare), so every notebook of the book must be:
 * free of stored errors, except in a cell marked ``# NBVAL_RAISES_EXCEPTION`` (or tagged
   ``raises-exception``) - an intended, explained exception;
 * free of machine paths (home, temporary or virtual-environment directories) in outputs;
+* free of unasserted verdicts: a code cell whose output prints a line ending in ``: True`` or
+  ``: False`` must contain an ``assert`` (or call a checking function such as
+  ``torch.testing.assert_close``), so that lax and GPU runs check what the printed line claims;
 * at most 3 MB on disk.
 
 Usage: ``python tools/check_notebooks.py [PATH ...]`` (files or directories; default
@@ -18,6 +21,7 @@ Usage: ``python tools/check_notebooks.py [PATH ...]`` (files or directories; def
 
 from __future__ import annotations
 
+import ast
 import re
 import sys
 from pathlib import Path
@@ -30,6 +34,76 @@ MACHINE_PATH = re.compile(
     r"(?:/home/[\w.-]+|/root/|/Users/[\w.-]+|/tmp/|/work/|/private/var/|[A-Za-z]:\\\\?Users\\\\?"
     r"|site-packages|dist-packages|\.venv/)"
 )
+
+
+# A printed verdict: a line ending in ": True" / ": False" (optionally followed by punctuation).
+VERDICT = re.compile(r":\s*(?:True|False)\W*$", re.MULTILINE)
+# What counts as checking the claim in the cell itself: an assert statement, a testing helper, or raising.
+ASSERTS = re.compile(r"^\s*assert\b|\bassert_\w+\(|\bassert\w*\(|^\s*raise\b|\bpytest\.raises\b", re.MULTILINE)
+
+
+_BOOL_CALLS = {"bool", "all", "any", "allclose", "isclose", "equal", "array_equal", "array_equiv", "isfinite",
+               "is_tensor", "isinstance", "issubset", "startswith", "endswith"}
+
+
+def _is_boolean_expr(node: ast.AST) -> bool:
+    if isinstance(node, (ast.Compare, ast.BoolOp)) or (isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.Not)):
+        return True
+    if isinstance(node, ast.Call):
+        func = node.func
+        name = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", "")
+        if name in _BOOL_CALLS:
+            return True
+        if isinstance(func, ast.Attribute) and name in ("all", "any", "item"):
+            return _is_boolean_expr(func.value) if name == "item" else True
+    return False
+
+
+def _unwrap_bool(node: ast.AST) -> ast.AST:
+    while (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "bool"
+           and len(node.args) == 1):
+        node = node.args[0]
+    return node
+
+
+def unasserted_verdicts(source: str) -> list[str]:
+    """The boolean expressions a cell prints as a verdict (``print("...:", expr)``) without asserting them.
+
+    A verdict counts as asserted when an ``assert`` statement in the cell tests the same expression, or the
+    name it prints. Literal ``True`` verdicts are covered by the cell-level rule (an assert must exist).
+    """
+    lines = [line for line in source.splitlines() if not line.lstrip().startswith(("%", "!"))]
+    try:
+        tree = ast.parse("\n".join(lines))
+    except SyntaxError:
+        return []
+    asserted = [ast.unparse(node.test) for node in ast.walk(tree) if isinstance(node, ast.Assert)]
+    missing = []
+    for node in ast.walk(tree):
+        if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "print"):
+            continue
+        candidates = []
+        if node.args and isinstance(node.args[-1], ast.JoinedStr):
+            values = node.args[-1].values
+            if values and isinstance(values[-1], ast.FormattedValue):
+                candidates.append(values[-1].value)
+        if len(node.args) >= 2:
+            candidates.append(node.args[-1])
+        for expr in candidates:
+            if not _is_boolean_expr(expr):
+                continue
+            text = ast.unparse(_unwrap_bool(expr))
+            names = {n.id for n in ast.walk(expr) if isinstance(n, ast.Name)} if isinstance(expr, ast.Name) else set()
+            if not any(text in a or any(re.search(rf"\b{n}\b", a) for n in names) for a in asserted):
+                missing.append(text)
+    return missing
+
+
+def _stream_text(output: dict) -> str:
+    if output.get("output_type") == "stream" and output.get("name") == "stdout":
+        text = output.get("text", "")
+        return "".join(text) if isinstance(text, list) else text
+    return ""
 
 
 def _text_of_output(output: dict) -> str:
@@ -92,6 +166,14 @@ def check_notebook(path: Path) -> list[str]:
             match = MACHINE_PATH.search(_text_of_output(output))
             if match:
                 problems.append(f"{where}: machine path {match.group(0)!r} in an output")
+        printed = "".join(_stream_text(o) for o in cell.get("outputs", []))
+        verdict = VERDICT.search(printed)
+        if verdict and not marked and not ASSERTS.search(source):
+            line = printed[: verdict.end()].splitlines()[-1].strip()
+            problems.append(f"{where}: prints the verdict {line!r} but asserts nothing")
+        elif verdict and not marked:
+            for text in unasserted_verdicts(source):
+                problems.append(f"{where}: prints the verdict `{text}` without asserting it")
         if marked and not has_error and count is not None:
             problems.append(f"{where}: marked {RAISES_MARK} but stored no error")
     if code_cells == 0:
