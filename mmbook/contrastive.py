@@ -25,6 +25,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from mmbook.core import torch_generator
 from mmbook.crossmodal import TextTransformer, _positive_int, masked_mean
 from mmbook.data import RELATIONS
 
@@ -353,13 +354,13 @@ def train_dual_encoder(
         raise ValueError(f"{fn}: lr must be positive, got {lr!r}")
     device = torch.device(device) if device is not None else next(model.parameters()).device
     model.to(device).train()
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch_generator(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay,
                                   fused=device.type in ("cpu", "cuda"))
     if groups is None:
         steps_per_epoch = math.ceil(n / batch_size)
     else:
-        steps_per_epoch = len(_distinct_group_batches(groups, batch_size, torch.Generator().manual_seed(seed)))
+        steps_per_epoch = len(_distinct_group_batches(groups, batch_size, torch_generator(seed)))
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=epochs * steps_per_epoch,
                                                     pct_start=0.15)
     history = []

@@ -10,9 +10,10 @@ its own), :func:`load_documents` falls back to the running Python's ``pydoc_data
 from __future__ import annotations
 
 import gzip
-import random
 from collections.abc import Sequence
 from pathlib import Path
+
+from mmbook.core import python_rng
 
 __all__ = ["SNAPSHOT", "load_corpus", "load_documents", "split_documents"]
 
@@ -60,7 +61,7 @@ def split_documents(
             f"got {len(documents)}"
         )
     order = list(range(len(documents)))
-    random.Random(seed).shuffle(order)
+    python_rng(seed).shuffle(order)
     sizes = [max(1, round(f * len(documents))) for f in fractions[:-1]]
     sizes.append(len(documents) - sum(sizes))
     if sizes[-1] < 1:

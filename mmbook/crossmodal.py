@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from mmbook.attention import MultiHeadAttention, padding_mask
+from mmbook.core import torch_generator
 
 __all__ = [
     "FUSIONS",
@@ -568,7 +569,7 @@ def train_vqa(
     # the fused implementation updates all parameters in one kernel: several times faster for small models
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01,
                                   fused=device.type in ("cpu", "cuda"))
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch_generator(seed)
     steps = epochs * math.ceil(num_scenes / scenes_per_batch)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.15)
     history = []

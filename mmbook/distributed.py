@@ -36,6 +36,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel
 
+from mmbook.core import set_seed, torch_generator
 from mmbook.gpt import GPT, GPTConfig
 
 __all__ = ["DDPJob", "DDPResult", "ddp_train", "find_free_port", "main", "run_ddp", "shard"]
@@ -134,7 +135,7 @@ def ddp_train(job: DDPJob, rank: int, world_size: int, device: torch.device | No
     if not isinstance(job, DDPJob):
         raise TypeError(f"ddp_train: job must be a DDPJob, got {type(job).__name__}")
     device = torch.device("cpu") if device is None else device
-    torch.manual_seed(job.seed)
+    set_seed(job.seed)
     model = GPT(job.config).to(device=device, dtype=job.dtype)
     ddp_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     optimizer = torch.optim.AdamW(model.parameters(), lr=job.lr, weight_decay=job.weight_decay)
@@ -261,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
     dist.init_process_group(backend, timeout=timedelta(seconds=120))
     try:
         config = GPTConfig(block_size=args.seq_len)
-        gen = torch.Generator().manual_seed(1)  # every rank draws the same global batches
+        gen = torch_generator(1)  # every rank draws the same global batches
         batches = []
         for _ in range(args.steps):
             tokens = torch.randint(0, config.vocab_size, (args.batch_size, args.seq_len + 1), generator=gen)

@@ -16,6 +16,8 @@ from collections.abc import Iterable, Sequence
 import torch
 from torch import nn
 
+from mmbook.core import torch_generator
+
 __all__ = [
     "FastTextSkipGram",
     "SkipGramNS",
@@ -338,7 +340,7 @@ def train_skipgram(
     ids, noise = ids.cpu(), noise.cpu()  # the data pipeline runs on the CPU; only batches go to the device
     doc_ids = doc_ids.cpu() if doc_ids is not None else None
     keep_probs = keep_probs.cpu() if keep_probs is not None else None
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch_generator(seed)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     losses = []
     for _ in range(epochs):
@@ -602,7 +604,7 @@ def train_glove(
         raise ValueError(f"train_glove: lr must be positive, got {lr!r}")
     device = torch.device(device) if device is not None else x.device
     v = x.shape[0]
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch_generator(seed)
     params = [(torch.rand(*shape, generator=generator) - 0.5) / dim for shape in ((v, dim), (v, dim), (v,), (v,))]
     params = [p.to(device) for p in params]
     f, log_x = (t.to(device=device, dtype=torch.float32) for t in _glove_terms(x, x_max, alpha))

@@ -33,6 +33,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from mmbook.core import torch_generator
+
 __all__ = [
     "FUSION_METHODS",
     "ConcatFusion",
@@ -567,7 +569,7 @@ def audio_visual_features(split: str = "train", seed: int = 0, snr_db: tuple[flo
                   melkwargs={"n_fft": 400, "hop_length": 320, "n_mels": 40})
     if segments > coeffs.shape[-1]:
         raise ValueError(f"{fn}: segments must be <= the number of frames ({coeffs.shape[-1]}), got {segments}")
-    generator = torch.Generator().manual_seed(seed * 2 + (1 if split == "test" else 0))
+    generator = torch_generator(seed * 2 + (1 if split == "test" else 0))
     images = corrupt_images(ds.images, image_noise, occlusion, generator)
     return {
         "image": images.flatten(1),

@@ -19,6 +19,8 @@ from typing import Any
 
 import numpy as np
 
+from mmbook.core import numpy_rng
+
 __all__ = [
     "ACTIVATIONS",
     "NumpyMLP",
@@ -188,7 +190,7 @@ class NumpyMLP:
     ``layer_sizes = [n_0, n_1, ..., n_L]``: ``n_0`` input features, ``n_L`` classes, and ``L - 1`` hidden layers
     with the same ``activation``. Parameters live in :attr:`params`: ``"W1"`` of shape ``(n_1, n_0)``, ``"b1"`` of
     shape ``(n_1,)``, ..., ``"WL"``, ``"bL"``. Weights are drawn from ``N(0, gain / fan_in)`` (gain 2 for ReLU,
-    1 otherwise) with ``numpy.random.default_rng(seed)``; biases start at zero.
+    1 otherwise) with ``mmbook.numpy_rng(seed)``; biases start at zero.
     """
 
     def __init__(self, layer_sizes: Sequence[int], activation: str = "relu", seed: int = 0) -> None:
@@ -201,7 +203,7 @@ class NumpyMLP:
         self.layer_sizes = tuple(int(n) for n in layer_sizes)
         self.activation = _check_name(activation, "NumpyMLP")
         self.num_layers = len(self.layer_sizes) - 1
-        rng = np.random.default_rng(int(seed))
+        rng = numpy_rng(int(seed))
         gain = _INIT_GAIN[self.activation]
         self.params: dict[str, np.ndarray] = {}
         for l, (n_in, n_out) in enumerate(zip(self.layer_sizes[:-1], self.layer_sizes[1:], strict=True), start=1):
@@ -307,7 +309,7 @@ class NumpyMLP:
         X_val: np.ndarray | None = None,
         y_val: np.ndarray | None = None,
     ) -> dict[str, list[float]]:
-        """Minibatch SGD on ``(X, y)``, reshuffled every epoch with ``numpy.random.default_rng(seed)``.
+        """Minibatch SGD on ``(X, y)``, reshuffled every epoch with ``mmbook.numpy_rng(seed)``.
 
         Returns a history shaped like :func:`mmbook.train.fit`'s: ``"epoch"``, ``"train_loss"`` (mean over the
         epoch's batches, weighted by batch size) and, with validation data, ``"val_loss"`` and ``"val_acc"``.
@@ -323,7 +325,7 @@ class NumpyMLP:
         if X_val is not None:
             X_val = self._check_X(X_val, "fit")
             y_val = _check_labels(y_val, X_val.shape[0], self.layer_sizes[-1], "NumpyMLP.fit")
-        rng = np.random.default_rng(seed)
+        rng = numpy_rng(seed)
         history: dict[str, list[Any]] = {"epoch": [], "train_loss": []}
         for epoch in range(1, epochs + 1):
             order = rng.permutation(X.shape[0])

