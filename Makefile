@@ -106,7 +106,7 @@ test-seeds: $(STAMP)
 	done; exit $$status
 
 regen: $(STAMP)
-	MMBOOK_DEVICE=cpu $(PY) tools/regen.py $(NB)
+	REGEN_JOBS=$(JOBS) MMBOOK_DEVICE=cpu $(PY) tools/regen.py $(NB)
 
 book: $(STAMP)
 	$(PY) -m sphinx $(SPHINX_FLAGS) . $(SITE)

@@ -82,10 +82,25 @@ def main(argv: list[str] | None = None) -> int:
         else:
             print(f"regen: {raw!r} is neither a directory nor a notebook", file=sys.stderr)
             return 2
-    for path in targets:
+    # REGEN_JOBS notebooks at a time (each in its own kernel), as `make test` runs them; 1 by default.
+    jobs = int(os.environ.get("REGEN_JOBS", "1") or 1)
+
+    def one(path: Path) -> None:
         print(f"regen {path} ...", flush=True)
         elapsed = regen(path)
-        print(f"      done in {elapsed:.1f} s", flush=True)
+        print(f"      {path} done in {elapsed:.1f} s", flush=True)
+
+    if jobs <= 1 or len(targets) <= 1:
+        for path in targets:
+            one(path)
+        return 0
+    from concurrent.futures import ThreadPoolExecutor
+
+    # Longest first, so the slowest chapters do not end up last on one worker.
+    order = sorted(targets, key=lambda p: "solutions" in p.parts)
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        for future in [pool.submit(one, path) for path in order]:
+            future.result()
     return 0
 
 
