@@ -2,8 +2,9 @@
 
 The source directory is the repository root (so the notebooks are read where they live) and this
 folder holds the configuration and the front page. Notebooks are *not* executed: the site shows
-the outputs stored by ``make regen``. MathJax is served from the site itself (the copy shipped by
-the ``jupyter-server-mathjax`` package), so the built book works offline.
+the outputs stored by ``make regen``. MathJax 3 is served from the site itself (the complete
+distribution, with its fonts, shipped by the ``django-static-mathjax`` package), so the built book works
+offline.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-import jupyter_server_mathjax
+import mathjax  # django-static-mathjax: the MathJax 3 distribution as package data
 
 project = "Large Language Models, from Theory to Practice — the Multimodal Edition"
 author = "The mmbook authors"
@@ -34,28 +35,28 @@ myst_heading_anchors = 3
 nb_execution_mode = "off"
 nb_merge_streams = True
 
-# Offline MathJax 2.7: its files are copied to _static/mathjax after the build, and Sphinx's MathJax
-# support loads it from there (a relative mathjax_path is relative to _static).
-_MATHJAX_DIR = Path(jupyter_server_mathjax.__file__).parent / "static"
-mathjax_path = "mathjax/MathJax.js?config=TeX-AMS-MML_HTMLorMML-full"
-# Output: the browser's own MathML rendering (fast; every current browser has MathML Core). The HTML-CSS
-# fallback uses the STIX-Web fonts, the only ones that copy ships (as classic Jupyter used them).
-mathjax2_config = {
-    "menuSettings": {"renderer": "NativeMML"},
-    "HTML-CSS": {"availableFonts": [], "preferredFont": None, "webFont": "STIX-Web", "imageFont": None,
-                 "linebreaks": {"automatic": True}},
-    # myst-nb marks each notebook "ignore" and the math in it "math" (MathJax 3 style); say the same in 2.7 terms.
-    "tex2jax": {"processClass": "tex2jax_process|mathjax_process|math|output_area"},
-    "messageStyle": "none",
-}
+# Offline MathJax 3 with CommonHTML output and its own web fonts (TeX fonts, so brackets stretch and
+# operators such as \sin are spaced as in print). The distribution's es5/ folder is copied to _static/mathjax
+# after the build; a relative mathjax_path is relative to _static, and MathJax finds its fonts and the TeX
+# extensions it loads on demand next to the script.
+_MATHJAX_DIR = Path(mathjax.__file__).parent / "static" / "mathjax" / "es5"
+mathjax_path = "mathjax/tex-mml-chtml.js"
+# myst-parser adds options.processHtmlClass to this (only the math it marked is typeset).
+mathjax3_config: dict = {"options": {}}
 
 html_theme = "sphinx_book_theme"
 html_title = "LLMs from Theory to Practice — Multimodal Edition"
+html_favicon = "favicon.svg"  # relative to this folder; also spares browsers a request for /favicon.ico
 html_theme_options = {
     "show_toc_level": 2,
     "use_download_button": True,
     "home_page_in_toc": True,
+    # One search field, in the sidebar (the theme would add a second one to the top bar; Ctrl+K opens it anyway).
+    "navbar_persistent": [],
 }
+# The figures are drawn on white, so pages open in light mode (the page's button still switches to dark mode).
+# Left unset, the theme logs "invalid theme mode" to the browser's console on every page.
+html_context = {"default_mode": "light"}
 html_last_updated_fmt = None
 html_copy_source = True
 
@@ -72,7 +73,9 @@ def _finish_site(app, exception) -> None:  # noqa: ANN001 - Sphinx's event signa
     if exception is not None or app.builder.format != "html":
         return
     outdir = Path(app.outdir)
-    shutil.copytree(_MATHJAX_DIR, outdir / "_static" / "mathjax", dirs_exist_ok=True)
+    target = outdir / "_static" / "mathjax"
+    shutil.rmtree(target, ignore_errors=True)  # no files of another MathJax version left behind
+    shutil.copytree(_MATHJAX_DIR, target)
     (outdir / "index.html").write_text(_REDIRECT.format(title=project), encoding="utf-8")
 
 

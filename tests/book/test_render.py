@@ -6,7 +6,14 @@ chromedriver, opens each page and reports:
 
 * the page title is the notebook's title (its first ``# `` heading);
 * every figure the notebook stores (``image/png`` outputs) is an ``<img>`` that loaded with a width > 0;
-* every piece of math (myst-nb emits ``.math`` elements) was typeset by MathJax, with no MathJax errors.
+* every piece of math (myst-nb emits ``.math`` elements) was typeset by the site's own MathJax 3 with
+  CommonHTML output (``mjx-container[jax="CHTML"]``: real TeX fonts and stretchy delimiters, not the browser's
+  native MathML), with no MathJax errors;
+* no MathJax web font failed to load, and the browser's console shows no error at all (no script, stylesheet,
+  font or image that failed to load, no JavaScript error).
+
+A screenshot of a formula-heavy page (chapter 07's positional encodings: matrices in stretchy brackets, an
+underbrace, ``\\sin t\\omega``) is saved to ``_build/screenshots/`` for a person to look at.
 
 Without Chromium the tests are skipped with the reason; in CI (``CI`` set) a missing browser fails instead,
 because ``.ci/run`` installs it.
@@ -20,7 +27,6 @@ import json
 import os
 import shutil
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -28,6 +34,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 SITE = ROOT / "_build" / "book"
+SHOTS = ROOT / "_build" / "screenshots"
 NOTEBOOKS = sorted((ROOT / "chapters").glob("[0-9]*.ipynb")) + sorted(
     (ROOT / "chapters" / "solutions").glob("[0-9]*.ipynb"))
 MATH_TIMEOUT_S = 120.0
@@ -103,6 +110,7 @@ def browser() -> Iterator[object]:
 
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})  # console messages and failed loads
     for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
                 "--window-size=1280,1600"):
         options.add_argument(arg)
@@ -114,22 +122,54 @@ def browser() -> Iterator[object]:
         driver.quit()
 
 
-# The page's state once MathJax has finished: counts of math elements, typeset formulas and errors,
-# and every image in the article with whether it loaded.
+# Resolves once MathJax 3 has typeset the page and the fonts it uses have loaded (or failed).
+_WAIT_JS = """
+const done = arguments[arguments.length - 1];
+const started = Date.now();
+(function poll() {
+  if (window.MathJax && MathJax.startup && MathJax.startup.promise) {
+    MathJax.startup.promise.then(() => document.fonts.ready).then(() => done('ready'), e => done('error: ' + e));
+  } else if (Date.now() - started > 60000) {
+    done('MathJax never started');
+  } else {
+    setTimeout(poll, 100);
+  }
+})();
+"""
+
+# The page's state once MathJax has finished: math elements, how they were typeset, errors, fonts, images.
 _STATE_JS = """
 const article = document.querySelector('article') || document.body;
-const hub = (typeof MathJax !== 'undefined' && MathJax.Hub) ? MathJax.Hub : null;
+const math = Array.from(article.querySelectorAll('span.math.notranslate, div.math.notranslate'));
+const containers = Array.from(article.querySelectorAll('mjx-container'));
+const fonts = Array.from(document.fonts).filter(f => f.family.replace(/"/g, '').startsWith('MJX'));
 return {
   title: (document.querySelector('article h1') || {textContent: ''}).textContent,
-  mathjax: hub ? MathJax.version : null,
-  pending: hub ? (hub.queue.pending + hub.queue.running) : -1,
-  math: article.querySelectorAll('span.math.notranslate, div.math.notranslate').length,
-  typeset: article.querySelectorAll('script[type^="math/tex"]').length,
-  rendered: article.querySelectorAll('[id^="MathJax-Element-"][id$="-Frame"]').length,
-  errors: document.querySelectorAll('.MathJax_Error, merror, [data-mjx-error]').length,
+  mathjax: (window.MathJax && MathJax.version) || null,
+  script: (document.querySelector('script[src*="mathjax"]') || {src: ''}).src,
+  math: math.length,
+  untypeset: math.filter(m => !m.querySelector('mjx-container')).map(m => m.textContent.slice(0, 80)),
+  jax: Array.from(new Set(containers.map(c => c.getAttribute('jax')))),
+  errors: document.querySelectorAll('mjx-merror, .MathJax_Error, [data-mjx-error]').length,
+  fonts_loaded: fonts.filter(f => f.status === 'loaded').map(f => f.family),
+  fonts_failed: fonts.filter(f => f.status === 'error').map(f => f.family),
   images: Array.from(article.querySelectorAll('img')).map(i => [i.getAttribute('src'), i.complete, i.naturalWidth]),
 };
 """
+
+
+def _console_errors(browser: object) -> list[str]:
+    """The browser console's errors since the last call (failed loads show up here as well as script errors)."""
+    return [entry["message"] for entry in browser.get_log("browser") if entry["level"] == "SEVERE"]
+
+
+def _open(browser: object, url: str) -> dict:
+    _console_errors(browser)  # forget the previous page's messages
+    browser.get(url)
+    browser.set_script_timeout(MATH_TIMEOUT_S)
+    waited = browser.execute_async_script(_WAIT_JS)
+    assert waited == "ready", f"{url}: {waited}"
+    return browser.execute_script(_STATE_JS)
 
 
 def test_every_notebook_has_a_page() -> None:
@@ -145,21 +185,39 @@ def test_every_notebook_has_a_page() -> None:
 def test_page_renders_with_figures_and_math(notebook: Path, site_url: str, browser: object) -> None:
     title, figures, has_math = _notebook_facts(notebook)
     page = notebook.relative_to(ROOT).with_suffix(".html").as_posix()
-    browser.get(f"{site_url}/{page}")
-    deadline = time.monotonic() + MATH_TIMEOUT_S
-    state = browser.execute_script(_STATE_JS)
-    while state["pending"] != 0 and time.monotonic() < deadline:
-        time.sleep(0.25)
-        state = browser.execute_script(_STATE_JS)
+    state = _open(browser, f"{site_url}/{page}")
+    errors = _console_errors(browser)
 
     assert state["title"].rstrip("#¶ ").strip() == title, f"{page}: title {state['title']!r}, expected {title!r}"
-    assert state["mathjax"] is not None, f"{page}: MathJax did not load"
-    assert state["pending"] == 0, f"{page}: MathJax still busy after {MATH_TIMEOUT_S:.0f} s"
+    assert state["mathjax"] is not None and state["mathjax"].startswith("3."), (
+        f"{page}: MathJax 3 did not load (version {state['mathjax']!r})")
+    assert state["script"].startswith(site_url + "/_static/mathjax/"), (
+        f"{page}: MathJax is not served by the site itself: {state['script']!r}")
     if has_math:
         assert state["math"] > 0, f"{page}: the notebook has math but the page has no math elements"
-    assert state["typeset"] == state["math"] and state["rendered"] >= state["math"], (
-        f"{page}: {state['math']} math elements, {state['typeset']} typeset, {state['rendered']} rendered")
+        assert state["fonts_loaded"], f"{page}: MathJax typeset math but none of its web fonts loaded"
+    assert not state["untypeset"], f"{page}: math MathJax did not typeset: {state['untypeset'][:5]}"
+    assert state["jax"] in ([], ["CHTML"]), f"{page}: math typeset with {state['jax']}, expected CommonHTML only"
     assert state["errors"] == 0, f"{page}: {state['errors']} MathJax errors"
+    assert not state["fonts_failed"], f"{page}: MathJax fonts that failed to load: {state['fonts_failed']}"
+    assert not errors, f"{page}: errors in the browser console: {errors}"
     broken = [src for src, complete, width in state["images"] if not (complete and width > 0)]
     assert not broken, f"{page}: images that did not load: {broken}"
     assert len(state["images"]) >= figures, f"{page}: {len(state['images'])} images for {figures} stored figures"
+
+
+def test_formula_page_screenshot(site_url: str, browser: object) -> None:
+    """Chapter 07's rotation identity, typeset, saved as a picture: stretchy brackets around the 2x2 matrices, an
+    underbrace labelled R(k omega), and "sin t omega" with the operator's space."""
+    state = _open(browser, f"{site_url}/chapters/07_transformer.html")
+    underbraces = browser.execute_script(
+        "return document.querySelectorAll('article mjx-container mjx-munder mjx-stretchy-h').length")
+    # Tall brackets are drawn from MathJax's size-variant fonts (mjx-s1..s4) or assembled (mjx-stretchy-v).
+    stretchy = browser.execute_script(
+        "return document.querySelectorAll('article mjx-container :is(mjx-mo.mjx-s1, mjx-mo.mjx-s2, mjx-mo.mjx-s3, "
+        "mjx-mo.mjx-s4, mjx-stretchy-v)').length")
+    assert state["jax"] == ["CHTML"] and underbraces >= 1 and stretchy >= 1, (state["jax"], underbraces, stretchy)
+    heading = browser.find_element("xpath", "//h2[contains(., 'Positional encodings')]")
+    browser.execute_script("arguments[0].scrollIntoView(); window.scrollBy(0, 250);", heading)
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    assert browser.save_screenshot(str(SHOTS / "07_transformer_positional_encodings.png"))
