@@ -64,13 +64,30 @@ def test_unmarked_error_fails_marked_error_passes(tmp_path):
     nb.cells[2].outputs = [nbformat.v4.new_output("error", ename="ValueError", evalue="boom", traceback=[])]
     assert any("stored error ValueError: boom" in p for p in check_notebook(_write(tmp_path, nb)))
     nb.cells[2].source = "# NBVAL_RAISES_EXCEPTION\nraise ValueError('boom')"
+    nb.cells[2].metadata["tags"] = ["raises-exception"]
     assert check_notebook(_write(tmp_path, nb)) == []
+
+
+def test_intended_error_needs_both_the_comment_and_the_tag(tmp_path):
+    """nbval reads the comment, JupyterLab's Run All the tag: one without the other fails."""
+    nb = _executed_nb()
+    nb.cells[2].outputs = [nbformat.v4.new_output("error", ename="ValueError", evalue="boom", traceback=[])]
+    nb.cells[2].source = "# NBVAL_RAISES_EXCEPTION\nraise ValueError('boom')"
+    problems = check_notebook(_write(tmp_path, nb))
+    assert problems == ["cell 2: marked NBVAL_RAISES_EXCEPTION but not tagged 'raises-exception' "
+                        "(JupyterLab's Run All would stop at it)"], problems
+    nb.cells[2].source = "raise ValueError('boom')"
+    nb.cells[2].metadata["tags"] = ["raises-exception"]
+    problems = check_notebook(_write(tmp_path, nb))
+    assert problems == ["cell 2: tagged 'raises-exception' but not marked # NBVAL_RAISES_EXCEPTION "
+                        "(nbval reads the comment)"], problems
 
 
 def test_marked_cell_without_error_fails(tmp_path):
     nb = _executed_nb()
     nb.cells[1].source = "# NBVAL_RAISES_EXCEPTION\nx = 1"
-    assert any("stored no error" in p for p in check_notebook(_write(tmp_path, nb)))
+    nb.cells[1].metadata["tags"] = ["raises-exception"]
+    assert check_notebook(_write(tmp_path, nb)) == ["cell 1: marked NBVAL_RAISES_EXCEPTION but stored no error"]
 
 
 def test_machine_path_fails(tmp_path):

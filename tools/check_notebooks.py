@@ -7,8 +7,9 @@ to compare), so every notebook of the book must be:
 * valid nbformat 4;
 * fully executed, in order, by a fresh kernel: the non-empty code cells carry execution
   counts 1, 2, 3, ... and no code cell is empty;
-* free of stored errors, except in a cell marked ``# NBVAL_RAISES_EXCEPTION`` (or tagged
-  ``raises-exception``) - an intended, explained exception;
+* free of stored errors, except in a cell marked ``# NBVAL_RAISES_EXCEPTION`` and tagged
+  ``raises-exception`` - an intended, explained exception. The two go together: nbval reads the comment,
+  JupyterLab's "Run All" the tag (without it Lab stops at the error and leaves every later cell unrun);
 * free of machine paths (home, temporary or virtual-environment directories) in outputs;
 * free of unasserted verdicts: a code cell whose output prints a line ending in ``: True`` or
   ``: False`` must contain an ``assert`` (or call a checking function such as
@@ -153,7 +154,13 @@ def check_notebook(path: Path) -> list[str]:
         elif count != expected:
             problems.append(f"{where}: execution count {count}, expected {expected} (out of order or re-run)")
         expected = (count if isinstance(count, int) else expected) + 1
-        marked = RAISES_MARK in source or RAISES_TAG in cell.get("metadata", {}).get("tags", [])
+        has_mark, has_tag = RAISES_MARK in source, RAISES_TAG in cell.get("metadata", {}).get("tags", [])
+        marked = has_mark or has_tag
+        if has_mark and not has_tag:
+            problems.append(f"{where}: marked {RAISES_MARK} but not tagged {RAISES_TAG!r} "
+                            "(JupyterLab's Run All would stop at it)")
+        elif has_tag and not has_mark:
+            problems.append(f"{where}: tagged {RAISES_TAG!r} but not marked # {RAISES_MARK} (nbval reads the comment)")
         has_error = False
         for output in cell.get("outputs", []):
             if output.get("output_type") == "error":
