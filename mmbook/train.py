@@ -87,6 +87,28 @@ def evaluate(
     return {name: value / count for name, value in totals.items()}
 
 
+def _epoch_bar(epochs: int, progress: bool) -> tuple[Any, Any]:
+    """A tqdm progress bar over ``1 .. epochs``, and the display handle of its notebook widget (``None`` elsewhere).
+
+    In a notebook the bar is an ipywidgets widget. :func:`fit` shows it under a display id and, once training is
+    done, replaces it by the finished bar's text line: a saved notebook (or the HTML book) then shows how training
+    ended, never a widget frozen at ``0/epochs``.
+    """
+    from tqdm.auto import tqdm
+
+    try:
+        from tqdm.notebook import tqdm_notebook
+    except ImportError:  # no ipywidgets: tqdm.auto is the text bar
+        tqdm_notebook = None
+    epoch_range = range(1, epochs + 1)
+    if progress and tqdm_notebook is not None and issubclass(tqdm, tqdm_notebook):
+        from IPython.display import display
+
+        bar = tqdm(epoch_range, desc="epochs", leave=False, display=False)
+        return bar, display(bar.container, display_id=True)
+    return tqdm(epoch_range, desc="epochs", disable=not progress, leave=False), None
+
+
 def fit(
     model: nn.Module,
     train_loader: Iterable[Batch],
@@ -119,13 +141,11 @@ def fit(
         raise TypeError(f"fit: optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
     if clip_grad_norm is not None and not clip_grad_norm > 0:
         raise ValueError(f"fit: clip_grad_norm must be positive or None, got {clip_grad_norm!r}")
-    from tqdm.auto import tqdm
-
     device = torch.device(device) if device is not None else next(model.parameters()).device
     model.to(device)
     forward = forward or _default_forward
     history: dict[str, list[float]] = {"epoch": [], "train_loss": []}
-    bar = tqdm(range(1, epochs + 1), desc="epochs", disable=not progress, leave=False)
+    bar, shown = _epoch_bar(epochs, progress)
     for epoch in bar:
         model.train()
         total, count = 0.0, 0
@@ -153,4 +173,6 @@ def fit(
                 history.setdefault(f"val_{name}", []).append(value)
             postfix["val_loss"] = f"{results['loss']:.4f}"
         bar.set_postfix(postfix)
+    if shown is not None:  # the loop closed the bar: its widget becomes the finished bar's text line
+        shown.update({"text/plain": str(bar)}, raw=True)
     return history

@@ -84,3 +84,40 @@ def test_plot_history_bad_input():
         plot_history({"train_loss": [1.0]}, keys=["acc"])
     with pytest.raises(ValueError, match="non-empty mapping"):
         plot_history({})
+
+
+def test_notebook_progress_bar_ends_as_its_final_text_line(monkeypatch):
+    """In a notebook fit's bar is a widget shown under a display id; when training ends that output becomes the
+    finished bar's text, so a saved notebook never shows a bar frozen at 0/epochs."""
+    import IPython.display
+    import tqdm.auto
+    from tqdm.notebook import tqdm_notebook
+
+    shown = []
+
+    class Handle:
+        def update(self, obj, raw=False):
+            shown.append((obj, raw))
+
+    def fake_display(obj, display_id=False):
+        assert display_id is True
+        shown.append(obj)
+        return Handle()
+
+    monkeypatch.setattr(tqdm.auto, "tqdm", tqdm_notebook)
+    monkeypatch.setattr(IPython.display, "display", fake_display)
+    train, _ = _toy()
+    model = nn.Linear(2, 2)
+    fit(model, train, nn.functional.cross_entropy, torch.optim.SGD(model.parameters(), lr=0.5), epochs=3)
+    assert len(shown) == 2, shown
+    final, raw = shown[1]
+    assert raw and list(final) == ["text/plain"] and "3/3" in final["text/plain"], final
+    assert "100%" in final["text/plain"] and "train_loss=" in final["text/plain"]
+
+
+def test_progress_bar_outside_a_notebook_has_no_display(capsys):
+    from mmbook.train import _epoch_bar
+
+    bar, shown = _epoch_bar(3, progress=False)
+    assert list(bar) == [1, 2, 3] and shown is None
+    assert capsys.readouterr().err == ""

@@ -7,6 +7,17 @@ folder as working directory and the environment ``make`` exports (``PYTHONHASHSE
 reduced to the error line, free of machine paths); any other error stops the run and leaves
 the file untouched.
 
+What is stored is what JupyterLab would store after "Restart Kernel and Run All Cells":
+
+* the ``raises-exception`` tag on every cell marked ``# NBVAL_RAISES_EXCEPTION`` (Lab's Run All goes on past it);
+* ``language_info`` exactly as the kernel reports it (with its ``version``), so that opening the notebook in Lab
+  with the same Python changes nothing and does not mark it modified;
+* the state of the widgets its outputs display (``metadata.widgets``), so JupyterLab draws them before the
+  notebook is run; models no stored output shows (a closed progress bar) are left out.
+
+The kernel talks to this process over CurveZMQ-encrypted sockets (the kernelspec declares support), so it does
+not warn about plain-text TCP.
+
 Usage: ``python tools/regen.py [NOTEBOOK_OR_DIR ...]`` (default: ``chapters``).
 """
 
@@ -19,9 +30,14 @@ from pathlib import Path
 
 import nbformat
 from nbclient import NotebookClient
+from traitlets.config import Config
 
 RAISES_MARK = "NBVAL_RAISES_EXCEPTION"
 RAISES_TAG = "raises-exception"
+WIDGET_STATE = "application/vnd.jupyter.widget-state+json"
+WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
+# Manager-provisioned CurveZMQ keys for the kernel's sockets (see the module docstring).
+KERNEL_CONFIG = Config({"KernelManager": {"transport_encryption": "auto"}})
 
 
 def _tag_intended_exceptions(nb) -> None:
@@ -38,6 +54,36 @@ def _tag_intended_exceptions(nb) -> None:
             del cell.metadata["tags"]
 
 
+def _model_refs(value: object) -> set[str]:
+    """Model ids a widget's state refers to (``"IPY_MODEL_<id>"`` strings: children, layout, style, ...)."""
+    if isinstance(value, str):
+        return {value[len("IPY_MODEL_"):]} if value.startswith("IPY_MODEL_") else set()
+    if isinstance(value, dict):
+        return set().union(*map(_model_refs, value.values())) if value else set()
+    if isinstance(value, list):
+        return set().union(*map(_model_refs, value)) if value else set()
+    return set()
+
+
+def _keep_displayed_widgets(nb) -> None:
+    """Keep in ``metadata.widgets`` only the models a stored output displays, and what those refer to."""
+    widgets = nb.metadata.get("widgets", {}).get(WIDGET_STATE)
+    if widgets is None:
+        return
+    state = widgets["state"]
+    todo = {output["data"][WIDGET_VIEW]["model_id"] for cell in nb.cells for output in cell.get("outputs", [])
+            if WIDGET_VIEW in output.get("data", {})}
+    keep: set[str] = set()
+    while todo:
+        model_id = todo.pop()
+        if model_id in state and model_id not in keep:
+            keep.add(model_id)
+            todo |= _model_refs(state[model_id]["state"])
+    widgets["state"] = {model_id: value for model_id, value in state.items() if model_id in keep}
+    if not widgets["state"]:
+        del nb.metadata["widgets"]
+
+
 def regen(path: Path, timeout: int = 600) -> float:
     """Execute one notebook in place; return its wall time in seconds."""
     nb = nbformat.read(str(path), as_version=4)
@@ -49,7 +95,8 @@ def regen(path: Path, timeout: int = 600) -> float:
         kernel_name="python3",
         resources={"metadata": {"path": str(path.parent.resolve())}},
         record_timing=False,
-        store_widget_state=False,
+        store_widget_state=True,
+        config=KERNEL_CONFIG,
     )
     start = time.perf_counter()
     client.execute()
@@ -62,7 +109,7 @@ def regen(path: Path, timeout: int = 600) -> float:
             # An intended exception keeps its message, not the stack of this machine's file paths.
             if output.get("output_type") == "error":
                 output["traceback"] = [f"{output['ename']}: {output['evalue']}"]
-    nb.metadata.get("language_info", {}).pop("version", None)
+    _keep_displayed_widgets(nb)
     nbformat.validate(nb)
     nbformat.write(nb, str(path))
     return elapsed
