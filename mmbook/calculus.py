@@ -6,17 +6,10 @@ from collections.abc import Callable
 
 import torch
 
+from mmbook.checks import check_float_tensor, check_instance, check_number
+from mmbook.checks import check_float_tensor as _check_tensor  # the name softmax_jacobian's shown source uses
+
 __all__ = ["max_relative_error", "numerical_gradient", "numerical_jacobian", "softmax", "softmax_jacobian"]
-
-
-def _check_tensor(name: str, x: object, fn: str, ndim: int | None = None) -> torch.Tensor:
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{fn}: {name} must be a torch.Tensor, got {type(x).__name__}")
-    if ndim is not None and x.ndim != ndim:
-        raise ValueError(f"{fn}: {name} must have {ndim} dimension(s), got shape {tuple(x.shape)}")
-    if not torch.is_floating_point(x):
-        raise TypeError(f"{fn}: {name} must be a floating-point tensor, got {x.dtype}")
-    return x
 
 
 def softmax(z: torch.Tensor) -> torch.Tensor:
@@ -24,7 +17,9 @@ def softmax(z: torch.Tensor) -> torch.Tensor:
 
     ``z``: ``(..., n)`` logits. Returns probabilities of the same shape.
     """
-    _check_tensor("z", z, "softmax")
+    check_float_tensor("z", z, "softmax")
+    if z.ndim and z.shape[-1] == 0:
+        raise ValueError(f"softmax: z must have at least one logit in its last dimension, got shape {tuple(z.shape)}")
     shifted = z - z.max(dim=-1, keepdim=True).values
     e = shifted.exp()
     return e / e.sum(dim=-1, keepdim=True)
@@ -48,24 +43,29 @@ def numerical_jacobian(
     ``x`` of any shape; ``f(x)`` of any shape. Returns ``(f(x).numel(), x.numel())``.
     Use float64: the truncation error is O(eps^2) and the round-off error O(u / eps).
     """
-    _check_tensor("x", x, "numerical_jacobian")
-    if not eps > 0:
-        raise ValueError(f"numerical_jacobian: eps must be positive, got {eps!r}")
+    fn = "numerical_jacobian"
+    check_instance("f", f, fn, Callable, "a callable")
+    check_float_tensor("x", x, fn)
+    eps = check_number("eps", eps, fn, 0.0, low_open=True)
     x = x.detach()
     flat = x.reshape(-1)
     columns = []
     for j in range(flat.numel()):
         step = torch.zeros_like(flat)
         step[j] = eps
-        plus = f((flat + step).reshape(x.shape)).reshape(-1)
-        minus = f((flat - step).reshape(x.shape)).reshape(-1)
+        plus, minus = f((flat + step).reshape(x.shape)), f((flat - step).reshape(x.shape))
+        if not (isinstance(plus, torch.Tensor) and isinstance(minus, torch.Tensor)):
+            raise TypeError(f"{fn}: f must return a torch.Tensor, got {type(plus).__name__}")
+        plus, minus = plus.reshape(-1), minus.reshape(-1)
         columns.append((plus - minus) / (2 * eps))
     return torch.stack(columns, dim=1)
 
 
 def numerical_gradient(f: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """Central finite-difference gradient of a scalar function; same shape as ``x``."""
-    _check_tensor("x", x, "numerical_gradient")
+    check_instance("f", f, "numerical_gradient", Callable, "a callable")
+    check_float_tensor("x", x, "numerical_gradient")
+    check_number("eps", eps, "numerical_gradient", 0.0, low_open=True)
     value = f(x.detach())
     if not (isinstance(value, torch.Tensor) and value.numel() == 1) and not isinstance(value, float):
         raise ValueError(f"numerical_gradient: f must return a scalar, got {getattr(value, 'shape', value)!r}")
@@ -75,10 +75,11 @@ def numerical_gradient(f: Callable[[torch.Tensor], torch.Tensor], x: torch.Tenso
 
 def max_relative_error(a: torch.Tensor, b: torch.Tensor, floor: float = 1e-12) -> float:
     """``max |a - b| / max(|a| + |b|, floor)`` elementwise: the usual gradient-check metric."""
-    _check_tensor("a", a, "max_relative_error")
-    _check_tensor("b", b, "max_relative_error")
+    fn = "max_relative_error"
+    check_float_tensor("a", a, fn, nonempty=True)
+    check_float_tensor("b", b, fn, nonempty=True)
     if a.shape != b.shape:
-        raise ValueError(f"max_relative_error: a and b must have the same shape, got {tuple(a.shape)} and "
-                         f"{tuple(b.shape)}")
+        raise ValueError(f"{fn}: a and b must have the same shape, got {tuple(a.shape)} and {tuple(b.shape)}")
+    floor = check_number("floor", floor, fn, 0.0, low_open=True)
     denom = (a.abs() + b.abs()).clamp_min(floor)
     return ((a - b).abs() / denom).max().item()

@@ -34,9 +34,33 @@ def test_bad_input():
         softmax([1.0, 2.0])
     with pytest.raises(TypeError, match="floating-point"):
         softmax(torch.tensor([1, 2]))
-    with pytest.raises(ValueError, match="eps must be positive"):
+    with pytest.raises(ValueError, match="eps must be a positive number"):
         numerical_jacobian(torch.sin, torch.zeros(2), eps=0)
     with pytest.raises(ValueError, match="f must return a scalar"):
         numerical_gradient(torch.sin, torch.zeros(2, dtype=torch.float64))
     with pytest.raises(ValueError, match="same shape"):
         max_relative_error(torch.zeros(2), torch.zeros(3))
+
+
+def test_bad_input_is_named_not_passed_on():
+    x = torch.zeros(2, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"softmax: z must have at least one logit"):
+        softmax(torch.empty(0))
+    with pytest.raises(TypeError, match="numerical_jacobian: f must be a callable, got int"):
+        numerical_jacobian(3, x)
+    for eps in (float("nan"), float("inf"), -1e-6):
+        with pytest.raises(ValueError, match="numerical_jacobian: eps must be a positive number"):
+            numerical_jacobian(torch.sin, x, eps=eps)
+    with pytest.raises(TypeError, match="numerical_jacobian: eps must be a number, got str"):
+        numerical_jacobian(torch.sin, x, eps="1e-6")
+    with pytest.raises(TypeError, match="numerical_jacobian: f must return a torch.Tensor, got list"):
+        numerical_jacobian(lambda t: [1.0], x)
+    with pytest.raises(TypeError, match="numerical_gradient: f must be a callable"):
+        numerical_gradient(None, x)
+    with pytest.raises(ValueError, match="numerical_gradient: eps must be a positive number"):
+        numerical_gradient(lambda t: t.sum(), x, eps=0.0)
+    with pytest.raises(ValueError, match="max_relative_error: a must not be empty"):
+        max_relative_error(torch.empty(0), torch.empty(0))
+    for floor in (0.0, -1.0, float("nan")):  # floor <= 0 divides 0 by 0; NaN hides every difference
+        with pytest.raises(ValueError, match="max_relative_error: floor must be a positive number"):
+            max_relative_error(x, x, floor=floor)

@@ -1,0 +1,107 @@
+"""The shared argument checks: one order (name, value, fn), one message form, TypeError for types."""
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from mmbook.checks import (
+    check_bool,
+    check_choice,
+    check_finite,
+    check_float_tensor,
+    check_ids,
+    check_index,
+    check_instance,
+    check_int,
+    check_like,
+    check_module_input,
+    check_number,
+    check_probability,
+    describe,
+    positive_int,
+)
+
+
+def test_ints():
+    assert check_int("n", np.int64(3), "f") == 3 and type(check_int("n", np.int64(3), "f")) is int
+    assert positive_int("n", 1, "f") == 1
+    for bad in (True, 2.0, "2", None):
+        with pytest.raises(TypeError, match=f"f: n must be an int, got {type(bad).__name__}"):
+            check_int("n", bad, "f")
+    with pytest.raises(ValueError, match="f: n must be a positive int, got 0"):
+        positive_int("n", 0, "f")
+    with pytest.raises(ValueError, match="f: n must be a non-negative int, got -1"):
+        check_int("n", -1, "f", low=0)
+    with pytest.raises(ValueError, match=r"f: n must be an int in \[2, 4\], got 5"):
+        check_int("n", 5, "f", 2, 4)
+    with pytest.raises(ValueError, match=r"f: i must be in \[0, 3\), got -1"):  # no wrap-around
+        check_index("i", -1, "f", 3)
+
+
+def test_numbers():
+    assert check_number("x", 1, "f") == 1.0
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        with pytest.raises(ValueError, match="f: x must be a finite number"):
+            check_number("x", bad, "f")
+    with pytest.raises(ValueError, match="f: x must be a positive number, got 0.0"):
+        check_number("x", 0, "f", 0.0, low_open=True)
+    with pytest.raises(ValueError, match=r"f: p must be in \[0, 1\), got 1.0"):
+        check_probability("p", 1.0, "f", high_inclusive=False)
+    with pytest.raises(ValueError, match=r"f: p must be in \[0, 1\], got nan"):
+        check_probability("p", float("nan"), "f")
+    for bad in (True, "0.5", None, torch.tensor(0.5)):
+        with pytest.raises(TypeError, match="f: x must be a number"):
+            check_number("x", bad, "f")
+
+
+def test_bool_choice_instance():
+    assert check_bool("b", np.bool_(True), "f") is True
+    with pytest.raises(TypeError, match="f: b must be True or False, got str"):
+        check_bool("b", "no", "f")
+    assert check_choice("c", None, "f", (None, "a")) is None
+    with pytest.raises(ValueError, match="f: c must be one of 'a', 'b', got 'x'"):
+        check_choice("c", "x", "f", ("a", "b"))
+    with pytest.raises(ValueError, match="f: c must be one of 1, 2, got True"):  # True == 1, but is no choice
+        check_choice("c", True, "f", (1, 2))
+    with pytest.raises(TypeError, match="f: m must be a module, got int"):
+        check_instance("m", 3, "f", nn.Module, "a module")
+
+
+def test_tensors():
+    x = torch.zeros(2, 3)
+    assert check_float_tensor("x", x, "f", 2) is x
+    with pytest.raises(TypeError, match="f: x must be a torch.Tensor, got list"):
+        check_float_tensor("x", [1.0], "f")
+    with pytest.raises(TypeError, match="f: x must be a floating-point tensor, got torch.int64"):
+        check_float_tensor("x", x.long(), "f")
+    with pytest.raises(ValueError, match=r"f: x must have shape \(batch, d\), got shape \(2, 3, 1\)"):
+        check_float_tensor("x", x[..., None], "f", 2, "(batch, d)")
+    with pytest.raises(ValueError, match=r"f: x must have at least 3 dimensions, got shape \(2, 3\)"):
+        check_float_tensor("x", x, "f", min_ndim=3)
+    with pytest.raises(ValueError, match="f: x must not be empty"):
+        check_float_tensor("x", x[:0], "f", nonempty=True)
+    with pytest.raises(ValueError, match="f: x contains NaN or infinite values"):
+        check_float_tensor("x", torch.tensor([float("nan")]), "f", finite=True)
+    with pytest.raises(ValueError, match="f: x contains NaN"):
+        check_finite("x", np.array([np.inf]), "f")
+    assert describe(x) == "a tensor of shape (2, 3) and dtype torch.float32" and describe(3) == "int"
+
+
+def test_ids_and_agreement():
+    ids = torch.tensor([[0, 4], [2, -100]])
+    assert check_ids("ids", ids, "f", 5, allow=(-100,)) is ids
+    with pytest.raises(ValueError, match=r"f: ids must lie in \[0, 5\), got values in \[-100, 4\]"):
+        check_ids("ids", ids, "f", 5)
+    with pytest.raises(ValueError, match=r"f: ids must lie in \[0, 4\) \(or -100\), got values in \[0, 4\]"):
+        check_ids("ids", ids, "f", 4, allow=(-100,))
+    with pytest.raises(TypeError, match="f: ids must be an integer tensor, got torch.bool"):
+        check_ids("ids", ids > 0, "f", 5)
+    check_ids("ids", ids[:0], "f", 5)  # empty: nothing to range-check
+    with pytest.raises(TypeError, match="f: b and a must have the same dtype, got torch.float64 and torch.float32"):
+        check_like("b", torch.zeros(1).double(), "f", "a", torch.zeros(1))
+    layer = nn.Linear(2, 2)
+    check_module_input("x", torch.zeros(1, 2), "f", layer)
+    with pytest.raises(TypeError, match="f: x has dtype torch.float64 but the model's parameters are torch.float32"):
+        check_module_input("x", torch.zeros(1, 2).double(), "f", layer)
+    check_module_input("x", torch.zeros(1, 2), "f", nn.ReLU())  # no parameters: nothing to agree with
