@@ -11,17 +11,16 @@ import math
 import torch
 from torch import nn
 
+from mmbook.checks import (
+    check_bool,
+    check_float_tensor,
+    check_like,
+    check_module_input,
+    check_probability,
+    positive_int,
+)
+
 __all__ = ["MultiHeadAttention", "causal_mask", "padding_mask", "scaled_dot_product_attention"]
-
-
-def _check_float_tensor(name: str, x: object, fn: str, min_ndim: int) -> torch.Tensor:
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{fn}: {name} must be a torch.Tensor, got {type(x).__name__}")
-    if not torch.is_floating_point(x):
-        raise TypeError(f"{fn}: {name} must be a floating-point tensor, got {x.dtype}")
-    if x.ndim < min_ndim:
-        raise ValueError(f"{fn}: {name} must have at least {min_ndim} dimensions, got shape {tuple(x.shape)}")
-    return x
 
 
 def _check_mask(mask: object, target_shape: torch.Size, fn: str) -> torch.Tensor:
@@ -57,9 +56,13 @@ def scaled_dot_product_attention(
     """
     fn = "scaled_dot_product_attention"
     for name, t in (("q", q), ("k", k), ("v", v)):
-        _check_float_tensor(name, t, fn, 2)
+        check_float_tensor(name, t, fn, min_ndim=2)
     if q.shape[-1] != k.shape[-1]:
         raise ValueError(f"{fn}: q and k must share d_k, got q {tuple(q.shape)} and k {tuple(k.shape)}")
+    if q.shape[-1] == 0:
+        raise ValueError(f"{fn}: d_k must be at least 1, got q {tuple(q.shape)}")
+    check_like("k", k, fn, "q", q)
+    check_like("v", v, fn, "q", q)
     if k.shape[-2] != v.shape[-2]:
         raise ValueError(f"{fn}: k and v must have the same length S, got k {tuple(k.shape)} and v {tuple(v.shape)}")
     try:
@@ -93,7 +96,8 @@ def padding_mask(lengths: torch.Tensor, max_len: int) -> torch.Tensor:
     Broadcasts against scores ``(batch, L, S)``; add a head axis (``mask[:, None]``) for
     ``(batch, heads, L, S)``.
     """
-    if not isinstance(lengths, torch.Tensor) or lengths.ndim != 1 or lengths.dtype.is_floating_point:
+    if not isinstance(lengths, torch.Tensor) or lengths.ndim != 1 or lengths.dtype.is_floating_point \
+            or lengths.dtype == torch.bool:
         raise ValueError(f"padding_mask: lengths must be a 1-D integer tensor, got {lengths!r}")
     if isinstance(max_len, bool) or not isinstance(max_len, int) or max_len < 1:
         raise ValueError(f"padding_mask: max_len must be a positive int, got {max_len!r}")
@@ -116,16 +120,14 @@ class MultiHeadAttention(nn.Module):
 
     def __init__(self, d_model: int, num_heads: int, dropout: float = 0.0, bias: bool = True) -> None:
         super().__init__()
-        if isinstance(d_model, bool) or not isinstance(d_model, int) or d_model < 1:
-            raise ValueError(f"MultiHeadAttention: d_model must be a positive int, got {d_model!r}")
-        if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads < 1:
-            raise ValueError(f"MultiHeadAttention: num_heads must be a positive int, got {num_heads!r}")
+        d_model = positive_int("d_model", d_model, "MultiHeadAttention")
+        num_heads = positive_int("num_heads", num_heads, "MultiHeadAttention")
         if d_model % num_heads != 0:
             raise ValueError(
                 f"MultiHeadAttention: d_model ({d_model}) must be divisible by num_heads ({num_heads})"
             )
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"MultiHeadAttention: dropout must be in [0, 1), got {dropout!r}")
+        check_probability("dropout", dropout, "MultiHeadAttention", high_inclusive=False)
+        check_bool("bias", bias, "MultiHeadAttention")
         self.d_model, self.num_heads, self.d_head = d_model, num_heads, d_model // num_heads
         self.q_proj = nn.Linear(d_model, d_model, bias=bias)
         self.k_proj = nn.Linear(d_model, d_model, bias=bias)
@@ -148,9 +150,10 @@ class MultiHeadAttention(nn.Module):
         value = key if value is None else value
         fn = "MultiHeadAttention"
         for name, t in (("query", query), ("key", key), ("value", value)):
-            _check_float_tensor(name, t, fn, 3)
+            check_float_tensor(name, t, fn)
             if t.ndim != 3 or t.shape[-1] != self.d_model:
                 raise ValueError(f"{fn}: {name} must have shape (batch, seq, {self.d_model}), got {tuple(t.shape)}")
+            check_module_input(name, t, fn, self)
         if key.shape[:2] != value.shape[:2] or key.shape[0] != query.shape[0]:
             raise ValueError(
                 f"{fn}: query {tuple(query.shape)}, key {tuple(key.shape)} and value {tuple(value.shape)} must share "

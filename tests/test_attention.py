@@ -91,3 +91,28 @@ def test_mask_helpers_bad_input():
         padding_mask(torch.tensor([5]), 4)
     with pytest.raises(ValueError, match="1-D integer tensor"):
         padding_mask(torch.tensor([1.0]), 4)
+
+
+def test_bad_input_dtypes_sizes_and_types_are_named():
+    q = torch.randn(2, 5, 8)
+    with pytest.raises(TypeError, match="scaled_dot_product_attention: k and q must have the same dtype"):
+        scaled_dot_product_attention(q, q.double(), q)
+    with pytest.raises(TypeError, match="scaled_dot_product_attention: v and q must have the same dtype"):
+        scaled_dot_product_attention(q, q, q.double())
+    with pytest.raises(ValueError, match="d_k must be at least 1"):  # would divide by sqrt(0): NaN
+        scaled_dot_product_attention(q[..., :0], q[..., :0], q)
+    with pytest.raises(ValueError, match="lengths must be a 1-D integer tensor"):  # True would count as 1
+        padding_mask(torch.tensor([True]), 3)
+    with pytest.raises(TypeError, match="MultiHeadAttention: d_model must be an int, got float"):
+        MultiHeadAttention(8.0, 2)
+    with pytest.raises(ValueError, match=r"MultiHeadAttention: dropout must be in \[0, 1\), got nan"):
+        MultiHeadAttention(8, 2, dropout=float("nan"))
+    with pytest.raises(TypeError, match="MultiHeadAttention: dropout must be a number, got str"):
+        MultiHeadAttention(8, 2, dropout="0.1")
+    with pytest.raises(TypeError, match="MultiHeadAttention: bias must be True or False, got str"):
+        MultiHeadAttention(8, 2, bias="no")
+    mha = MultiHeadAttention(8, 2)
+    with pytest.raises(TypeError, match="MultiHeadAttention: query has dtype torch.float64 but the model's"):
+        mha(q.double())
+    with pytest.raises(TypeError, match="MultiHeadAttention: key has dtype torch.float64"):
+        mha(q, q.double())
