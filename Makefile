@@ -8,7 +8,9 @@ STAMP  := $(VENV)/.mmbook-installed
 NB     ?= chapters
 # Notebooks run on two workers where there are two cores or more (each notebook uses one thread).
 JOBS   ?= $(shell n=$$(nproc 2>/dev/null || echo 1); if [ $$n -ge 2 ]; then echo 2; else echo 1; fi)
-PORT   ?= 8888
+# JupyterLab (make lab) and the HTML book's server (make book-serve) listen on different ports, so both can run.
+LAB_PORT  ?= 8888
+BOOK_PORT ?= 8000
 # JupyterLab refuses to run as root (containers, CI) unless told it may.
 LAB_FLAGS ?= $(if $(filter 0,$(shell id -u)),--allow-root,)
 
@@ -47,24 +49,35 @@ help:
 	@echo "make test-seeds nbval-lax on every notebook with every seed shifted (SHIFTS=\"1 2\")"
 	@echo "make regen      re-execute notebooks on CPU in place (NB=path to limit)"
 	@echo "make book       build the HTML book from the stored outputs into $(SITE)"
-	@echo "make book-serve serve $(SITE) on http://127.0.0.1:$(PORT)"
+	@echo "make book-serve serve $(SITE) on http://127.0.0.1:$(BOOK_PORT) (make lab uses port $(LAB_PORT))"
 	@echo "make lint       ruff over mmbook, tests, tools and notebooks"
 	@echo "make doctor     versions, device and chapter imports"
 	@echo "make clean      remove .venv, caches and built files"
 
 venv: $(STAMP)
 
-# Reinstall only when requirements.txt or pyproject.toml changed (the stamp is newer otherwise).
-$(STAMP): requirements.txt pyproject.toml
+# JupyterLab's settings for this environment (tools/lab): no news or update pop-up (both would fetch from the web),
+# and kernels started by Lab use encrypted sockets (no "running over TCP without encryption" warning).
+LAB_SETTINGS := $(VENV)/share/jupyter/lab/settings/overrides.json
+SERVER_CONFIG := $(VENV)/etc/jupyter/jupyter_server_config.d/mmbook.json
+
+# Reinstall only when requirements.txt, pyproject.toml or the Lab settings changed (the stamp is newer otherwise).
+$(STAMP): requirements.txt pyproject.toml tools/lab/overrides.json tools/lab/jupyter_server_config.json
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade "pip>=24"
 	$(PY) -m pip install --quiet -r requirements.txt
 	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
+	@mkdir -p $(dir $(LAB_SETTINGS)) $(dir $(SERVER_CONFIG))
+	cp tools/lab/overrides.json $(LAB_SETTINGS)
+	cp tools/lab/jupyter_server_config.json $(SERVER_CONFIG)
 	@touch $(STAMP)
 
+# The book's notebooks are marked trusted for this user first (jupyter trust: their outputs come from make regen),
+# so Lab shows their stored widgets and HTML as they are, and does not log "Notebook ... is not trusted".
 lab: $(STAMP)
-	@echo "Starting JupyterLab on chapters/ (Ctrl-C to stop); open the URL printed below."
-	$(PY) -m jupyterlab --no-browser --port=$(PORT) --ServerApp.root_dir=chapters $(LAB_FLAGS)
+	@$(PY) -m jupyter trust chapters/*.ipynb chapters/solutions/*.ipynb > /dev/null
+	@echo "Starting JupyterLab on chapters/ at port $(LAB_PORT) (Ctrl-C to stop); open the URL printed below."
+	$(PY) -m jupyterlab --no-browser --port=$(LAB_PORT) --ServerApp.root_dir=chapters $(LAB_FLAGS)
 
 # All four stages run even when one fails, so a single run reports every problem.
 test: $(STAMP)
@@ -113,7 +126,8 @@ book: $(STAMP)
 	@echo "Built $(SITE)/index.html: open it in a browser, or run 'make book-serve'."
 
 book-serve: book
-	$(PY) -m http.server $(PORT) --bind 127.0.0.1 --directory $(SITE)
+	@echo "Serving the HTML book on http://127.0.0.1:$(BOOK_PORT) (Ctrl-C to stop)"
+	$(PY) -m http.server $(BOOK_PORT) --bind 127.0.0.1 --directory $(SITE)
 
 # Opens every page of the built book in headless Chromium (skipped with the reason where there is none).
 test-book: book

@@ -34,6 +34,12 @@ myst_enable_extensions = ["dollarmath", "amsmath"]
 myst_heading_anchors = 3
 nb_execution_mode = "off"
 nb_merge_streams = True
+# Widgets: the site is static and offline, so no ipywidgets JavaScript is loaded (myst-nb would fetch it from a
+# CDN) and a widget's output is shown by the next richest type it carries: the book's chat widget stores a static
+# HTML picture of itself (mmbook.assistant.chat_widget), fit's progress bar its final text line.
+nb_ipywidgets_js: dict = {}
+nb_mime_priority_overrides = [(builder, "application/vnd.jupyter.widget-view+json", None)
+                              for builder in ("html", "dirhtml", "singlehtml")]
 
 # Offline MathJax 3 with CommonHTML output and its own web fonts (TeX fonts, so brackets stretch and
 # operators such as \sin are spaced as in print). The distribution's es5/ folder is copied to _static/mathjax

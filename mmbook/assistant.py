@@ -19,10 +19,8 @@ chapter 14's model with :func:`vlm_answerer`). :func:`chat` is the plain-functio
 
 from __future__ import annotations
 
-import hashlib
 import html
 import io
-import json
 import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
@@ -32,7 +30,8 @@ import torch
 import torch.nn.functional as F
 
 from mmbook.audio import mfcc
-from mmbook.data import COLOURS, SHAPES, WordVocab, cache_dir
+from mmbook.cache import CacheError, cache_path, load_arrays, save_arrays
+from mmbook.data import COLOURS, SHAPES, WordVocab
 from mmbook.retrieval import DocumentStore
 
 __all__ = [
@@ -173,25 +172,31 @@ def add_noise(waveform: torch.Tensor, snr_db: float, generator: torch.Generator 
 
 
 def synthesize_cached(requests: Sequence[dict], sample_rate: int = 16000) -> list[torch.Tensor]:
-    """:func:`mmbook.speech.synthesize_many`, cached under :func:`mmbook.data.cache_dir` by the requests.
+    """:func:`mmbook.speech.synthesize_many`, cached under :func:`mmbook.cache.cache_dir` by the requests.
 
     espeak-ng is deterministic, so a cache file keyed by the requests returns exactly what a new
-    synthesis would. Returns one float32 waveform ``(num_samples,)`` per request.
+    synthesis would. The file is validated on load (header, key, content hash, one float32 waveform per
+    request): a corrupt, truncated or foreign one raises :class:`mmbook.cache.CacheError` naming it.
+    Returns one float32 waveform ``(num_samples,)`` per request.
     """
     if isinstance(requests, (str, dict)) or not isinstance(requests, Sequence) or not requests:
         raise TypeError(f"synthesize_cached: requests must be a non-empty sequence of dicts, got "
                         f"{type(requests).__name__}")
-    key = json.dumps({"v": 1, "sr": sample_rate, "requests": list(requests)}, sort_keys=True)
-    path = cache_dir() / f"speech_{hashlib.sha1(key.encode()).hexdigest()[:12]}.npz"
+    fn = "synthesize_cached"
+    if isinstance(sample_rate, bool) or not isinstance(sample_rate, int) or sample_rate < 1:
+        raise ValueError(f"{fn}: sample_rate must be a positive int, got {sample_rate!r}")
+    key = {"what": "speech", "v": 2, "sr": sample_rate, "requests": list(requests)}
+    path = cache_path("speech", key)
     if path.is_file():
-        with np.load(path) as z:
-            return [torch.from_numpy(z[f"a{i}"]) for i in range(len(requests))]
+        arrays = load_arrays(path, key, {f"a{i}": ((None,), np.float32) for i in range(len(requests))}, fn=fn)
+        if len(arrays) != len(requests):
+            raise CacheError(f"{fn}: {path} holds {len(arrays)} waveforms for {len(requests)} requests; delete it "
+                             "and run again (it is rebuilt)")
+        return [torch.from_numpy(arrays[f"a{i}"]) for i in range(len(requests))]
     from mmbook.speech import synthesize_many
 
     waves = synthesize_many(requests, sample_rate=sample_rate)
-    tmp = path.with_suffix(".tmp.npz")
-    np.savez_compressed(tmp, **{f"a{i}": w.numpy() for i, w in enumerate(waves)})
-    tmp.replace(path)
+    save_arrays(path, key, {f"a{i}": w.numpy().astype(np.float32) for i, w in enumerate(waves)})
     return waves
 
 
@@ -645,11 +650,39 @@ def _png(image: torch.Tensor) -> bytes:
     return buffer.getvalue()
 
 
+_NO_PICTURE = "(no picture)"
+_PLACEHOLDER = "Ask about the picture or about Python..."
+
+
+def _chat_static_html(pictures: Sequence[str]) -> str:
+    """A static picture of :func:`chat_widget` (picture menu, question field, button) and how to use it.
+
+    It is what a page shows where the widget cannot run: the HTML book, or a notebook whose kernel has not run
+    the cell (an untrusted notebook in JupyterLab shows HTML, not widgets).
+    """
+    field = "display:inline-block;border:1px solid #9e9e9e;border-radius:2px;padding:1px 8px;margin:2px 4px"
+    names = "".join(f"<li>{html.escape(name)}</li>" for name in pictures)
+    listing = (f'<p style="margin:4px 0 0 0">Pictures in the menu:</p><ul style="margin:0">{names}</ul>'
+               if pictures else "")
+    return (
+        '<div class="mmbook-chat" style="border:1px solid #d0d0d0;border-radius:4px;padding:6px 10px;'
+        'max-width:640px">'
+        f'<div>Picture: <span style="{field}">{html.escape(_NO_PICTURE)} &#9662;</span></div>'
+        f'<div>You: <span style="{field};min-width:55%;color:#757575">{html.escape(_PLACEHOLDER)}</span>'
+        f'<span style="{field};background:#1976d2;border-color:#1976d2;color:#ffffff">Ask</span></div>'
+        '<div style="font-size:90%;color:#555555"><p style="margin:6px 0 0 0"><em>The chat box appears here when '
+        "the notebook runs: pick a picture, type a question and press Enter or <b>Ask</b>; each question and its "
+        f"reply are added below it.</em></p>{listing}</div></div>"
+    )
+
+
 def chat_widget(assistant: Assistant, images: Mapping[str, torch.Tensor] | None = None) -> Any | None:
     """An ipywidgets chat box (question field, picture menu with preview, log), or ``None`` without ipywidgets.
 
     ``images`` maps names to pictures ``(3, H, W)`` in [0, 1] the user can ask about. Each question
-    goes through :func:`chat`, so the widget and the plain function give the same replies.
+    goes through :func:`chat`, so the widget and the plain function give the same replies. Displayed, the
+    box also carries a static HTML picture of itself and a one-line summary (``text/html``, ``text/plain``),
+    which show where the widget cannot run: the HTML book, a notebook not run yet.
     """
     if not isinstance(assistant, Assistant):
         raise TypeError(f"chat_widget: assistant must be an Assistant, got {type(assistant).__name__}")
@@ -662,10 +695,10 @@ def chat_widget(assistant: Assistant, images: Mapping[str, torch.Tensor] | None 
         import ipywidgets as widgets
     except ImportError:
         return None
-    none = "(no picture)"
+    none = _NO_PICTURE
     choice = widgets.Dropdown(options=[none, *images], value=none, description="Picture:")
     preview = widgets.Image(format="png", width=96, height=96)
-    box = widgets.Text(placeholder="Ask about the picture or about Python...", description="You:",
+    box = widgets.Text(placeholder=_PLACEHOLDER, description="You:",
                        continuous_update=False, layout=widgets.Layout(width="70%"))
     send = widgets.Button(description="Ask", button_style="primary")
     log = widgets.HTML(value="")
@@ -688,4 +721,15 @@ def chat_widget(assistant: Assistant, images: Mapping[str, torch.Tensor] | None 
     send.on_click(on_ask)
     box.observe(on_ask, names="value")  # Enter (or leaving the field) asks, like the button
     show_picture()
-    return widgets.VBox([widgets.HBox([choice, preview]), widgets.HBox([box, send]), log])
+    static = _chat_static_html(list(images))
+    summary = f"Chat box of the assistant (ipywidgets; run the notebook to use it), pictures: {len(images)}"
+
+    class ChatBox(widgets.VBox):
+        """The chat box; its display also carries the static picture and the summary line."""
+
+        def _repr_mimebundle_(self, **kwargs: Any) -> dict:
+            bundle = super()._repr_mimebundle_(**kwargs)
+            bundle.update({"text/plain": summary, "text/html": static})
+            return bundle
+
+    return ChatBox([widgets.HBox([choice, preview]), widgets.HBox([box, send]), log])

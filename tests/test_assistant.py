@@ -312,6 +312,18 @@ def test_chat_plain_function_and_widget():
         chat_widget(bot, {"bad": torch.rand(32, 32)})
 
 
+def test_chat_widget_displays_with_a_static_picture_of_itself():
+    """Where widgets cannot run (the HTML book, a notebook not run yet) its output shows HTML, not a repr."""
+    widget = chat_widget(_assistant(), {"scene <1>": torch.rand(3, 32, 32), "scene 2": torch.rand(3, 32, 32)})
+    bundle = widget._repr_mimebundle_()
+    assert bundle["application/vnd.jupyter.widget-view+json"]["model_id"] == widget.model_id
+    assert bundle["text/plain"] == "Chat box of the assistant (ipywidgets; run the notebook to use it), pictures: 2"
+    page = bundle["text/html"]
+    assert "VBox" not in page and "scene &lt;1&gt;" in page and "<li>scene 2</li>" in page
+    (picture_row, ask_row, _) = widget.children
+    assert picture_row.children[0].value in page and ask_row.children[0].placeholder in page
+
+
 def test_chat_widget_degrades_without_ipywidgets(monkeypatch):
     import builtins
 
