@@ -8,12 +8,26 @@ tensor ``(..., time)``; spectrograms are ``(..., n_freqs, frames)`` with
 
 from __future__ import annotations
 
+import inspect
 import math
+import os
 import wave
 from pathlib import Path
 
 import torch
 from torch import nn
+
+from mmbook.checks import (
+    check_bool,
+    check_choice,
+    check_finite,
+    check_float_tensor,
+    check_instance,
+    check_int,
+    check_module_input,
+    check_number,
+    positive_int,
+)
 
 __all__ = [
     "AudioCNN",
@@ -34,25 +48,28 @@ __all__ = [
 ]
 
 _MEL_SCALES = ("htk", "slaney")
+_PAD_MODES = ("reflect", "constant", "replicate", "circular")
 
 
 def _check_positive_number(name: str, value: object, fn: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 or not math.isfinite(value):
-        raise ValueError(f"{fn}: {name} must be a positive number, got {value!r}")
-    return float(value)
+    return check_number(name, value, fn, 0.0, low_open=True)
 
 
-def _check_positive_int(name: str, value: object, fn: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{fn}: {name} must be a positive int, got {value!r}")
-    return value
+_check_positive_int = positive_int  # the name the shown sources (stft, mel_filterbank, AudioCNN) use
+
+
+def _check_frequencies(name: str, value: object, fn: str) -> torch.Tensor:
+    """Frequencies (Hz or mels) as a float64 tensor: finite and >= 0 (log10(1 + f / 700) is NaN below -700 Hz)."""
+    if isinstance(value, (bool, str, bytes)) or not isinstance(value, (int, float, list, tuple, torch.Tensor)):
+        raise TypeError(f"{fn}: {name} must be a number or a tensor of numbers, got {type(value).__name__}")
+    f = torch.as_tensor(value, dtype=torch.float64)
+    if f.numel() and not (bool(torch.isfinite(f).all()) and float(f.min()) >= 0):
+        raise ValueError(f"{fn}: {name} must be finite and >= 0, got values in [{float(f.min())}, {float(f.max())}]")
+    return f
 
 
 def _check_waveform(waveform: object, fn: str) -> torch.Tensor:
-    if not isinstance(waveform, torch.Tensor):
-        raise TypeError(f"{fn}: waveform must be a torch.Tensor, got {type(waveform).__name__}")
-    if not torch.is_floating_point(waveform):
-        raise TypeError(f"{fn}: waveform must be a floating-point tensor, got {waveform.dtype}")
+    check_float_tensor("waveform", waveform, fn)
     if waveform.ndim < 1 or waveform.ndim > 3:
         raise ValueError(
             f"{fn}: waveform must have shape (time,), (channel, time) or (batch, channel, time), "
@@ -66,7 +83,7 @@ def hz_to_mel(freq: torch.Tensor | float, mel_scale: str = "htk") -> torch.Tenso
     1 kHz (``3 f / 200``), logarithmic above (``15 + 27 ln(f / 1000) / ln 6.4``)."""
     if mel_scale not in _MEL_SCALES:
         raise ValueError(f"hz_to_mel: mel_scale must be 'htk' or 'slaney', got {mel_scale!r}")
-    f = torch.as_tensor(freq, dtype=torch.float64)
+    f = _check_frequencies("freq", freq, "hz_to_mel")
     if mel_scale == "htk":
         return 2595.0 * torch.log10(1.0 + f / 700.0)
     f_sp, min_log_hz = 200.0 / 3, 1000.0
@@ -78,7 +95,7 @@ def mel_to_hz(mels: torch.Tensor | float, mel_scale: str = "htk") -> torch.Tenso
     """Inverse of :func:`hz_to_mel`."""
     if mel_scale not in _MEL_SCALES:
         raise ValueError(f"mel_to_hz: mel_scale must be 'htk' or 'slaney', got {mel_scale!r}")
-    m = torch.as_tensor(mels, dtype=torch.float64)
+    m = _check_frequencies("mels", mels, "mel_to_hz")
     if mel_scale == "htk":
         return 700.0 * (10.0 ** (m / 2595.0) - 1.0)
     f_sp, min_log_hz = 200.0 / 3, 1000.0
@@ -165,11 +182,16 @@ def stft(
     waveform = _check_waveform(waveform, fn)
     n_fft = _check_positive_int("n_fft", n_fft, fn)
     win_length = _check_positive_int("win_length", win_length if win_length is not None else n_fft, fn)
+    if hop_length is None and win_length < 2:
+        raise ValueError(f"{fn}: the default hop_length = win_length // 2 needs win_length >= 2, got {win_length}")
     hop_length = _check_positive_int("hop_length", hop_length if hop_length is not None else win_length // 2, fn)
     if win_length > n_fft:
         raise ValueError(f"{fn}: win_length ({win_length}) must be <= n_fft ({n_fft})")
+    check_bool("center", center, fn)
+    check_choice("pad_mode", pad_mode, fn, _PAD_MODES)
     if window is None:
         window = torch.hann_window(win_length, periodic=True, dtype=waveform.dtype, device=waveform.device)
+    check_float_tensor("window", window, fn)
     if window.shape != (win_length,):
         raise ValueError(f"{fn}: window must have shape ({win_length},), got {tuple(window.shape)}")
     left = (n_fft - win_length) // 2
@@ -192,8 +214,7 @@ def spectrogram(waveform: torch.Tensor, n_fft: int = 400, hop_length: int | None
                 win_length: int | None = None, power: float = 2.0, center: bool = True,
                 pad_mode: str = "reflect") -> torch.Tensor:
     """``|STFT|**power``: ``(..., n_fft // 2 + 1, frames)`` (power 2: energy, 1: magnitude)."""
-    if isinstance(power, bool) or not isinstance(power, (int, float)) or power <= 0:
-        raise ValueError(f"spectrogram: power must be a positive number, got {power!r}")
+    check_number("power", power, "spectrogram", 0.0, low_open=True)
     _check_waveform(waveform, "spectrogram")
     spec = stft(waveform, n_fft, hop_length, win_length, center=center, pad_mode=pad_mode)
     return spec.abs().pow(power)
@@ -207,7 +228,7 @@ def mel_spectrogram(
     hop_length: int | None = None,
     f_min: float = 0.0,
     f_max: float | None = None,
-    n_mels: int = 128,
+    n_mels: int = 40,
     power: float = 2.0,
     center: bool = True,
     pad_mode: str = "reflect",
@@ -215,7 +236,10 @@ def mel_spectrogram(
     mel_scale: str = "htk",
 ) -> torch.Tensor:
     """Mel spectrogram ``(..., n_mels, frames)``: the filterbank applied to the power
-    spectrogram, ``M = F^T S``; arguments and defaults as ``torchaudio.transforms.MelSpectrogram``."""
+    spectrogram, ``M = F^T S``; arguments and defaults as ``torchaudio.transforms.MelSpectrogram``
+    except ``n_mels``: torchaudio's 128 bands are too many for its own ``n_fft=400`` (201 bins; at
+    16 kHz at most 89 HTK bands have a bin each, and torchaudio warns and returns empty filters), so the
+    default is the 40 bands the book uses, which fit ``n_fft=400`` at every sample rate up to 48 kHz."""
     fn = "mel_spectrogram"
     _check_waveform(waveform, fn)  # name this function, not stft, in the error
     sample_rate = _check_positive_number("sample_rate", sample_rate, fn)
@@ -229,8 +253,12 @@ def amplitude_to_db(x: torch.Tensor, multiplier: float = 10.0, amin: float = 1e-
                     top_db: float | None = 80.0) -> torch.Tensor:
     """``multiplier * log10(max(x, amin))``, floored at ``top_db`` below the maximum of each
     ``(channel, freq, time)`` block, as torchaudio's ``AmplitudeToDB`` (reference 1)."""
-    if not isinstance(x, torch.Tensor) or x.ndim < 2:
-        raise ValueError(f"amplitude_to_db: x must be a tensor (..., freq, time), got {getattr(x, 'shape', x)!r}")
+    fn = "amplitude_to_db"
+    check_float_tensor("x", x, fn, min_ndim=2, nonempty=True)
+    check_number("multiplier", multiplier, fn, 0.0, low_open=True)
+    check_number("amin", amin, fn, 0.0, low_open=True)
+    if top_db is not None:  # a negative top_db would raise every cell to the maximum: a constant
+        check_number("top_db", top_db, fn, 0.0, low_open=True)
     x_db = multiplier * torch.log10(torch.clamp(x, min=amin))
     if top_db is not None:
         shape = x_db.shape
@@ -272,12 +300,19 @@ def mfcc(
     """Mel-frequency cepstral coefficients ``(..., n_mfcc, frames)``: the DCT-II of the log
     mel spectrogram (decibels with an 80 dB floor, or ``log(M + 1e-6)`` with ``log_mels``),
     as ``torchaudio.transforms.MFCC``."""
-    melkwargs = dict(melkwargs or {})
+    fn = "mfcc"
+    _check_waveform(waveform, fn)
+    n_mfcc = _check_positive_int("n_mfcc", n_mfcc, fn)
+    check_bool("log_mels", log_mels, fn)
+    melkwargs = dict(check_instance("melkwargs", melkwargs, fn, (dict, type(None)), "a dict or None") or {})
     if "sample_rate" in melkwargs:
         raise ValueError("mfcc: pass sample_rate as an argument, not inside melkwargs")
+    unknown = sorted(set(melkwargs) - set(inspect.signature(mel_spectrogram).parameters) - {"waveform"})
+    if unknown or "waveform" in melkwargs:
+        raise ValueError(f"{fn}: melkwargs must hold arguments of mel_spectrogram, got {unknown or ['waveform']}")
     mel = mel_spectrogram(waveform, sample_rate=sample_rate, **melkwargs)
     n_mels = mel.shape[-2]
-    if isinstance(n_mfcc, bool) or not isinstance(n_mfcc, int) or not 1 <= n_mfcc <= n_mels:
+    if not 1 <= n_mfcc <= n_mels:
         raise ValueError(f"mfcc: n_mfcc must be an int in [1, n_mels={n_mels}], got {n_mfcc!r}")
     log_mel = torch.log(mel + 1e-6) if log_mels else amplitude_to_db(mel)
     basis = dct_matrix(n_mfcc, n_mels, norm).to(log_mel.dtype).to(log_mel.device)
@@ -287,10 +322,13 @@ def mfcc(
 def write_wav(path: str | Path, waveform: torch.Tensor, sample_rate: int) -> None:
     """Write a float waveform ``(time,)`` or ``(channels, time)`` in [-1, 1] as 16-bit PCM WAV
     with the standard library (values outside [-1, 1] are clipped)."""
-    waveform = _check_waveform(waveform, "write_wav")
-    if waveform.ndim == 3:
+    fn = "write_wav"
+    check_instance("path", path, fn, (str, os.PathLike), "a str or a path")  # an int would be a file descriptor
+    waveform = _check_waveform(waveform, fn)
+    if waveform.ndim == 3 or waveform.shape[-1] == 0:
         raise ValueError(f"write_wav: waveform must be (time,) or (channels, time), got {tuple(waveform.shape)}")
-    sample_rate = int(_check_positive_number("sample_rate", sample_rate, "write_wav"))
+    check_finite("waveform", waveform, fn)  # NaN would be written as silence
+    sample_rate = check_int("sample_rate", sample_rate, fn, 1, 2**32 - 1)
     data = waveform.detach().cpu().reshape(-1 if waveform.ndim == 1 else waveform.shape[0], waveform.shape[-1])
     if waveform.ndim == 1:
         data = data.reshape(1, -1)
@@ -309,13 +347,16 @@ def read_wav(path: str | Path) -> tuple[torch.Tensor, int]:
     [-1, 1) (``int16 / 32768``, as soundfile and torchaudio scale it)."""
     import numpy as np
 
-    path = Path(path)
+    path = Path(check_instance("path", path, "read_wav", (str, os.PathLike), "a str or a path"))
     if not path.is_file():
         raise FileNotFoundError(f"read_wav: no such file {str(path)!r}")
-    with wave.open(str(path), "rb") as f:
-        if f.getsampwidth() != 2:
-            raise ValueError(f"read_wav: only 16-bit PCM is supported, {path.name} has {8 * f.getsampwidth()}-bit")
-        channels, rate, frames = f.getnchannels(), f.getframerate(), f.readframes(f.getnframes())
+    try:
+        with wave.open(str(path), "rb") as f:
+            if f.getsampwidth() != 2:
+                raise ValueError(f"read_wav: only 16-bit PCM is supported, {path.name} has {8 * f.getsampwidth()}-bit")
+            channels, rate, frames = f.getnchannels(), f.getframerate(), f.readframes(f.getnframes())
+    except (wave.Error, EOFError) as err:
+        raise ValueError(f"read_wav: {str(path)!r} is not a WAV file ({err})") from None
     pcm = np.frombuffer(frames, dtype="<i2").reshape(-1, channels).T.astype(np.float32) / 32768.0
     return torch.from_numpy(np.ascontiguousarray(pcm)), rate
 
@@ -346,7 +387,8 @@ def log_mel_spectrogram(
     if not isinstance(waveform, torch.Tensor) or waveform.ndim not in (1, 2):
         raise ValueError(f"{fn}: waveform must be a tensor (time,) or (batch, time), got "
                          f"{tuple(waveform.shape) if isinstance(waveform, torch.Tensor) else type(waveform).__name__}")
-    if top_db is not None and (isinstance(top_db, bool) or not isinstance(top_db, (int, float)) or top_db <= 0):
+    if top_db is not None and (isinstance(top_db, bool) or not isinstance(top_db, (int, float)) or not top_db > 0
+                               or not math.isfinite(top_db)):
         raise ValueError(f"{fn}: top_db must be a positive number or None, got {top_db!r}")
     mel = mel_spectrogram(waveform, sample_rate=sample_rate, n_fft=n_fft, hop_length=hop_length, n_mels=n_mels,
                           f_min=f_min, f_max=f_max)  # (..., n_mels, frames)
@@ -382,6 +424,8 @@ def mask_along_axis(
     size = spec.shape[axis]
     if mask_param > size:
         raise ValueError(f"{fn}: mask_param ({mask_param}) exceeds the size of axis {axis} ({size})")
+    check_number("mask_value", mask_value, fn)
+    check_instance("generator", generator, fn, (torch.Generator, type(None)), "a torch.Generator or None")
     if mask_param == 0:
         return spec.clone()
     lead = spec.shape[:-2]
@@ -408,9 +452,14 @@ def spec_augment(
     to ``time_mask_param`` frames, drawn independently for every example of
     ``spec`` ``(..., n_mels, frames)``. Masked cells get ``mask_value`` (0 = the mean of
     standardised features). Returns a new tensor of the same shape."""
+    fn = "spec_augment"
     for name, value in (("num_freq_masks", num_freq_masks), ("num_time_masks", num_time_masks)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise ValueError(f"spec_augment: {name} must be a non-negative int, got {value!r}")
+    check_float_tensor("spec", spec, fn, min_ndim=2)
+    for name, value, axis in (("freq_mask_param", freq_mask_param, -2), ("time_mask_param", time_mask_param, -1)):
+        if check_int(name, value, fn, 0) > spec.shape[axis]:
+            raise ValueError(f"{fn}: {name} ({value}) exceeds the size of axis {axis} ({spec.shape[axis]})")
     out = spec
     for _ in range(num_freq_masks):
         out = mask_along_axis(out, freq_mask_param, -2, mask_value, generator)
@@ -491,6 +540,7 @@ class AudioCNN(nn.Module):
         if x.shape[2] < self.min_frames():
             raise ValueError(f"AudioCNN: {x.shape[2]} frames are too few for stride {self.stride} and "
                              f"{self.num_blocks} pooling blocks (need at least {self.min_frames()})")
+        check_module_input("x", x, "AudioCNN", self)
         return self.body(x)
 
     def tokens(self, x: torch.Tensor) -> torch.Tensor:

@@ -87,6 +87,7 @@ def check_number(name: str, value: Any, fn: str, low: float | None = None, high:
     """
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
         raise TypeError(f"{fn}: {name} must be a number, got {type(value).__name__}")
+    shown = value if isinstance(value, (int, float)) else float(value)  # the caller's 0 reads "got 0", not "0.0"
     value = float(value)
     ok = math.isfinite(value)
     if ok and low is not None:
@@ -104,7 +105,7 @@ def check_number(name: str, value: Any, fn: str, low: float | None = None, high:
             bound = f"a number {'<' if high_open else '<='} {high:g}"
         else:
             bound = f"in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
-        raise ValueError(f"{fn}: {name} must be {bound}, got {value!r}")
+        raise ValueError(f"{fn}: {name} must be {bound}, got {shown!r}")
     return value
 
 

@@ -180,3 +180,78 @@ def test_bad_input_additions():
         AudioCNN(40)(torch.zeros(2, 40, 101, dtype=torch.int64))
     with pytest.raises(ValueError, match="kernel_size must be odd"):
         AudioCNN(40, kernel_size=4)
+
+
+def test_defaults_work_and_match_torchaudio_with_the_same_bands():
+    x = _wave()
+    ours = mel_spectrogram(x)  # 40 bands: torchaudio's 128 leave filters empty at n_fft=400
+    assert ours.shape == (2, 40, 41)
+    torch.testing.assert_close(ours, T.MelSpectrogram(n_mels=40)(x), **TOL)
+    torch.testing.assert_close(mfcc(x), T.MFCC(melkwargs={"n_mels": 40})(x), rtol=1e-4, atol=2e-4)
+    assert mfcc(x).shape == (2, 40, 41)
+    for rate in (8000, 22050, 44100, 48000):  # the default fits every common sample rate
+        assert mel_spectrogram(torch.zeros(rate // 10), sample_rate=rate).shape[-2] == 40
+
+
+def test_bad_input_is_named_never_a_plausible_answer(tmp_path):
+    x = _wave()
+    nan = float("nan")
+    with pytest.raises(ValueError, match="hz_to_mel: freq must be finite and >= 0"):
+        hz_to_mel(-800.0)  # log10 of a negative number: NaN
+    with pytest.raises(ValueError, match="hz_to_mel: freq must be finite and >= 0"):
+        hz_to_mel(torch.tensor([100.0, nan]))
+    with pytest.raises(TypeError, match="mel_to_hz: mels must be a number or a tensor of numbers, got str"):
+        mel_to_hz("10")
+    with pytest.raises(ValueError, match="stft: the default hop_length = win_length // 2 needs win_length >= 2"):
+        stft(x, n_fft=1)
+    with pytest.raises(ValueError, match="stft: pad_mode must be one of 'reflect'"):
+        stft(x, pad_mode="bogus")
+    with pytest.raises(TypeError, match="stft: center must be True or False, got str"):
+        stft(x, center="no")
+    with pytest.raises(TypeError, match="stft: window must be a torch.Tensor, got list"):
+        stft(x, window=[1.0] * 400)
+    with pytest.raises(TypeError, match="stft: window must be a floating-point tensor"):
+        stft(x, window=torch.ones(400, dtype=torch.long))
+    for power in (nan, float("inf"), 0):
+        with pytest.raises(ValueError, match="spectrogram: power must be a positive number"):
+            spectrogram(x, power=power)
+    mel = mel_spectrogram(x)
+    for name, bad in (("top_db", -1.0), ("top_db", nan), ("amin", 0.0), ("amin", nan), ("multiplier", 0.0)):
+        with pytest.raises(ValueError, match=f"amplitude_to_db: {name} must be a positive number"):
+            mmbook.audio.amplitude_to_db(mel, **{name: bad})
+    with pytest.raises(TypeError, match="amplitude_to_db: x must be a floating-point tensor"):
+        mmbook.audio.amplitude_to_db(torch.ones(4, 5, dtype=torch.long))
+    with pytest.raises(ValueError, match="amplitude_to_db: x must not be empty"):
+        mmbook.audio.amplitude_to_db(torch.empty(0, 5))
+    with pytest.raises(TypeError, match="mfcc: melkwargs must be a dict or None, got list"):
+        mfcc(x, melkwargs=[1])
+    with pytest.raises(ValueError, match=r"mfcc: melkwargs must hold arguments of mel_spectrogram, got \['bogus'\]"):
+        mfcc(x, melkwargs={"bogus": 1})
+    with pytest.raises(TypeError, match="mfcc: log_mels must be True or False, got str"):
+        mfcc(x, log_mels="yes")
+    with pytest.raises(TypeError, match="mfcc: n_mfcc must be an int, got str"):
+        mfcc(x, n_mfcc="13")
+    with pytest.raises(ValueError, match="write_wav: waveform contains NaN"):  # would be written as silence
+        write_wav(tmp_path / "a.wav", torch.full((100,), nan), 16000)
+    with pytest.raises(TypeError, match="write_wav: sample_rate must be an int, got float"):
+        write_wav(tmp_path / "a.wav", x[0], 16000.5)
+    with pytest.raises(TypeError, match="write_wav: path must be a str or a path, got int"):  # not a descriptor
+        write_wav(3, x[0], 16000)
+    with pytest.raises(ValueError, match="write_wav: waveform must be"):
+        write_wav(tmp_path / "a.wav", torch.empty(0), 16000)
+    (tmp_path / "junk.wav").write_bytes(b"not a wav")
+    with pytest.raises(ValueError, match="read_wav: .*junk.wav' is not a WAV file"):
+        read_wav(tmp_path / "junk.wav")
+    with pytest.raises(ValueError, match="log_mel_spectrogram: top_db must be a positive number or None, got nan"):
+        log_mel_spectrogram(x, top_db=nan)
+    spec = torch.randn(2, 40, 50)
+    with pytest.raises(ValueError, match="mask_along_axis: mask_value must be a finite number"):
+        mask_along_axis(spec, 5, -1, mask_value=nan)
+    with pytest.raises(TypeError, match="mask_along_axis: generator must be a torch.Generator or None, got int"):
+        mask_along_axis(spec, 5, -1, generator=0)
+    with pytest.raises(ValueError, match=r"spec_augment: freq_mask_param \(100\) exceeds the size of axis -2"):
+        spec_augment(spec, freq_mask_param=100)
+    with pytest.raises(TypeError, match="spec_augment: spec must be a torch.Tensor, got list"):
+        spec_augment([1.0], num_freq_masks=0, num_time_masks=0)
+    with pytest.raises(TypeError, match="AudioCNN: x has dtype torch.float64 but the model's parameters"):
+        AudioCNN()(torch.randn(2, 40, 101, dtype=torch.float64))
