@@ -19,6 +19,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from mmbook.checks import check_ids, check_index, check_instance, check_int, check_int_tensor, check_number
+
 __all__ = [
     "CharMLP",
     "CharVocab",
@@ -35,38 +37,6 @@ BOS = "<bos>"
 UNK = "<unk>"
 
 
-def _check_int(name: str, value: object, minimum: int, where: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{where}: {name} must be an int, got {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"{where}: {name} must be >= {minimum}, got {value}")
-    return value
-
-
-def _check_ids(ids: object, where: str, name: str = "ids", ndim: int = 1) -> torch.Tensor:
-    if not isinstance(ids, torch.Tensor):
-        raise TypeError(f"{where}: {name} must be a torch.Tensor of token ids, got {type(ids).__name__}")
-    if ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
-        raise TypeError(f"{where}: {name} must hold integer token ids, got dtype {ids.dtype}")
-    if ids.ndim != ndim:
-        raise ValueError(f"{where}: {name} must have {ndim} dimension(s), got shape {tuple(ids.shape)}")
-    return ids.long()
-
-
-def _check_range(ids: torch.Tensor, vocab_size: int, where: str, name: str = "ids") -> None:
-    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab_size):
-        raise ValueError(
-            f"{where}: {name} must lie in [0, {vocab_size}), got values in [{int(ids.min())}, {int(ids.max())}]"
-        )
-
-
-def _check_pad(pad_id: object, vocab_size: int, where: str) -> int:
-    _check_int("pad_id", pad_id, 0, where)
-    if pad_id >= vocab_size:
-        raise ValueError(f"{where}: pad_id must lie in [0, {vocab_size}), got {pad_id}")
-    return pad_id
-
-
 class CharVocab:
     """A character vocabulary with two reserved ids: ``bos_id = 0`` (``"<bos>"``) and ``unk_id = 1`` (``"<unk>"``).
 
@@ -80,7 +50,7 @@ class CharVocab:
     unk_id = 1
 
     def __init__(self, chars: Iterable[str]) -> None:
-        chars = list(chars)
+        chars = list(check_instance("chars", chars, "CharVocab", Iterable, "an iterable of characters"))
         bad = [c for c in chars if not isinstance(c, str) or len(c) != 1]
         if bad:
             raise ValueError(f"CharVocab: chars must be single-character strings, got {bad[:5]!r}")
@@ -96,7 +66,7 @@ class CharVocab:
             raise TypeError(f"CharVocab.from_text: text must be a str, got {type(text).__name__}")
         if not text:
             raise ValueError("CharVocab.from_text: text is empty")
-        _check_int("min_count", min_count, 1, "CharVocab.from_text")
+        check_int("min_count", min_count, "CharVocab.from_text", 1)
         counts = Counter(text)
         return cls(c for c, n in counts.items() if n >= min_count)
 
@@ -125,9 +95,9 @@ class CharVocab:
     def decode(self, ids: torch.Tensor | Sequence[int]) -> str:
         """The text of a 1-D sequence of ids; ``<bos>`` and ``<unk>`` are written out by name."""
         if isinstance(ids, torch.Tensor):
-            ids = _check_ids(ids, "CharVocab.decode")
-            _check_range(ids, len(self), "CharVocab.decode")
-            values = ids.tolist()
+            values = check_ids("ids", ids, "CharVocab.decode", len(self), 1).tolist()
+        elif isinstance(ids, (str, bytes)) or not isinstance(ids, Sequence):
+            raise TypeError(f"CharVocab.decode: ids must be a tensor or a sequence of ints, got {type(ids).__name__}")
         else:
             values = list(ids)
             if any(isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < len(self) for i in values):
@@ -144,9 +114,9 @@ def make_windows(
     ``t`` holds ``ids[t - context_size : t]`` with positions before the start filled with
     ``pad_id``, and ``targets = ids`` of shape ``(seq,)``.
     """
-    ids = _check_ids(ids, "make_windows")
-    _check_int("context_size", context_size, 0, "make_windows")
-    _check_int("pad_id", pad_id, 0, "make_windows")
+    ids = check_int_tensor("ids", ids, "make_windows", 1).long()
+    check_int("context_size", context_size, "make_windows", 0)
+    check_int("pad_id", pad_id, "make_windows", 0)
     padded = torch.cat([torch.full((context_size,), pad_id, dtype=torch.long), ids])
     positions = torch.arange(ids.numel()).unsqueeze(1) + torch.arange(context_size).unsqueeze(0)
     return padded[positions], ids.clone()
@@ -163,9 +133,9 @@ def random_windows(
     token. Both stay on ``ids``' device.
     """
     fn = "random_windows"
-    ids = _check_ids(ids, fn)
-    _check_int("batch_size", batch_size, 1, fn)
-    _check_int("seq_len", seq_len, 1, fn)
+    ids = check_int_tensor("ids", ids, fn, 1).long()
+    check_int("batch_size", batch_size, fn, 1)
+    check_int("seq_len", seq_len, fn, 1)
     if ids.numel() < seq_len + 2:
         raise ValueError(f"{fn}: ids must hold at least seq_len + 2 = {seq_len + 2} tokens, got {ids.numel()}")
     if generator is not None and not isinstance(generator, torch.Generator):
@@ -186,20 +156,20 @@ def perplexity(mean_nll: float) -> float:
         raise TypeError(f"perplexity: mean_nll must be a float, got {type(mean_nll).__name__}")
     if math.isnan(mean_nll) or mean_nll < 0:
         raise ValueError(f"perplexity: mean_nll must be a non-negative number, got {mean_nll}")
-    return math.exp(mean_nll)
+    return math.exp(mean_nll) if mean_nll < 709.0 else math.inf  # exp overflows a float beyond ~709.78
 
 
 def perplexity_from_logits(logits: torch.Tensor, targets: torch.Tensor) -> float:
     """``exp`` of the mean cross-entropy of ``logits`` ``(batch, vocab_size)`` against ``targets`` ``(batch,)``."""
     if not isinstance(logits, torch.Tensor) or not logits.is_floating_point():
         raise TypeError(f"perplexity_from_logits: logits must be a float tensor, got {type(logits).__name__}")
-    targets = _check_ids(targets, "perplexity_from_logits", "targets")
+    targets = check_int_tensor("targets", targets, "perplexity_from_logits", 1).long()
     if logits.ndim != 2 or logits.shape[0] != targets.shape[0] or logits.shape[0] == 0:
         raise ValueError(
             "perplexity_from_logits: expected logits (batch, vocab_size) and targets (batch,) with batch > 0, "
             f"got {tuple(logits.shape)} and {tuple(targets.shape)}"
         )
-    _check_range(targets, logits.shape[1], "perplexity_from_logits", "targets")
+    check_ids("targets", targets, "perplexity_from_logits", logits.shape[1])
     return math.exp(F.cross_entropy(logits, targets.to(logits.device)).item())
 
 
@@ -217,8 +187,8 @@ class NGramLM:
     """
 
     def __init__(self, n: int, k: float, vocab_size: int) -> None:
-        self.n = _check_int("n", n, 1, "NGramLM")
-        self.vocab_size = _check_int("vocab_size", vocab_size, 1, "NGramLM")
+        self.n = check_int("n", n, "NGramLM", 1)
+        self.vocab_size = check_int("vocab_size", vocab_size, "NGramLM", 1)
         self.k = k
         if vocab_size ** n >= 2**62:
             raise ValueError(f"NGramLM: vocab_size ** n = {vocab_size}**{n} is too large to index n-grams")
@@ -246,13 +216,13 @@ class NGramLM:
         return (contexts * weights).sum(dim=1)
 
     def _check_contexts(self, contexts: torch.Tensor, where: str) -> torch.Tensor:
-        contexts = _check_ids(contexts, where, "contexts", ndim=2)
+        contexts = check_int_tensor("contexts", contexts, where, 2).long()
         if contexts.shape[1] != self.context_size:
             raise ValueError(
                 f"{where}: contexts must have shape (batch, {self.context_size}) for n={self.n}, "
                 f"got {tuple(contexts.shape)}"
             )
-        _check_range(contexts, self.vocab_size, where, "contexts")
+        check_ids("contexts", contexts, where, self.vocab_size)
         return contexts.cpu()
 
     def _require_fit(self, where: str) -> None:
@@ -261,11 +231,11 @@ class NGramLM:
 
     def fit(self, ids: torch.Tensor, pad_id: int = CharVocab.bos_id) -> NGramLM:
         """Count the n-grams of a stream ``ids`` ``(seq,)``, its start padded with ``pad_id``; returns ``self``."""
-        ids = _check_ids(ids, "NGramLM.fit")
+        ids = check_int_tensor("ids", ids, "NGramLM.fit", 1).long()
         if ids.numel() == 0:
             raise ValueError("NGramLM.fit: ids is empty")
-        _check_range(ids, self.vocab_size, "NGramLM.fit")
-        _check_pad(pad_id, self.vocab_size, "NGramLM.fit")
+        check_ids("ids", ids, "NGramLM.fit", self.vocab_size)
+        check_index("pad_id", pad_id, "NGramLM.fit", self.vocab_size)
         contexts, targets = make_windows(ids.cpu(), self.context_size, pad_id)
         context_keys = self._context_keys(contexts)
         # NumPy's unique (a sort and a diff) is much faster on the CPU than torch.unique.
@@ -310,11 +280,11 @@ class NGramLM:
         context counts, so it is fast on long streams.
         """
         self._require_fit("NGramLM.token_log_probs")
-        ids = _check_ids(ids, "NGramLM.token_log_probs")
+        ids = check_int_tensor("ids", ids, "NGramLM.token_log_probs", 1).long()
         if ids.numel() == 0:
             raise ValueError("NGramLM.token_log_probs: ids is empty")
-        _check_range(ids, self.vocab_size, "NGramLM.token_log_probs")
-        _check_pad(pad_id, self.vocab_size, "NGramLM.token_log_probs")
+        check_ids("ids", ids, "NGramLM.token_log_probs", self.vocab_size)
+        check_index("pad_id", pad_id, "NGramLM.token_log_probs", self.vocab_size)
         contexts, targets = make_windows(ids.cpu(), self.context_size, pad_id)
         context_keys = self._context_keys(contexts)
         pair = self._lookup(self._pair_keys, self._pair_counts, context_keys * self.vocab_size + targets)
@@ -340,16 +310,16 @@ class CharMLP(nn.Module):
 
     def __init__(self, vocab_size: int, context_size: int, d_embed: int, d_hidden: int) -> None:
         super().__init__()
-        self.vocab_size = _check_int("vocab_size", vocab_size, 1, "CharMLP")
-        self.context_size = _check_int("context_size", context_size, 1, "CharMLP")
-        _check_int("d_embed", d_embed, 1, "CharMLP")
-        _check_int("d_hidden", d_hidden, 1, "CharMLP")
+        self.vocab_size = check_int("vocab_size", vocab_size, "CharMLP", 1)
+        self.context_size = check_int("context_size", context_size, "CharMLP", 1)
+        check_int("d_embed", d_embed, "CharMLP", 1)
+        check_int("d_hidden", d_hidden, "CharMLP", 1)
         self.embed = nn.Embedding(vocab_size, d_embed)
         self.hidden = nn.Linear(context_size * d_embed, d_hidden)
         self.out = nn.Linear(d_hidden, vocab_size)
 
     def forward(self, contexts: torch.Tensor) -> torch.Tensor:
-        contexts = _check_ids(contexts, "CharMLP", "contexts", ndim=2)
+        contexts = check_ids("contexts", contexts, "CharMLP", self.vocab_size, 2).long()
         if contexts.shape[1] != self.context_size:
             raise ValueError(
                 f"CharMLP: contexts must have shape (batch, {self.context_size}), got {tuple(contexts.shape)}"
@@ -385,12 +355,12 @@ def mean_nll(model: NGramLM | nn.Module, ids: torch.Tensor, *, pad_id: int = Cha
     logits; contexts come from :func:`make_windows` and go to the model's device.
     """
     context_size, vocab_size = _check_model(model, "mean_nll")
-    ids = _check_ids(ids, "mean_nll")
+    ids = check_int_tensor("ids", ids, "mean_nll", 1).long()
     if ids.numel() == 0:
         raise ValueError("mean_nll: ids is empty")
-    _check_range(ids, vocab_size, "mean_nll")
-    _check_pad(pad_id, vocab_size, "mean_nll")
-    _check_int("batch_size", batch_size, 1, "mean_nll")
+    check_ids("ids", ids, "mean_nll", vocab_size)
+    check_index("pad_id", pad_id, "mean_nll", vocab_size)
+    check_int("batch_size", batch_size, "mean_nll", 1)
     device = _model_device(model)
     was_training = getattr(model, "training", None)
     if was_training is not None:
@@ -400,6 +370,9 @@ def mean_nll(model: NGramLM | nn.Module, ids: torch.Tensor, *, pad_id: int = Cha
     for start in range(0, ids.numel(), batch_size):
         logits = model(contexts[start:start + batch_size].to(device))
         y = targets[start:start + batch_size].to(logits.device)
+        if not isinstance(logits, torch.Tensor) or logits.shape != (y.numel(), vocab_size):
+            raise ValueError(f"mean_nll: model must return logits of shape ({y.numel()}, vocab_size={vocab_size}), "
+                             f"got {getattr(logits, 'shape', type(logits).__name__)}")
         total += F.cross_entropy(logits.double(), y, reduction="sum").item()
     if was_training:
         model.train()
@@ -417,15 +390,13 @@ def sample(model: NGramLM | nn.Module, prompt: torch.Tensor, length: int, *, gen
     same text on every device. Returns ``(seq + length,)`` int64 ids on the CPU.
     """
     context_size, vocab_size = _check_model(model, "sample")
-    prompt = _check_ids(prompt, "sample", "prompt").cpu()
-    _check_range(prompt, vocab_size, "sample", "prompt")
-    _check_pad(pad_id, vocab_size, "sample")
-    _check_int("length", length, 0, "sample")
+    prompt = check_ids("prompt", prompt, "sample", vocab_size, 1).long().cpu()
+    check_index("pad_id", pad_id, "sample", vocab_size)
+    check_int("length", length, "sample", 0)
     if not isinstance(generator, torch.Generator):
         raise TypeError(f"sample: generator must be a torch.Generator, got {type(generator).__name__}")
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0:
-        raise ValueError(f"sample: temperature must be a positive number, got {temperature!r}")
-    banned = list(banned_ids)
+    check_number("temperature", temperature, "sample", 0.0, low_open=True)  # inf would sample uniformly
+    banned = list(check_instance("banned_ids", banned_ids, "sample", Sequence, "a sequence of ids"))
     if any(isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < vocab_size for i in banned):
         raise ValueError(f"sample: banned_ids must be ints in [0, {vocab_size}), got {banned!r}")
     if len(set(banned)) >= vocab_size:
@@ -438,6 +409,8 @@ def sample(model: NGramLM | nn.Module, prompt: torch.Tensor, length: int, *, gen
     for _ in range(length):
         context = out[out.numel() - context_size:].unsqueeze(0)
         logits = model(context.to(device))[0].double().cpu()
+        if not bool((logits < math.inf).all()):  # NaN or +inf: softmax would be NaN
+            raise ValueError(f"sample: model returned NaN or +inf logits after {out.numel() - context_size} ids")
         logits[banned] = -math.inf
         probs = torch.softmax(logits / temperature, dim=-1)
         out = torch.cat([out, torch.multinomial(probs, 1, generator=generator)])

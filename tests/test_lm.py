@@ -53,7 +53,7 @@ def test_vocab_bad_input(vocab):
         CharVocab.from_text(["a"])
     with pytest.raises(ValueError, match="text is empty"):
         CharVocab.from_text("")
-    with pytest.raises(ValueError, match="min_count must be >= 1"):
+    with pytest.raises(ValueError, match="min_count must be a positive int"):
         CharVocab.from_text("abc", min_count=0)
     with pytest.raises(ValueError, match="single-character"):
         CharVocab(["ab"])
@@ -86,11 +86,11 @@ def test_make_windows_matches_loop():
 def test_make_windows_bad_input():
     with pytest.raises(TypeError, match="ids must be a torch.Tensor"):
         make_windows([1, 2], 2)
-    with pytest.raises(TypeError, match="integer token ids"):
+    with pytest.raises(TypeError, match="must be an integer tensor"):
         make_windows(torch.ones(3), 2)
     with pytest.raises(ValueError, match=r"1 dimension\(s\), got shape \(1, 3\)"):
         make_windows(torch.ones(1, 3, dtype=torch.long), 2)
-    with pytest.raises(ValueError, match="context_size must be >= 0, got -1"):
+    with pytest.raises(ValueError, match="context_size must be a non-negative int, got -1"):
         make_windows(torch.tensor([1]), -1)
 
 
@@ -143,7 +143,7 @@ def test_ngram_unseen_context_is_uniform_and_k_can_change(vocab):
 
 def test_ngram_bad_input(vocab):
     V = len(vocab)
-    with pytest.raises(ValueError, match="n must be >= 1, got 0"):
+    with pytest.raises(ValueError, match="n must be a positive int, got 0"):
         NGramLM(0, 1.0, V)
     with pytest.raises(ValueError, match="k must be a positive finite number, got 0"):
         NGramLM(2, 0, V)
@@ -158,7 +158,7 @@ def test_ngram_bad_input(vocab):
         model.fit(torch.tensor([], dtype=torch.long))
     with pytest.raises(ValueError, match=r"ids must lie in \[0, "):
         model.fit(torch.tensor([2, V]))
-    with pytest.raises(ValueError, match="pad_id must lie in"):
+    with pytest.raises(ValueError, match=r"pad_id must be in \[0, "):
         model.fit(torch.tensor([2, 3]), pad_id=V)
     model.fit(vocab.encode(TEXT))
     with pytest.raises(ValueError, match=r"contexts must have shape \(batch, 1\) for n=2, got \(3, 2\)"):
@@ -169,7 +169,7 @@ def test_ngram_bad_input(vocab):
         model.k = "0.1"
     with pytest.raises(ValueError, match="token_log_probs: ids is empty"):
         model.token_log_probs(torch.tensor([], dtype=torch.long))
-    with pytest.raises(ValueError, match="pad_id must lie in"):
+    with pytest.raises(ValueError, match=r"pad_id must be in \[0, "):
         model.nll(torch.tensor([2, 3]), pad_id=V)
 
 
@@ -225,7 +225,7 @@ def test_mean_nll_matches_cross_entropy_over_windows():
 
 
 def test_char_mlp_and_mean_nll_bad_input():
-    with pytest.raises(ValueError, match="context_size must be >= 1, got 0"):
+    with pytest.raises(ValueError, match="context_size must be a positive int, got 0"):
         CharMLP(10, 0, 4, 8)
     with pytest.raises(TypeError, match="d_hidden must be an int, got float"):
         CharMLP(10, 2, 4, 8.0)
@@ -286,7 +286,7 @@ def test_sample_bad_input(vocab):
         sample(model, vocab.encode("a"), 3, generator=0)
     with pytest.raises(ValueError, match="temperature must be a positive number, got 0"):
         sample(model, vocab.encode("a"), 3, generator=gen, temperature=0)
-    with pytest.raises(ValueError, match="length must be >= 0"):
+    with pytest.raises(ValueError, match="length must be a non-negative int"):
         sample(model, vocab.encode("a"), -2, generator=gen)
     with pytest.raises(ValueError, match="banned_ids must be ints"):
         sample(model, vocab.encode("a"), 3, generator=gen, banned_ids=[len(vocab)])
@@ -320,3 +320,36 @@ def test_random_windows_rejects_bad_input():
         random_windows(ids, 2, 9)
     with pytest.raises(TypeError, match="generator"):
         random_windows(ids, 2, 2, generator=0)
+
+
+def test_bad_input_reaches_no_embedding_and_no_plausible_answer(vocab):
+    model = CharMLP(len(vocab), 3, 4, 8)
+    for bad in (len(vocab), -1):  # -1 would wrap to the last row of the embedding table
+        with pytest.raises(ValueError, match=rf"CharMLP: contexts must lie in \[0, {len(vocab)}\)"):
+            model(torch.full((2, 3), bad))
+    with pytest.raises(TypeError, match="CharVocab: chars must be an iterable of characters, got int"):
+        CharVocab(3)
+    with pytest.raises(TypeError, match="CharVocab.decode: ids must be a tensor or a sequence of ints, got NoneType"):
+        vocab.decode(None)
+    assert perplexity(1e6) == math.inf  # not an OverflowError
+    gen = torch.Generator().manual_seed(0)
+    with pytest.raises(ValueError, match="sample: temperature must be a positive number, got inf"):
+        sample(model, vocab.encode("a"), 3, generator=gen, temperature=math.inf)  # would sample uniformly
+    with pytest.raises(TypeError, match="sample: banned_ids must be a sequence of ids, got int"):
+        sample(model, vocab.encode("a"), 3, generator=gen, banned_ids=1)
+
+    class NaNModel(torch.nn.Module):
+        context_size, vocab_size = 3, len(vocab)
+
+        def forward(self, contexts):
+            return torch.full((contexts.shape[0], len(vocab)), math.nan)
+
+    with pytest.raises(ValueError, match="sample: model returned NaN or \\+inf logits after 1 ids"):
+        sample(NaNModel(), vocab.encode("a"), 3, generator=gen)
+
+    class WrongVocab(NaNModel):
+        def forward(self, contexts):
+            return torch.zeros(contexts.shape[0], 2)
+
+    with pytest.raises(ValueError, match=r"mean_nll: model must return logits of shape \(3, vocab_size=17\)"):
+        mean_nll(WrongVocab(), vocab.encode("abc"))
