@@ -60,8 +60,6 @@ def check_int(name: str, value: Any, fn: str, low: int | None = None, high: int 
     if (low is not None and value < low) or (high is not None and value > high):
         if high is None and low == 1:
             bound = "a positive int"
-        elif high is None and low == 0:
-            bound = "a non-negative int"
         elif high is None:
             bound = f"an int >= {low}"
         elif low is None:
@@ -96,7 +94,7 @@ def check_number(name: str, value: Any, fn: str, low: float | None = None, high:
         ok = value < high if high_open else value <= high
     if not ok:
         if high is None and low == 0:
-            bound = "a positive number" if low_open else "a non-negative number"
+            bound = "a positive number" if low_open else "a number >= 0"
         elif low is None and high is None:
             bound = "a finite number"
         elif high is None:
@@ -222,9 +220,22 @@ def check_like(name: str, x: torch.Tensor, fn: str, like_name: str, like: torch.
         raise ValueError(f"{fn}: {name} and {like_name} must be on the same device, got {x.device} and {like.device}")
 
 
+def _first_parameter(module: nn.Module) -> torch.Tensor | None:
+    """The first parameter in ``module.parameters()`` order, found without building that generator (this runs
+    in every forward, and ``next(module.parameters())`` costs several microseconds)."""
+    stack = [module]
+    while stack:
+        m = stack.pop()
+        for p in m._parameters.values():
+            if p is not None:
+                return p
+        stack.extend(c for c in reversed(m._modules.values()) if c is not None)
+    return None
+
+
 def check_module_input(name: str, x: torch.Tensor, fn: str, module: nn.Module) -> None:
     """A floating-point input ``x`` has the dtype and device of ``module``'s parameters."""
-    p = next(module.parameters(), None)
+    p = _first_parameter(module)
     if p is None:
         return
     if x.dtype != p.dtype and torch.is_floating_point(x):

@@ -33,6 +33,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from mmbook.attention import causal_mask, scaled_dot_product_attention
+from mmbook.checks import (
+    check_bool,
+    check_float_tensor,
+    check_ids,
+    check_instance,
+    check_int,
+    check_module_input,
+    check_number,
+    positive_int,
+)
 
 __all__ = [
     "GPT",
@@ -57,19 +67,16 @@ _ACTIVATIONS = ("gelu_tanh", "gelu")
 _KERNELS = ("mmbook", "torch")
 
 
-def _is_int(x: object) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
-
-
 def _check_config(config: object, fn: str) -> None:
-    if not isinstance(config, GPTConfig):
-        raise TypeError(f"{fn}: config must be a GPTConfig, got {type(config).__name__}")
+    check_instance("config", config, fn, GPTConfig, "a GPTConfig")
 
 
-def _positive_int(name: str, x: object, fn: str) -> int:
-    if not _is_int(x) or x < 1:
-        raise ValueError(f"{fn}: {name} must be a positive int, got {x!r}")
-    return x
+def _check_tokens(x: object, fn: str, module: nn.Module, d_model: int) -> None:
+    """``x`` ``(batch, T, d_model)`` in the dtype and on the device of ``module``'s parameters."""
+    check_float_tensor("x", x, fn)
+    if x.ndim != 3 or x.shape[-1] != d_model:
+        raise ValueError(f"{fn}: x must have shape (batch, T, {d_model}), got {tuple(x.shape)}")
+    check_module_input("x", x, fn, module)
 
 
 # ----------------------------------------------------------------------------- configuration
@@ -105,15 +112,14 @@ class GPTConfig:
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "d_model"):
-            _positive_int(name, getattr(self, name), "GPTConfig")
+            positive_int(name, getattr(self, name), "GPTConfig")
         if self.d_ff is not None:
-            _positive_int("d_ff", self.d_ff, "GPTConfig")
+            positive_int("d_ff", self.d_ff, "GPTConfig")
         if self.d_model % self.n_head:
             raise ValueError(f"GPTConfig: d_model={self.d_model} must be divisible by n_head={self.n_head}")
         if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
             raise ValueError(f"GPTConfig: dropout must be a float in [0, 1), got {self.dropout!r}")
-        if not isinstance(self.layer_norm_eps, (int, float)) or not self.layer_norm_eps > 0:
-            raise ValueError(f"GPTConfig: layer_norm_eps must be a positive float, got {self.layer_norm_eps!r}")
+        check_number("layer_norm_eps", self.layer_norm_eps, "GPTConfig", 0.0, low_open=True)
         if not isinstance(self.bias, bool) or not isinstance(self.tie_embeddings, bool):
             raise TypeError(
                 f"GPTConfig: bias and tie_embeddings must be bools, got {self.bias!r} and {self.tie_embeddings!r}"
@@ -176,12 +182,11 @@ def sinusoidal_positional_encoding(n_positions: int, d_model: int, base: float =
     ``w_i = base ** (-2i / d_model)``, ``i = 0 .. d_model/2 - 1``.
     """
     fn = "sinusoidal_positional_encoding"
-    _positive_int("n_positions", n_positions, fn)
-    _positive_int("d_model", d_model, fn)
+    positive_int("n_positions", n_positions, fn)
+    positive_int("d_model", d_model, fn)
     if d_model % 2:
         raise ValueError(f"{fn}: d_model must be even (sin/cos pairs), got {d_model}")
-    if isinstance(base, bool) or not isinstance(base, (int, float)) or base <= 1:
-        raise ValueError(f"{fn}: base must be a number > 1, got {base!r}")
+    check_number("base", base, fn, 1.0, low_open=True)
     positions = torch.arange(n_positions, dtype=torch.float64)[:, None]  # (P, 1)
     freqs = base ** (-torch.arange(0, d_model, 2, dtype=torch.float64) / d_model)  # (d/2,)
     angles = positions * freqs  # (P, d/2)
@@ -216,15 +221,17 @@ class LayerNorm(nn.Module):
 
     def __init__(self, d_model: int, eps: float = 1e-5, bias: bool = True, fused: bool = False) -> None:
         super().__init__()
-        _positive_int("d_model", d_model, "LayerNorm")
-        if not isinstance(eps, (int, float)) or isinstance(eps, bool) or eps <= 0:
-            raise ValueError(f"LayerNorm: eps must be a positive float, got {eps!r}")
+        positive_int("d_model", d_model, "LayerNorm")
+        check_number("eps", eps, "LayerNorm", 0.0, low_open=True)
+        check_bool("bias", bias, "LayerNorm")
+        check_bool("fused", fused, "LayerNorm")
         self.d_model, self.eps, self.fused = d_model, float(eps), bool(fused)
         self.weight = nn.Parameter(torch.ones(d_model))
         self.bias = nn.Parameter(torch.zeros(d_model)) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not isinstance(x, torch.Tensor) or x.ndim < 1 or x.shape[-1] != self.d_model:
+        check_float_tensor("x", x, "LayerNorm")
+        if x.ndim < 1 or x.shape[-1] != self.d_model:
             raise ValueError(
                 f"LayerNorm: x must end in d_model={self.d_model}, got {tuple(getattr(x, 'shape', ()))}"
             )
@@ -252,6 +259,7 @@ class FeedForward(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _check_tokens(x, "FeedForward", self, self.fc.in_features)
         h = self.fc(x)
         h = F.gelu(h, approximate=self.approximate) if self.fused else gelu(h, self.approximate)
         return self.dropout(self.proj(h))
@@ -280,7 +288,10 @@ class CausalSelfAttention(nn.Module):
     def forward(
         self, x: torch.Tensor, past: tuple[torch.Tensor, torch.Tensor] | None = None, use_cache: bool = False
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
+        _check_tokens(x, "CausalSelfAttention", self, self.d_model)
         b, t, _ = x.shape
+        if past is not None:
+            _check_past(past, (b, self.n_head, None, self.d_head), "CausalSelfAttention", "past")
         q, k, v = self.qkv(x).split(self.d_model, dim=-1)
         q, k, v = (z.view(b, t, self.n_head, self.d_head).transpose(1, 2) for z in (q, k, v))  # (B, h, T, dh)
         if past is not None:
@@ -331,6 +342,25 @@ def _check_logits(logits: object, fn: str) -> torch.Tensor:
     return logits
 
 
+def _check_past(past: object, shape: tuple, fn: str, name: str) -> None:
+    """A ``(key, value)`` pair of tensors of ``shape`` (``None`` = any length)."""
+    if not (isinstance(past, (tuple, list)) and len(past) == 2 and all(isinstance(t, torch.Tensor) for t in past)):
+        raise TypeError(f"{fn}: {name} must be a (key, value) pair of tensors, got {type(past).__name__}")
+    for t in past:
+        if t.ndim != 4 or any(want is not None and got != want for got, want in zip(t.shape, shape, strict=True)):
+            want = tuple("P" if w is None else w for w in shape)
+            raise ValueError(f"{fn}: {name} must hold keys and values of shape {want}, got {tuple(t.shape)}")
+
+
+def _check_sampling(temperature: object, top_k: object, top_p: object, generator: object, fn: str) -> None:
+    check_number("temperature", temperature, fn, 0.0)  # NaN would pick the last id, inf a uniform draw
+    if top_k is not None:
+        positive_int("top_k", top_k, fn)
+    if top_p is not None:
+        check_number("top_p", top_p, fn, 0.0, 1.0, low_open=True)
+    check_instance("generator", generator, fn, (torch.Generator, type(None)), "a torch.Generator or None")
+
+
 def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
     """Keep the ``k`` largest logits of each row, set the rest to ``-inf``; ``(..., V) -> (..., V)``.
 
@@ -338,8 +368,7 @@ def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
     when there are ties. ``k >= V`` returns the logits unchanged.
     """
     _check_logits(logits, "top_k_filter")
-    if not _is_int(k) or k < 1:
-        raise ValueError(f"top_k_filter: k must be a positive int, got {k!r}")
+    positive_int("k", k, "top_k_filter")
     if k >= logits.shape[-1]:
         return logits
     kth = torch.topk(logits, k, dim=-1).values[..., -1:]  # (..., 1)
@@ -386,10 +415,9 @@ def sample_next_token(
     _check_logits(logits, fn)
     if logits.ndim != 2:
         raise ValueError(f"{fn}: logits must have shape (batch, vocab_size), got {tuple(logits.shape)}")
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or temperature < 0:
-        raise ValueError(f"{fn}: temperature must be a number >= 0, got {temperature!r}")
-    if generator is not None and not isinstance(generator, torch.Generator):
-        raise TypeError(f"{fn}: generator must be a torch.Generator or None, got {type(generator).__name__}")
+    _check_sampling(temperature, top_k, top_p, generator, fn)
+    if bool(torch.isnan(logits).any()):  # argmax and the inverse CDF would turn NaN into a plausible id
+        raise ValueError(f"{fn}: logits contain NaN (did the model diverge?)")
     if temperature == 0:
         return logits.argmax(dim=-1)
     logits = logits / temperature
@@ -399,6 +427,8 @@ def sample_next_token(
         logits = top_p_filter(logits, top_p)
     probs = torch.softmax(logits.double(), dim=-1)
     cdf = torch.cumsum(probs, dim=-1)  # (B, V)
+    if not bool(torch.isfinite(cdf[:, -1]).all()):
+        raise ValueError(f"{fn}: every row of logits needs a finite largest entry, got +inf or a row of -inf")
     gen_device = generator.device if generator is not None else torch.device("cpu")
     u = torch.rand(logits.shape[0], 1, dtype=torch.float64, generator=generator, device=gen_device)
     u = u.to(logits.device) * cdf[:, -1:]
@@ -492,11 +522,8 @@ class GPT(nn.Module):
                     f"{fn}: idx must be an int64 tensor of shape (batch, T), got "
                     f"{getattr(idx, 'dtype', type(idx).__name__)} {tuple(getattr(idx, 'shape', ()))}"
                 )
-            if idx.numel() and (idx.min() < 0 or idx.max() >= cfg.vocab_size):
-                raise ValueError(
-                    f"{fn}: token ids must lie in [0, vocab_size={cfg.vocab_size}), got range "
-                    f"[{idx.min().item()}, {idx.max().item()}]"
-                )
+            check_ids("idx", idx, fn, cfg.vocab_size)
+            check_module_input("idx", idx, fn, self)
             x = self.wte(idx)
         else:
             if not isinstance(inputs_embeds, torch.Tensor) or not torch.is_floating_point(inputs_embeds):
@@ -505,14 +532,17 @@ class GPT(nn.Module):
                 raise ValueError(
                     f"{fn}: inputs_embeds must have shape (batch, T, {cfg.d_model}), got {tuple(inputs_embeds.shape)}"
                 )
+            check_module_input("inputs_embeds", inputs_embeds, fn, self)
             x = inputs_embeds
         b, t = x.shape[:2]
         if t < 1:
             raise ValueError(f"{fn}: the input must hold at least one position, got T={t}")
+        check_bool("use_cache", use_cache, fn)
         past_len = 0
         if past_key_values is not None:
             if not isinstance(past_key_values, (list, tuple)) or len(past_key_values) != cfg.n_layer:
                 raise ValueError(f"{fn}: past_key_values must hold one (key, value) pair per layer ({cfg.n_layer})")
+            _check_past(past_key_values[0], (None, cfg.n_head, None, cfg.d_head), fn, "past_key_values[0]")
             past_len = past_key_values[0][0].shape[2]
             if past_key_values[0][0].shape[0] != b:
                 raise ValueError(
@@ -538,6 +568,7 @@ class GPT(nn.Module):
                     f"{fn}: targets must be an int64 tensor of shape {(b, t)}, got "
                     f"{getattr(targets, 'dtype', type(targets).__name__)} {tuple(getattr(targets, 'shape', ()))}"
                 )
+            check_ids("targets", targets, fn, cfg.vocab_size, allow=(-100,))
             loss = F.cross_entropy(logits.reshape(b * t, -1), targets.reshape(b * t), ignore_index=-100)
         return GPTOutput(logits, loss, presents if use_cache else None)
 
@@ -568,8 +599,9 @@ class GPT(nn.Module):
                 f"{fn}: idx must be a non-empty int64 tensor of shape (batch, T), got "
                 f"{getattr(idx, 'dtype', type(idx).__name__)} {tuple(getattr(idx, 'shape', ()))}"
             )
-        if not _is_int(max_new_tokens) or max_new_tokens < 0:
-            raise ValueError(f"{fn}: max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+        check_int("max_new_tokens", max_new_tokens, fn, 0)
+        _check_sampling(temperature, top_k, top_p, generator, fn)
+        check_bool("use_cache", use_cache, fn)
         block = self.config.block_size
         was_training = self.training
         self.eval()

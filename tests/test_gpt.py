@@ -109,7 +109,7 @@ def test_layernorm_matches_torch(bias):
     torch.testing.assert_close(ours(x), ref(x), rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="must end in d_model=8"):
         ours(torch.randn(3, 7))
-    with pytest.raises(ValueError, match="eps must be a positive float"):
+    with pytest.raises(ValueError, match="eps must be a positive number"):
         LayerNorm(8, eps=0.0)
 
 
@@ -223,7 +223,7 @@ def test_forward_inputs_embeds_and_ignore_index(positional):
 
 def test_forward_and_generate_bad_input():
     model = _model()
-    with pytest.raises(ValueError, match=r"token ids must lie in \[0, vocab_size=37\)"):
+    with pytest.raises(ValueError, match=r"idx must lie in \[0, 37\)"):
         model(torch.tensor([[0, 40]]))
     with pytest.raises(ValueError, match="exceed block_size=16"):
         model(torch.zeros(1, 17, dtype=torch.long))
@@ -280,3 +280,62 @@ def test_sample_next_token():
         sample_next_token(logits[0])
     with pytest.raises(TypeError, match="generator must be a torch.Generator"):
         sample_next_token(logits, generator=0)
+
+
+def test_nan_logits_and_nonsense_settings_never_become_a_token():
+    nan, inf = float("nan"), float("inf")
+    for temperature in (1.0, 0):  # sampling and greedy: argmax and the inverse CDF would pick an id
+        with pytest.raises(ValueError, match="sample_next_token: logits contain NaN"):
+            sample_next_token(torch.full((2, 5), nan), temperature=temperature)
+    with pytest.raises(ValueError, match="finite largest entry"):
+        sample_next_token(torch.full((1, 5), -inf))
+    with pytest.raises(ValueError, match="finite largest entry"):
+        sample_next_token(torch.tensor([[inf, 0.0]]))
+    assert sample_next_token(torch.tensor([[inf, 0.0]]), temperature=0).tolist() == [0]  # greedy may take +inf
+    for temperature in (nan, inf):
+        with pytest.raises(ValueError, match="sample_next_token: temperature must be a number >= 0"):
+            sample_next_token(torch.zeros(1, 5), temperature=temperature)
+    with pytest.raises(ValueError, match="sample_next_token: top_k must be a positive int, got 0"):
+        sample_next_token(torch.zeros(1, 5), temperature=0, top_k=0)  # checked even when greedy ignores it
+    model = _model()
+    idx = torch.zeros(1, 3, dtype=torch.long)
+    with pytest.raises(ValueError, match="GPT.generate: temperature must be a number >= 0, got nan"):
+        model.generate(idx, 2, temperature=nan)
+    with pytest.raises(TypeError, match="GPT.generate: use_cache must be True or False, got str"):
+        model.generate(idx, 2, use_cache="no")
+    for bad in (TINY["vocab_size"], -1):  # targets: cross_entropy's "Target 37 is out of bounds"
+        with pytest.raises(ValueError, match=r"GPT.forward: targets must lie in \[0, 37\) \(or -100\)"):
+            model(idx, torch.full((1, 3), bad))
+    assert model(idx, torch.full((1, 3), -100)).loss.isnan()  # every position ignored: the mean of nothing
+    with pytest.raises(TypeError, match="GPT.forward: inputs_embeds has dtype torch.float64"):
+        model(inputs_embeds=torch.zeros(1, 3, TINY["d_model"], dtype=torch.float64))
+    with pytest.raises(TypeError, match=r"GPT.forward: past_key_values\[0\] must be a \(key, value\) pair"):
+        model(idx, past_key_values=[1] * TINY["n_layer"])
+    with pytest.raises(ValueError, match=r"GPT.forward: past_key_values\[0\] must hold keys and values of shape"):
+        model(idx, past_key_values=[(torch.zeros(1, 1, 2, 1), torch.zeros(1, 1, 2, 1))] * TINY["n_layer"])
+
+
+def test_building_blocks_name_wrong_shapes_dtypes_and_settings():
+    config = GPTConfig(**TINY)
+    d = TINY["d_model"]
+    for bad in (float("inf"), True):
+        with pytest.raises((TypeError, ValueError), match="GPTConfig: layer_norm_eps must be a"):
+            GPTConfig(**{**TINY, "layer_norm_eps": bad})
+    with pytest.raises(ValueError, match="sinusoidal_positional_encoding: base must be a number > 1, got inf"):
+        sinusoidal_positional_encoding(4, 8, base=float("inf"))
+    with pytest.raises(ValueError, match="LayerNorm: eps must be a positive number, got nan"):
+        LayerNorm(4, eps=float("nan"))
+    with pytest.raises(TypeError, match="LayerNorm: fused must be True or False"):
+        LayerNorm(4, fused="no")
+    with pytest.raises(TypeError, match="LayerNorm: x must be a floating-point tensor"):
+        LayerNorm(4)(torch.ones(2, 4, dtype=torch.long))
+    attention, ff = CausalSelfAttention(config), FeedForward(config)
+    for module, name in ((attention, "CausalSelfAttention"), (ff, "FeedForward"), (Block(config), "CausalSel")):
+        with pytest.raises(ValueError, match=rf"{name}\w*: x must have shape \(batch, T, {d}\), got \(3, {d}\)"):
+            module(torch.ones(3, d))
+    with pytest.raises(ValueError, match=rf"FeedForward: x must have shape \(batch, T, {d}\), got \(2, 3, 8\)"):
+        ff(torch.ones(2, 3, 8))  # not "mat1 and mat2 shapes cannot be multiplied"
+    with pytest.raises(TypeError, match="CausalSelfAttention: x has dtype torch.float64"):
+        attention(torch.ones(2, 3, d, dtype=torch.float64))
+    with pytest.raises(TypeError, match="CausalSelfAttention: past must be a \\(key, value\\) pair of tensors"):
+        attention(torch.ones(2, 3, d), past=[1, 2])

@@ -90,7 +90,7 @@ def test_make_windows_bad_input():
         make_windows(torch.ones(3), 2)
     with pytest.raises(ValueError, match=r"1 dimension\(s\), got shape \(1, 3\)"):
         make_windows(torch.ones(1, 3, dtype=torch.long), 2)
-    with pytest.raises(ValueError, match="context_size must be a non-negative int, got -1"):
+    with pytest.raises(ValueError, match="context_size must be an int >= 0, got -1"):
         make_windows(torch.tensor([1]), -1)
 
 
@@ -286,7 +286,7 @@ def test_sample_bad_input(vocab):
         sample(model, vocab.encode("a"), 3, generator=0)
     with pytest.raises(ValueError, match="temperature must be a positive number, got 0"):
         sample(model, vocab.encode("a"), 3, generator=gen, temperature=0)
-    with pytest.raises(ValueError, match="length must be a non-negative int"):
+    with pytest.raises(ValueError, match="length must be an int >= 0"):
         sample(model, vocab.encode("a"), -2, generator=gen)
     with pytest.raises(ValueError, match="banned_ids must be ints"):
         sample(model, vocab.encode("a"), 3, generator=gen, banned_ids=[len(vocab)])
