@@ -59,7 +59,7 @@ venv: $(STAMP)
 # JupyterLab's settings for this environment (tools/lab): no news or update pop-up (both would fetch from the web),
 # and kernels started by Lab use encrypted sockets (no "running over TCP without encryption" warning).
 LAB_SETTINGS := $(VENV)/share/jupyter/lab/settings/overrides.json
-SERVER_CONFIG := $(VENV)/etc/jupyter/jupyter_server_config.d/mmbook.json
+SERVER_CONFIG := $(VENV)/etc/jupyter/jupyter_server_config.json
 
 # Reinstall only when requirements.txt, pyproject.toml or the Lab settings changed (the stamp is newer otherwise).
 $(STAMP): requirements.txt pyproject.toml tools/lab/overrides.json tools/lab/jupyter_server_config.json

@@ -15,8 +15,8 @@ chromedriver, opens each page and reports:
 A screenshot of a formula-heavy page (chapter 07's positional encodings: matrices in stretchy brackets, an
 underbrace, ``\\sin t\\omega``) is saved to ``_build/screenshots/`` for a person to look at.
 
-Without Chromium the tests are skipped with the reason; in CI (``CI`` set) a missing browser fails instead,
-because ``.ci/run`` installs it.
+The browser comes from ``conftest.py``: without Chromium the tests are skipped with the reason; in CI (``CI``
+set) a missing browser fails instead, because ``.ci/run`` installs it.
 """
 
 from __future__ import annotations
@@ -24,8 +24,6 @@ from __future__ import annotations
 import functools
 import http.server
 import json
-import os
-import shutil
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -38,28 +36,6 @@ SHOTS = ROOT / "_build" / "screenshots"
 NOTEBOOKS = sorted((ROOT / "chapters").glob("[0-9]*.ipynb")) + sorted(
     (ROOT / "chapters" / "solutions").glob("[0-9]*.ipynb"))
 MATH_TIMEOUT_S = 120.0
-
-
-def _find(*names: str) -> str | None:
-    for name in names:
-        path = shutil.which(name)
-        if path:
-            return path
-    return None
-
-
-CHROMIUM = _find("chromium", "chromium-browser", "google-chrome")
-CHROMEDRIVER = _find("chromedriver")
-
-
-def _missing_browser_reason() -> str | None:
-    try:
-        import selenium  # noqa: F401
-    except ImportError:
-        return "selenium is not installed (make venv installs it)"
-    if CHROMIUM is None or CHROMEDRIVER is None:
-        return "headless Chromium and chromedriver not found (Debian: apt-get install chromium chromium-driver)"
-    return None
 
 
 def _notebook_facts(path: Path) -> tuple[str, int, bool]:
@@ -96,30 +72,6 @@ def site_url() -> Iterator[str]:
     finally:
         server.shutdown()
         server.server_close()
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[object]:
-    reason = _missing_browser_reason()
-    if reason is not None:
-        if os.environ.get("CI"):
-            pytest.fail(f"CI must run the browser test, but {reason}")
-        pytest.skip(reason)
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})  # console messages and failed loads
-    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                "--window-size=1280,1600"):
-        options.add_argument(arg)
-    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
-    driver.set_page_load_timeout(60)
-    try:
-        yield driver
-    finally:
-        driver.quit()
 
 
 # Resolves once MathJax 3 has typeset the page and the fonts it uses have loaded (or failed).
