@@ -15,6 +15,8 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
+from mmbook.checks import check_bool, check_int
+
 __all__ = [
     "PrecisionRecallF1",
     "brevity_penalty",
@@ -54,12 +56,8 @@ def _as_labels(fn: str, name: str, y: Any) -> torch.Tensor:
     return t.long()
 
 
-def _check_num_classes(fn: str, num_classes: Any) -> int:
-    if isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer)):
-        raise TypeError(f"{fn}: num_classes must be an int, got {type(num_classes).__name__}")
-    if num_classes < 1:
-        raise ValueError(f"{fn}: num_classes must be >= 1, got {num_classes}")
-    return int(num_classes)
+def _check_num_classes(fn: str, num_classes: Any) -> int:  # the call the shown confusion_matrix makes
+    return check_int("num_classes", num_classes, fn, 1)
 
 
 def confusion_matrix(y_true: Any, y_pred: Any, num_classes: int) -> torch.Tensor:
@@ -208,6 +206,8 @@ def classification_report(
             raise ValueError(f"{fn}: target_names must have num_classes={k} entries, got {len(names)}")
     if isinstance(digits, bool) or not isinstance(digits, int) or digits < 0:
         raise ValueError(f"{fn}: digits must be an int >= 0, got {digits!r}")
+    check_bool("output_dict", output_dict, fn)
+    _check_zero_division(fn, zero_division)
     cm = confusion_matrix(y_true, y_pred, k)
     per_class = precision_recall_f1_from_confusion(cm, None, zero_division)
     averages = {name: precision_recall_f1_from_confusion(cm, avg, zero_division)
@@ -241,12 +241,8 @@ def classification_report(
     return "\n".join(lines) + "\n"
 
 
-def _check_count(fn: str, name: str, value: Any, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"{fn}: {name} must be an int, got {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"{fn}: {name} must be >= {minimum}, got {value}")
-    return int(value)
+def _check_count(fn: str, name: str, value: Any, minimum: int) -> int:  # the call the shown splits make
+    return check_int(name, value, fn, minimum)
 
 
 def split_indices(n: int, fractions: Sequence[float] = (0.6, 0.2, 0.2), seed: int = 0) -> list[torch.Tensor]:
@@ -431,6 +427,8 @@ def exact_match(predictions: Sequence[str], references: Sequence[Any]) -> float:
 
     hits = 0
     for pred, ref in zip(predictions, references, strict=True):
+        if not isinstance(ref, (str, Sequence, set, frozenset)):
+            raise TypeError(f"{fn}: each reference must be a string or a list of strings, got {type(ref).__name__}")
         options = [ref] if isinstance(ref, str) else list(ref)
         hits += norm(pred) in {norm(o) for o in options}
     return hits / len(predictions)

@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from mmbook.checks import check_number
 from mmbook.core import numpy_rng
 
 __all__ = [
@@ -97,6 +98,8 @@ def activation_derivative(name: str, z: np.ndarray) -> np.ndarray:
 def softmax(logits: np.ndarray) -> np.ndarray:
     """Row-wise softmax of ``logits`` ``(batch, num_classes)``, shifted by the row maximum for stability."""
     logits = _as_float_array(logits, "logits", "softmax", ndim=2)
+    if logits.shape[1] == 0:
+        raise ValueError(f"softmax: logits must have at least one column, got shape {logits.shape}")
     e = np.exp(logits - logits.max(axis=1, keepdims=True))
     return e / e.sum(axis=1, keepdims=True)
 
@@ -149,8 +152,7 @@ def numerical_gradients(
         raise TypeError(f"numerical_gradients: loss_fn must be callable, got {type(loss_fn).__name__}")
     if not isinstance(params, Mapping) or not params:
         raise ValueError(f"numerical_gradients: params must be a non-empty mapping of name -> array, got {params!r}")
-    if not (isinstance(eps, (float, int)) and eps > 0):
-        raise ValueError(f"numerical_gradients: eps must be a positive number, got {eps!r}")
+    check_number("eps", eps, "numerical_gradients", 0.0, low_open=True)
     grads: dict[str, np.ndarray] = {}
     for key, p in params.items():
         if not isinstance(p, np.ndarray) or p.dtype != np.float64:
@@ -223,6 +225,8 @@ class NumpyMLP:
         X = _as_float_array(X, "X", f"NumpyMLP.{fn}", ndim=2)
         if X.shape[1] != self.layer_sizes[0]:
             raise ValueError(f"NumpyMLP.{fn}: X must have shape (batch, {self.layer_sizes[0]}), got {X.shape}")
+        if not np.isfinite(X).all():
+            raise ValueError(f"NumpyMLP.{fn}: X contains NaN or infinite values")
         return X
 
     def forward(self, X: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]]:
@@ -244,7 +248,10 @@ class NumpyMLP:
 
     def predict(self, X: np.ndarray) -> np.ndarray:
         """Predicted class indices ``(batch,)``: the arg-max of the logits."""
-        return self.forward(X)[0].argmax(axis=1)
+        logits = self.forward(X)[0]
+        if not np.isfinite(logits).all():  # the arg-max of a NaN row is a plausible class
+            raise ValueError("NumpyMLP.predict: the logits are not finite (did training diverge?)")
+        return logits.argmax(axis=1)
 
     def loss(self, X: np.ndarray, y: np.ndarray) -> float:
         """Mean softmax cross-entropy of the model on ``X`` ``(batch, n_0)`` with labels ``y`` ``(batch,)``."""
@@ -293,6 +300,8 @@ class NumpyMLP:
             g = np.asarray(grads[key])
             if g.shape != p.shape:
                 raise ValueError(f"NumpyMLP.step: grads[{key!r}] must have shape {p.shape}, got {g.shape}")
+            if not np.isfinite(g).all():
+                raise ValueError(f"NumpyMLP.step: grads[{key!r}] contains NaN or infinite values")
         for key, p in self.params.items():
             p -= lr * np.asarray(grads[key], dtype=np.float64)
 
@@ -319,6 +328,8 @@ class NumpyMLP:
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"NumpyMLP.fit: batch_size must be a positive int, got {batch_size!r}")
         X = self._check_X(X, "fit")
+        if X.shape[0] == 0:
+            raise ValueError("NumpyMLP.fit: X must hold at least one example, got shape (0, ...)")
         y = _check_labels(y, X.shape[0], self.layer_sizes[-1], "NumpyMLP.fit")
         if (X_val is None) != (y_val is None):
             raise ValueError("NumpyMLP.fit: pass both X_val and y_val, or neither")

@@ -17,17 +17,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from mmbook.checks import check_bool, check_instance, check_number, positive_int
+
 __all__ = ["SGD", "Adam", "AdamW", "EarlyStopping"]
 
 Params = Iterable[torch.Tensor] | Iterable[dict[str, Any]]
-
-
-def _check_nonneg(fn: str, name: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{fn}: {name} must be a number, got {type(value).__name__}")
-    if not (math.isfinite(value) and value >= 0):
-        raise ValueError(f"{fn}: {name} must be a finite number >= 0, got {value!r}")
-    return float(value)
 
 
 def _closure_loss(closure: Callable[[], torch.Tensor] | None) -> torch.Tensor | None:
@@ -63,12 +57,12 @@ class SGD(torch.optim.Optimizer):
         weight_decay: float = 0.0,
         nesterov: bool = False,
     ) -> None:
-        lr = _check_nonneg("SGD", "lr", lr)
-        momentum = _check_nonneg("SGD", "momentum", momentum)
-        dampening = _check_nonneg("SGD", "dampening", dampening)
-        weight_decay = _check_nonneg("SGD", "weight_decay", weight_decay)
-        if not isinstance(nesterov, bool):
-            raise TypeError(f"SGD: nesterov must be a bool, got {type(nesterov).__name__}")
+        check_instance("params", params, "SGD", Iterable, "an iterable of tensors or parameter groups")
+        lr = check_number("lr", lr, "SGD", 0.0)
+        momentum = check_number("momentum", momentum, "SGD", 0.0)
+        dampening = check_number("dampening", dampening, "SGD", 0.0)
+        weight_decay = check_number("weight_decay", weight_decay, "SGD", 0.0)
+        check_bool("nesterov", nesterov, "SGD")
         if nesterov and (momentum == 0 or dampening != 0):
             raise ValueError(
                 f"SGD: nesterov=True needs momentum > 0 and dampening == 0, got momentum={momentum}, "
@@ -130,18 +124,14 @@ class Adam(torch.optim.Optimizer):
         decoupled_weight_decay: bool = False,
     ) -> None:
         name = type(self).__name__
-        lr = _check_nonneg(name, "lr", lr)
-        eps = _check_nonneg(name, "eps", eps)
-        weight_decay = _check_nonneg(name, "weight_decay", weight_decay)
+        check_instance("params", params, name, Iterable, "an iterable of tensors or parameter groups")
+        lr = check_number("lr", lr, name, 0.0)
+        eps = check_number("eps", eps, name, 0.0)
+        weight_decay = check_number("weight_decay", weight_decay, name, 0.0)
         if not isinstance(betas, (tuple, list)) or len(betas) != 2:
             raise TypeError(f"{name}: betas must be a pair (beta1, beta2), got {betas!r}")
-        beta1, beta2 = (_check_nonneg(name, f"betas[{i}]", b) for i, b in enumerate(betas))
-        if not (beta1 < 1 and beta2 < 1):
-            raise ValueError(f"{name}: betas must lie in [0, 1), got {tuple(betas)}")
-        if not isinstance(decoupled_weight_decay, bool):
-            raise TypeError(
-                f"{name}: decoupled_weight_decay must be a bool, got {type(decoupled_weight_decay).__name__}"
-            )
+        beta1, beta2 = (check_number(f"betas[{i}]", b, name, 0.0, 1.0, high_open=True) for i, b in enumerate(betas))
+        check_bool("decoupled_weight_decay", decoupled_weight_decay, name)
         defaults = {"lr": lr, "betas": (beta1, beta2), "eps": eps, "weight_decay": weight_decay,
                     "decoupled_weight_decay": decoupled_weight_decay}
         super().__init__(params, defaults)
@@ -209,9 +199,8 @@ class EarlyStopping:
     """
 
     def __init__(self, patience: int = 10, min_delta: float = 0.0, mode: str = "min") -> None:
-        if isinstance(patience, bool) or not isinstance(patience, int) or patience < 1:
-            raise ValueError(f"EarlyStopping: patience must be a positive int, got {patience!r}")
-        self.min_delta = _check_nonneg("EarlyStopping", "min_delta", min_delta)
+        positive_int("patience", patience, "EarlyStopping")
+        self.min_delta = check_number("min_delta", min_delta, "EarlyStopping", 0.0)
         if mode not in ("min", "max"):
             raise ValueError(f"EarlyStopping: mode must be 'min' or 'max', got {mode!r}")
         self.patience = patience

@@ -8,6 +8,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from mmbook.checks import check_bool, check_finite, check_ids, check_instance, check_number, check_tensor
+
 __all__ = ["accuracy", "evaluate", "fit"]
 
 Batch = Any
@@ -21,11 +23,15 @@ def accuracy(outputs: torch.Tensor, targets: torch.Tensor) -> float:
     ``outputs`` has shape ``(batch, num_classes)`` (logits or probabilities), ``targets``
     shape ``(batch,)`` with integer class indices.
     """
-    if outputs.ndim != 2 or targets.ndim != 1 or outputs.shape[0] != targets.shape[0]:
+    check_tensor("outputs", outputs, "accuracy", "float")
+    check_tensor("targets", targets, "accuracy", "int")
+    if outputs.ndim != 2 or targets.ndim != 1 or outputs.shape[0] != targets.shape[0] or outputs.shape[0] == 0:
         raise ValueError(
-            f"accuracy: expected outputs (batch, num_classes) and targets (batch,), "
+            f"accuracy: expected outputs (batch, num_classes) and targets (batch,) with batch > 0, "
             f"got {tuple(outputs.shape)} and {tuple(targets.shape)}"
         )
+    check_ids("targets", targets, "accuracy", outputs.shape[1])
+    check_finite("outputs", outputs, "accuracy")  # the arg-max of a NaN row is a plausible class
     return (outputs.argmax(dim=-1) == targets).float().mean().item()
 
 
@@ -66,9 +72,7 @@ def evaluate(
     forward: ForwardFn | None = None,
 ) -> dict[str, float]:
     """Mean loss and metrics over a loader, weighted by batch size, without gradients."""
-    device = torch.device(device) if device is not None else next(model.parameters()).device
-    forward = forward or _default_forward
-    metrics = dict(metrics or {})
+    device, forward, metrics = _check_loop("evaluate", model, loader, "loader", loss_fn, metrics, device, forward)
     totals = {"loss": 0.0, **{name: 0.0 for name in metrics}}
     count = 0
     was_training = model.training
@@ -85,6 +89,29 @@ def evaluate(
     if count == 0:
         raise ValueError("evaluate: loader produced no batches")
     return {name: value / count for name, value in totals.items()}
+
+
+def _check_loop(fn: str, model: object, loader: object, loader_name: str, loss_fn: object, metrics: object,
+                device: object, forward: object) -> tuple[torch.device, ForwardFn, dict[str, MetricFn]]:
+    """The arguments :func:`fit` and :func:`evaluate` share; returns the device, forward and metrics to use."""
+    check_instance("model", model, fn, nn.Module, "an nn.Module")
+    check_instance(loader_name, loader, fn, Iterable, "an iterable of batches")
+    check_instance("loss_fn", loss_fn, fn, Callable, "a callable (outputs, target) -> loss")
+    if forward is not None:
+        check_instance("forward", forward, fn, Callable, "a callable (model, batch, device) -> (outputs, target)")
+    if metrics is not None and not (isinstance(metrics, Mapping) and all(callable(m) for m in metrics.values())):
+        raise TypeError(f"{fn}: metrics must map names to callables (outputs, target) -> float, got {metrics!r}")
+    if device is None:
+        first = next(model.parameters(), None)
+        if first is None:
+            raise ValueError(f"{fn}: model has no parameters to take the device from; pass device=")
+        device = first.device
+    else:
+        try:
+            device = torch.device(device)
+        except (RuntimeError, TypeError):
+            raise ValueError(f"{fn}: device must name a torch device such as 'cpu' or 'cuda', got {device!r}") from None
+    return device, forward or _default_forward, dict(metrics or {})
 
 
 def _epoch_bar(epochs: int, progress: bool) -> tuple[Any, Any]:
@@ -139,11 +166,15 @@ def fit(
         raise ValueError(f"fit: epochs must be a positive int, got {epochs!r}")
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise TypeError(f"fit: optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
-    if clip_grad_norm is not None and not clip_grad_norm > 0:
-        raise ValueError(f"fit: clip_grad_norm must be positive or None, got {clip_grad_norm!r}")
-    device = torch.device(device) if device is not None else next(model.parameters()).device
+    if clip_grad_norm is not None:
+        check_number("clip_grad_norm", clip_grad_norm, "fit", 0.0, low_open=True)
+    device, forward, _ = _check_loop("fit", model, train_loader, "train_loader", loss_fn, metrics, device, forward)
+    if val_loader is not None:
+        check_instance("val_loader", val_loader, "fit", Iterable, "an iterable of batches or None")
+    if scheduler is not None and not callable(getattr(scheduler, "step", None)):
+        raise TypeError(f"fit: scheduler must have a step() method, got {type(scheduler).__name__}")
+    check_bool("progress", progress, "fit")
     model.to(device)
-    forward = forward or _default_forward
     history: dict[str, list[float]] = {"epoch": [], "train_loss": []}
     bar, shown = _epoch_bar(epochs, progress)
     for epoch in bar:

@@ -126,7 +126,7 @@ def test_kfold_matches_sklearn():
 def test_kfold_bad_input():
     with pytest.raises(ValueError, match="k=5 folds need at least k samples, got n=3"):
         kfold_indices(3, 5)
-    with pytest.raises(ValueError, match="k must be >= 2, got 1"):
+    with pytest.raises(ValueError, match="k must be an int >= 2, got 1"):
         kfold_indices(10, 1)
     with pytest.raises(TypeError, match="shuffle must be a bool, got int"):
         kfold_indices(10, 2, shuffle=1)
@@ -207,3 +207,15 @@ def test_bleu_and_exact_match_bad_input():
         exact_match(["a"], ["a", "b"])
     with pytest.raises(TypeError, match="strings"):
         exact_match([1], ["a"])
+
+
+def test_report_and_exact_match_name_bad_input():
+    y = [0, 1, 1]
+    with pytest.raises(TypeError, match="classification_report: output_dict must be True or False, got str"):
+        classification_report(y, y, 2, output_dict="yes")
+    with pytest.raises(ValueError, match="classification_report: zero_division must be 0.0, 1.0 or nan, got 2"):
+        classification_report(y, y, 2, zero_division=2)
+    with pytest.raises(TypeError, match="exact_match: each reference must be a string or a list of strings, got int"):
+        exact_match(["a"], [3])
+    with pytest.raises(TypeError, match="confusion_matrix: num_classes must be an int, got float"):
+        confusion_matrix(y, y, 2.0)

@@ -197,3 +197,21 @@ def test_model_bad_input():
         model.fit(np.zeros((2, 4)), np.array([0, 1]), epochs=1, X_val=np.zeros((2, 4)))
     with pytest.raises(TypeError, match="dtype must be a floating torch.dtype"):
         model.to_torch(torch.int64)
+
+
+def test_nan_never_becomes_a_prediction_and_empty_input_is_named():
+    mlp = NumpyMLP([3, 4, 2])
+    with pytest.raises(ValueError, match="NumpyMLP.forward: X contains NaN"):
+        mlp.predict(np.full((2, 3), np.nan))  # the arg-max of NaN logits would be class 0
+    bad = {k: np.full_like(v, np.nan) for k, v in mlp.params.items()}
+    with pytest.raises(ValueError, match=r"NumpyMLP.step: grads\['W1'\] contains NaN"):
+        mlp.step(bad, 0.1)
+    mlp.params["b2"][:] = np.nan
+    with pytest.raises(ValueError, match="NumpyMLP.predict: the logits are not finite"):
+        mlp.predict(np.ones((2, 3)))
+    with pytest.raises(ValueError, match="NumpyMLP.fit: X must hold at least one example"):
+        NumpyMLP([3, 2]).fit(np.zeros((0, 3)), np.zeros(0, dtype=int), epochs=1)
+    with pytest.raises(ValueError, match="softmax: logits must have at least one column"):
+        softmax(np.empty((2, 0)))
+    with pytest.raises(ValueError, match="numerical_gradients: eps must be a positive number, got inf"):
+        numerical_gradients(lambda: 0.0, {"a": np.zeros(2)}, eps=np.inf)  # would return zero gradients

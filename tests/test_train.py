@@ -121,3 +121,41 @@ def test_progress_bar_outside_a_notebook_has_no_display(capsys):
     bar, shown = _epoch_bar(3, progress=False)
     assert list(bar) == [1, 2, 3] and shown is None
     assert capsys.readouterr().err == ""
+
+
+def test_accuracy_and_loops_name_bad_input():
+    out = torch.randn(4, 3)
+    with pytest.raises(ValueError, match="accuracy: outputs contains NaN"):  # arg-max of NaN would count as class 0
+        accuracy(torch.full((4, 3), float("nan")), torch.zeros(4, dtype=torch.long))
+    for bad in (3, -1):
+        with pytest.raises(ValueError, match=r"accuracy: targets must lie in \[0, 3\)"):
+            accuracy(out, torch.tensor([0, 1, 2, bad]))
+    with pytest.raises(TypeError, match="accuracy: targets must be an integer tensor"):
+        accuracy(out, torch.zeros(4))
+    with pytest.raises(TypeError, match="accuracy: outputs must be a torch.Tensor, got list"):
+        accuracy([[0.1]], torch.zeros(1, dtype=torch.long))
+    with pytest.raises(ValueError, match="with batch > 0"):
+        accuracy(torch.empty(0, 3), torch.empty(0, dtype=torch.long))
+    model = nn.Linear(3, 2)
+    data = [(torch.randn(4, 3), torch.tensor([0, 1, 0, 1]))]
+    loss, opt = nn.functional.cross_entropy, torch.optim.SGD(model.parameters(), 0.1)
+    with pytest.raises(TypeError, match="fit: model must be an nn.Module, got int"):
+        fit(3, data, loss, opt, epochs=1, progress=False)
+    with pytest.raises(TypeError, match="fit: loss_fn must be a callable"):
+        fit(model, data, 3, opt, epochs=1, progress=False)
+    with pytest.raises(TypeError, match="fit: train_loader must be an iterable of batches, got int"):
+        fit(model, 3, loss, opt, epochs=1, progress=False)
+    with pytest.raises(ValueError, match="fit: clip_grad_norm must be a positive number, got nan"):
+        fit(model, data, loss, opt, epochs=1, clip_grad_norm=float("nan"), progress=False)
+    with pytest.raises(ValueError, match="fit: device must name a torch device"):
+        fit(model, data, loss, opt, epochs=1, device="tpu", progress=False)
+    with pytest.raises(TypeError, match="fit: metrics must map names to callables"):
+        fit(model, data, loss, opt, epochs=1, metrics=[accuracy], progress=False)
+    with pytest.raises(TypeError, match="fit: scheduler must have a step"):
+        fit(model, data, loss, opt, epochs=1, scheduler=3, progress=False)
+    with pytest.raises(TypeError, match="fit: progress must be True or False"):
+        fit(model, data, loss, opt, epochs=1, progress="no")
+    with pytest.raises(ValueError, match="fit: model has no parameters to take the device from"):
+        fit(nn.ReLU(), data, loss, opt, epochs=1, progress=False)
+    with pytest.raises(TypeError, match="evaluate: metrics must map names to callables"):
+        evaluate(model, data, loss, metrics={"acc": 3})
