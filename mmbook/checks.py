@@ -22,9 +22,9 @@ import torch
 from torch import nn
 
 __all__ = [
-    "check_bool", "check_choice", "check_finite", "check_float_tensor", "check_ids", "check_index", "check_instance",
-    "check_int", "check_int_tensor", "check_like", "check_module_input", "check_number", "check_probability",
-    "check_tensor", "describe", "positive_int",
+    "check_bool", "check_choice", "check_device", "check_finite", "check_float_tensor", "check_ids", "check_index",
+    "check_instance", "check_int", "check_int_tensor", "check_like", "check_module_input", "check_number",
+    "check_probability", "check_tensor", "describe", "positive_int",
 ]
 
 
@@ -202,6 +202,16 @@ def check_ids(name: str, ids: Any, fn: str, size: int, ndim: int | tuple[int, ..
                 extra = f" (or {', '.join(map(str, allowed))})" if allowed else ""
                 raise ValueError(f"{fn}: {name} must lie in [0, {size}){extra}, got values in [{low}, {high}]")
     return ids
+
+
+def check_device(name: str, value: Any, fn: str) -> torch.device:
+    """A ``torch.device`` or a name such as ``"cpu"``, ``"cuda"`` or ``"cuda:1"``, returned as a ``torch.device``."""
+    if not isinstance(value, (str, torch.device)):
+        raise TypeError(f"{fn}: {name} must be a torch.device or a name such as 'cpu', got {type(value).__name__}")
+    try:
+        return torch.device(value)
+    except RuntimeError:
+        raise ValueError(f"{fn}: {name} must name a torch device such as 'cpu' or 'cuda', got {value!r}") from None
 
 
 def check_index(name: str, value: Any, fn: str, size: int) -> int:

@@ -16,6 +16,16 @@ from collections.abc import Iterable, Sequence
 import torch
 from torch import nn
 
+from mmbook.checks import (
+    check_device,
+    check_finite,
+    check_float_tensor,
+    check_ids,
+    check_int,
+    check_like,
+    check_number,
+    positive_int,
+)
 from mmbook.core import torch_generator
 
 __all__ = [
@@ -69,9 +79,17 @@ class Vocabulary:
     """
 
     def __init__(self, words: Sequence[str], counts: Sequence[int]) -> None:
+        if isinstance(words, str) or not isinstance(words, Sequence):
+            raise TypeError(f"Vocabulary: words must be a sequence of str, got {type(words).__name__}")
+        if isinstance(counts, str) or not isinstance(counts, (Sequence, torch.Tensor)):
+            raise TypeError(f"Vocabulary: counts must be a sequence of ints, got {type(counts).__name__}")
         words = list(words)
         if not words:
             raise ValueError("Vocabulary: words must be non-empty")
+        bad = [w for w in words if not isinstance(w, str)]
+        if bad:
+            raise TypeError(f"Vocabulary: words must be str, got {bad[:3]!r}")
+        counts = [check_int("counts[i]", c.item() if isinstance(c, torch.Tensor) else c, "Vocabulary") for c in counts]
         if len(words) != len(counts):
             raise ValueError(f"Vocabulary: got {len(words)} words but {len(counts)} counts")
         if len(set(words)) != len(words):
@@ -89,6 +107,8 @@ class Vocabulary:
             raise ValueError(f"Vocabulary.build: min_count must be a positive int, got {min_count!r}")
         if isinstance(tokens, str):
             raise TypeError("Vocabulary.build: tokens must be an iterable of words, got a single str")
+        if not isinstance(tokens, Iterable):
+            raise TypeError(f"Vocabulary.build: tokens must be an iterable of words, got {type(tokens).__name__}")
         counter = Counter(tokens)
         kept = sorted(((w, c) for w, c in counter.items() if c >= min_count), key=lambda wc: (-wc[1], wc[0]))
         if not kept:
@@ -106,6 +126,8 @@ class Vocabulary:
 
     def index(self, word: str) -> int:
         """The id of ``word``; a :class:`ValueError` names it when it is not in the vocabulary."""
+        if not isinstance(word, str):
+            raise TypeError(f"Vocabulary.index: word must be a str, got {type(word).__name__}")
         if word not in self._index:
             raise ValueError(f"Vocabulary.index: {word!r} is not in the vocabulary ({len(self)} words)")
         return self._index[word]
@@ -114,6 +136,8 @@ class Vocabulary:
         """Ids of the in-vocabulary tokens, shape ``(n_kept,)``, int64; unknown words are dropped."""
         if isinstance(tokens, str):
             raise TypeError("Vocabulary.encode: tokens must be an iterable of words, got a single str")
+        if not isinstance(tokens, Iterable):
+            raise TypeError(f"Vocabulary.encode: tokens must be an iterable of words, got {type(tokens).__name__}")
         return torch.tensor([self._index[t] for t in tokens if t in self._index], dtype=torch.int64)
 
 
@@ -122,7 +146,8 @@ def encode_documents(documents: Sequence[str], vocab: Vocabulary) -> tuple[torch
 
     Both are int64 tensors of shape ``(n_tokens,)``; out-of-vocabulary words are dropped.
     """
-    if isinstance(documents, str) or not isinstance(documents, Sequence):
+    if isinstance(documents, str) or not isinstance(documents, Sequence) \
+            or not all(isinstance(doc, str) for doc in documents):
         raise TypeError(f"encode_documents: documents must be a sequence of str, got {type(documents).__name__}")
     if not isinstance(vocab, Vocabulary):
         raise TypeError(f"encode_documents: vocab must be a Vocabulary, got {type(vocab).__name__}")
@@ -144,8 +169,9 @@ def _check_ids(name: str, ids: object, fn: str) -> torch.Tensor:
 def _check_counts(counts: object, fn: str) -> torch.Tensor:
     if not isinstance(counts, torch.Tensor):
         raise TypeError(f"{fn}: counts must be a torch.Tensor, got {type(counts).__name__}")
-    if counts.ndim != 1 or counts.numel() == 0 or bool((counts < 0).any()) or not bool((counts > 0).any()):
-        raise ValueError(f"{fn}: counts must be a non-empty 1-D tensor of non-negative counts, got shape "
+    if counts.ndim != 1 or counts.numel() == 0 or bool((counts < 0).any()) or not bool((counts > 0).any()) \
+            or not bool(torch.isfinite(counts).all()):
+        raise ValueError(f"{fn}: counts must be a non-empty 1-D tensor of finite non-negative counts, got shape "
                          f"{tuple(counts.shape)}")
     return counts
 
@@ -163,8 +189,7 @@ def subsample_keep_probs(counts: torch.Tensor, t: float = 1e-3) -> torch.Tensor:
     the paper's ``1e-5`` suits corpora of billions of words.
     """
     counts = _check_counts(counts, "subsample_keep_probs")
-    if not t > 0:
-        raise ValueError(f"subsample_keep_probs: t must be positive, got {t!r}")
+    check_number("t", t, "subsample_keep_probs", 0.0, low_open=True)  # t = inf would keep every word
     freq = counts.double() / counts.sum()
     return torch.sqrt(t / freq.clamp_min(1e-300)).clamp(max=1.0)
 
@@ -172,8 +197,7 @@ def subsample_keep_probs(counts: torch.Tensor, t: float = 1e-3) -> torch.Tensor:
 def negative_sampling_distribution(counts: torch.Tensor, power: float = 0.75) -> torch.Tensor:
     """The noise distribution ``P_n(w) = count(w)^power / sum_v count(v)^power``, shape ``(vocab_size,)``, float64."""
     counts = _check_counts(counts, "negative_sampling_distribution")
-    if not 0 <= power <= 1:
-        raise ValueError(f"negative_sampling_distribution: power must be in [0, 1], got {power!r}")
+    check_number("power", power, "negative_sampling_distribution", 0.0, 1.0)
     weights = counts.double() ** power
     weights[counts == 0] = 0.0
     return weights / weights.sum()
@@ -210,6 +234,14 @@ def skipgram_pairs(
         empty = ids.new_empty(0)
         return empty, empty.clone()
     return torch.cat(centres), torch.cat(contexts)
+
+
+def _check_distribution(name: str, p: torch.Tensor, fn: str, at_most_one: bool = False) -> None:
+    """Floating-point weights, finite and >= 0 (and <= 1 for probabilities), not all zero."""
+    check_float_tensor(name, p, fn, finite=True)
+    if bool((p < 0).any()) or (at_most_one and bool((p > 1).any())) or not bool((p > 0).any()):
+        raise ValueError(f"{fn}: {name} must hold {'probabilities in [0, 1]' if at_most_one else 'weights >= 0'}, "
+                         f"not all zero, got values in [{float(p.min())}, {float(p.max())}]")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -284,6 +316,9 @@ class SkipGramNS(nn.Module):
         return self.input(centres)
 
     def forward(self, centres: torch.Tensor, contexts: torch.Tensor, negatives: torch.Tensor) -> torch.Tensor:
+        fn = type(self).__name__
+        for name, ids in (("centres", centres), ("contexts", contexts), ("negatives", negatives)):
+            check_ids(name, ids, fn, self.vocab_size)  # a negative id would wrap to the last word's vector
         if centres.ndim != 1 or contexts.shape != centres.shape or negatives.ndim != 2 \
                 or negatives.shape[0] != centres.shape[0]:
             raise ValueError(f"{type(self).__name__}: expected centres (batch,), contexts (batch,), negatives "
@@ -330,12 +365,15 @@ def train_skipgram(
     for name, value in (("negatives", negatives), ("epochs", epochs), ("batch_size", batch_size)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"train_skipgram: {name} must be a positive int, got {value!r}")
-    if ids.numel() and int(ids.max()) >= model.vocab_size:
-        raise ValueError(f"train_skipgram: ids must be < vocab_size={model.vocab_size}, got max {int(ids.max())}")
+    check_ids("ids", ids, "train_skipgram", model.vocab_size)
+    _check_distribution("noise", noise, "train_skipgram")
+    if keep_probs is not None:
+        _check_distribution("keep_probs", keep_probs, "train_skipgram", at_most_one=True)
+    check_number("lr", lr, "train_skipgram", 0.0, low_open=True)
     if doc_ids is not None and _check_ids("doc_ids", doc_ids, "train_skipgram").shape != ids.shape:
         raise ValueError(f"train_skipgram: doc_ids must have the shape of ids {tuple(ids.shape)}, got "
                          f"{tuple(doc_ids.shape)}")
-    device = torch.device(device) if device is not None else next(model.parameters()).device
+    device = check_device("device", device, "train_skipgram") if device is not None else model.input.weight.device
     model.to(device)
     ids, noise = ids.cpu(), noise.cpu()  # the data pipeline runs on the CPU; only batches go to the device
     doc_ids = doc_ids.cpu() if doc_ids is not None else None
@@ -417,6 +455,8 @@ def nearest_neighbours(
     if not isinstance(query, torch.Tensor) or query.shape != (vectors.shape[1],):
         raise ValueError(f"nearest_neighbours: query must be a word or a vector of shape ({vectors.shape[1]},), "
                          f"got {getattr(query, 'shape', type(query).__name__)}")
+    if not bool(torch.isfinite(query).all()) or not bool((query != 0).any()):  # no direction: every cosine is 0
+        raise ValueError("nearest_neighbours: query vector must be finite and not all zero")
     return _ranked(vectors, vocab, query, k, set())
 
 
@@ -445,7 +485,8 @@ def pair_ranks(vectors: torch.Tensor, vocab: Vocabulary, pairs: Sequence[tuple[s
     ``(vocab_size, dim)``. Ties count against ``b``, so collapsed (all-equal) vectors get the worst rank, not the best.
     """
     vectors = _check_vectors(vectors, vocab, "pair_ranks")
-    if isinstance(pairs, str) or not all(isinstance(p, (tuple, list)) and len(p) == 2 for p in pairs):
+    if isinstance(pairs, str) or not isinstance(pairs, Sequence) \
+            or not all(isinstance(p, (tuple, list)) and len(p) == 2 for p in pairs):
         raise TypeError("pair_ranks: pairs must be a sequence of (word, word) pairs")
     for a, b in pairs:
         for word in (a, b):
@@ -473,6 +514,7 @@ def pca(x: torch.Tensor, k: int = 2) -> torch.Tensor:
         raise TypeError(f"pca: x must be a floating-point tensor (n, d), got {getattr(x, 'shape', type(x).__name__)}")
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= min(x.shape):
         raise ValueError(f"pca: k must be an int in [1, min(n, d)] = [1, {min(x.shape)}], got {k!r}")
+    check_finite("x", x, "pca")
     centred = x - x.mean(dim=0, keepdim=True)
     _, _, vh = torch.linalg.svd(centred, full_matrices=False)
     components = vh[:k]
@@ -497,8 +539,7 @@ def cooccurrence_matrix(
     ids = _check_ids("ids", ids, "cooccurrence_matrix")
     if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 1:
         raise ValueError(f"cooccurrence_matrix: vocab_size must be a positive int, got {vocab_size!r}")
-    if ids.numel() and int(ids.max()) >= vocab_size:
-        raise ValueError(f"cooccurrence_matrix: ids must be < vocab_size={vocab_size}, got max {int(ids.max())}")
+    check_ids("ids", ids, "cooccurrence_matrix", vocab_size)
     if isinstance(window, bool) or not isinstance(window, int) or window < 1:
         raise ValueError(f"cooccurrence_matrix: window must be a positive int, got {window!r}")
     if doc_ids is not None:
@@ -523,8 +564,8 @@ def glove_weighting(x: torch.Tensor, x_max: float = 100.0, alpha: float = 0.75) 
     """GloVe's weight ``f(x) = (x / x_max)^alpha`` for ``x < x_max`` and 1 above; ``f(0) = 0``. Same shape as ``x``."""
     if not isinstance(x, torch.Tensor) or not torch.is_floating_point(x):
         raise TypeError(f"glove_weighting: x must be a floating-point tensor, got {type(x).__name__}")
-    if not x_max > 0 or not alpha > 0:
-        raise ValueError(f"glove_weighting: x_max and alpha must be positive, got x_max={x_max!r}, alpha={alpha!r}")
+    check_number("x_max", x_max, "glove_weighting", 0.0, low_open=True)  # inf would weight every pair 0
+    check_number("alpha", alpha, "glove_weighting", 0.0, low_open=True)
     return (x.clamp_min(0) / x_max).pow(alpha).clamp(max=1.0)
 
 
@@ -538,6 +579,10 @@ def _check_glove(w: object, w_ctx: object, b: object, b_ctx: object, x: object, 
         raise ValueError(f"{fn}: expected w, w_ctx (vocab, dim), b, b_ctx (vocab,), x (vocab, vocab); got "
                          f"{tuple(w.shape)}, {tuple(w_ctx.shape)}, {tuple(b.shape)}, {tuple(b_ctx.shape)}, "
                          f"{tuple(x.shape)}")
+    for name, t in (("w_ctx", w_ctx), ("b", b), ("b_ctx", b_ctx)):
+        check_like(name, t, fn, "w", w)
+    if x.numel() and float(x.min()) < 0:  # negative counts would get weight 0 and vanish silently
+        raise ValueError(f"{fn}: x must hold co-occurrence counts >= 0, got a minimum of {float(x.min())}")
 
 
 def _glove_terms(x: torch.Tensor, x_max: float, alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -594,15 +639,19 @@ def train_glove(
     Returns the word vectors ``w + w~`` ``(vocab, dim)`` (float32, on CPU) and the loss before every step.
     Parameters are drawn uniform in ``±0.5/dim`` on a CPU generator seeded with ``seed``, then moved to ``device``.
     """
-    if not isinstance(x, torch.Tensor) or x.ndim != 2 or x.shape[0] != x.shape[1]:
-        raise ValueError(f"train_glove: x must be a square (vocab, vocab) tensor, got "
-                         f"{getattr(x, 'shape', type(x).__name__)}")
+    fn = "train_glove"
+    check_float_tensor("x", x, fn, finite=True)
+    if x.ndim != 2 or x.shape[0] != x.shape[1]:
+        raise ValueError(f"{fn}: x must be a square (vocab, vocab) tensor, got {tuple(x.shape)}")
+    if x.numel() and float(x.min()) < 0:
+        raise ValueError(f"{fn}: x must hold co-occurrence counts >= 0, got a minimum of {float(x.min())}")
     for name, value in (("dim", dim), ("steps", steps)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"train_glove: {name} must be a positive int, got {value!r}")
-    if not lr > 0:
-        raise ValueError(f"train_glove: lr must be positive, got {lr!r}")
-    device = torch.device(device) if device is not None else x.device
+            raise ValueError(f"{fn}: {name} must be a positive int, got {value!r}")
+    check_number("lr", lr, fn, 0.0, low_open=True)
+    for name, value in (("x_max", x_max), ("alpha", alpha)):
+        check_number(name, value, fn, 0.0, low_open=True)
+    device = check_device("device", device, fn) if device is not None else x.device
     v = x.shape[0]
     generator = torch_generator(seed)
     params = [(torch.rand(*shape, generator=generator) - 0.5) / dim for shape in ((v, dim), (v, dim), (v,), (v,))]
@@ -632,7 +681,8 @@ def char_ngrams(word: str, n_min: int = 3, n_max: int = 6) -> list[str]:
     """
     if not isinstance(word, str) or not word:
         raise ValueError(f"char_ngrams: word must be a non-empty str, got {word!r}")
-    if not (isinstance(n_min, int) and isinstance(n_max, int)) or not 1 <= n_min <= n_max:
+    n_min, n_max = positive_int("n_min", n_min, "char_ngrams"), positive_int("n_max", n_max, "char_ngrams")
+    if n_min > n_max:
         raise ValueError(f"char_ngrams: need integers 1 <= n_min <= n_max, got n_min={n_min!r}, n_max={n_max!r}")
     padded = f"<{word}>"
     return [padded[i:i + n] for i in range(len(padded)) for n in range(n_min, n_max + 1) if i + n <= len(padded)]

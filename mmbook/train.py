@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from mmbook.checks import check_bool, check_finite, check_ids, check_instance, check_number, check_tensor
+from mmbook.checks import check_bool, check_device, check_finite, check_ids, check_instance, check_number, check_tensor
 
 __all__ = ["accuracy", "evaluate", "fit"]
 
@@ -107,10 +107,7 @@ def _check_loop(fn: str, model: object, loader: object, loader_name: str, loss_f
             raise ValueError(f"{fn}: model has no parameters to take the device from; pass device=")
         device = first.device
     else:
-        try:
-            device = torch.device(device)
-        except (RuntimeError, TypeError):
-            raise ValueError(f"{fn}: device must name a torch device such as 'cpu' or 'cuda', got {device!r}") from None
+        device = check_device("device", device, fn)
     return device, forward or _default_forward, dict(metrics or {})
 
 

@@ -87,7 +87,7 @@ def test_subsample_and_noise():
     expected = counts.double().numpy() ** 0.75
     np.testing.assert_allclose(noise.numpy(), expected / expected.sum(), rtol=1e-12)
     np.testing.assert_allclose(negative_sampling_distribution(counts, 0.0).numpy(), 0.25, rtol=1e-12)
-    with pytest.raises(ValueError, match="t must be positive"):
+    with pytest.raises(ValueError, match="t must be a positive number"):
         subsample_keep_probs(counts, t=0)
     with pytest.raises(ValueError, match="power must be in"):
         negative_sampling_distribution(counts, power=2)
@@ -176,7 +176,7 @@ def test_skipgram_bad_input():
         train_skipgram(torch.nn.Linear(2, 2), torch.tensor([0, 1]), noise)
     with pytest.raises(ValueError, match=r"noise must be a tensor of shape \(5,\)"):
         train_skipgram(model, torch.tensor([0, 1]), torch.ones(4))
-    with pytest.raises(ValueError, match="ids must be < vocab_size=5, got max 7"):
+    with pytest.raises(ValueError, match=r"ids must lie in \[0, 5\), got values in \[0, 7\]"):
         train_skipgram(model, torch.tensor([0, 7]), noise)
     with pytest.raises(ValueError, match="epochs must be a positive int"):
         train_skipgram(model, torch.tensor([0, 1]), noise, epochs=0)
@@ -239,7 +239,7 @@ def test_cooccurrence_matches_loop():
             if 0 < abs(i - j) <= 2 and docs[i] == docs[j]:
                 loop[stream[i], stream[j]] += 1 / abs(i - j)
     torch.testing.assert_close(x, loop, rtol=0, atol=1e-12)
-    with pytest.raises(ValueError, match="ids must be < vocab_size=2, got max 3"):
+    with pytest.raises(ValueError, match=r"ids must lie in \[0, 2\), got values in \[0, 3\]"):
         cooccurrence_matrix(stream, 2, 2)
     with pytest.raises(ValueError, match="window must be a positive int"):
         cooccurrence_matrix(stream, 4, 0)
@@ -249,7 +249,7 @@ def test_glove_weighting():
     x = torch.tensor([0.0, 1.0, 50.0, 100.0, 400.0], dtype=torch.float64)
     expected = [0.0, 0.01**0.75, 0.5**0.75, 1.0, 1.0]
     np.testing.assert_allclose(glove_weighting(x).numpy(), expected, rtol=1e-12)
-    with pytest.raises(ValueError, match="x_max and alpha must be positive"):
+    with pytest.raises(ValueError, match="x_max must be a positive number"):
         glove_weighting(x, x_max=0)
     with pytest.raises(TypeError, match="floating-point tensor"):
         glove_weighting(torch.tensor([1, 2]))
@@ -316,3 +316,59 @@ def test_fasttext_vectors_are_ngram_means(toy_vocab):
         FastTextSkipGram(toy_vocab, 4, buckets=0)
     with pytest.raises(ValueError, match="word must be a non-empty str"):
         model.word_vector("")
+
+
+def test_bad_input_never_wraps_or_turns_into_a_plausible_answer():
+    vocab = Vocabulary(["a", "b", "c", "d", "e"], [10, 5, 4, 3, 2])
+    nan = math.nan
+    for model in (SkipGramNS(5, 4), FastTextSkipGram(vocab, 4, buckets=16)):
+        name = type(model).__name__
+        for bad in (-1, 5):  # FastText's centre_vectors would index its table with -1: the last word
+            with pytest.raises(ValueError, match=rf"{name}: centres must lie in \[0, 5\)"):
+                model(torch.tensor([bad]), torch.tensor([0]), torch.tensor([[1]]))
+        with pytest.raises(ValueError, match=rf"{name}: negatives must lie in \[0, 5\)"):
+            model(torch.tensor([0]), torch.tensor([0]), torch.tensor([[-1]]))
+    model, noise, ids = SkipGramNS(5, 4), negative_sampling_distribution(vocab.counts), torch.tensor([0, 1, 2, 3])
+    with pytest.raises(ValueError, match=r"train_skipgram: ids must lie in \[0, 5\)"):
+        train_skipgram(model, torch.tensor([0, -1, 1]), noise, epochs=1)
+    for bad in (torch.full((5,), nan), -noise, torch.zeros(5)):
+        with pytest.raises(ValueError, match="train_skipgram: noise"):
+            train_skipgram(model, ids, bad, epochs=1)
+    with pytest.raises(ValueError, match=r"train_skipgram: keep_probs must hold probabilities in \[0, 1\]"):
+        train_skipgram(model, ids, noise, keep_probs=torch.full((5,), 2.0), epochs=1)
+    with pytest.raises(ValueError, match="train_skipgram: lr must be a positive number, got nan"):
+        train_skipgram(model, ids, noise, lr=nan, epochs=1)
+    with pytest.raises(ValueError, match="train_skipgram: device must name a torch device"):
+        train_skipgram(model, ids, noise, device="tpu", epochs=1)
+    with pytest.raises(ValueError, match="subsample_keep_probs: t must be a positive number, got inf"):
+        subsample_keep_probs(vocab.counts, math.inf)  # would keep every word
+    vectors = torch.randn(5, 4)
+    for query in (torch.zeros(4), torch.full((4,), nan)):  # no direction: every cosine 0 (or NaN)
+        with pytest.raises(ValueError, match="nearest_neighbours: query vector must be finite and not all zero"):
+            nearest_neighbours(vectors, vocab, query)
+    with pytest.raises(ValueError, match="pca: x contains NaN"):
+        pca(torch.full((4, 3), nan))
+    with pytest.raises(ValueError, match=r"cooccurrence_matrix: ids must lie in \[0, 5\), got values in \[-1, 2\]"):
+        cooccurrence_matrix(torch.tensor([-1, 2]), 5, 2)
+    x = cooccurrence_matrix(torch.tensor([0, 1, 2, 3, 4]), 5, 2).float()
+    w, b = torch.randn(5, 3), torch.randn(5)
+    with pytest.raises(ValueError, match="glove_weighting: x_max must be a positive number, got inf"):
+        glove_weighting(x, x_max=math.inf)  # every weight would be 0
+    with pytest.raises(TypeError, match="glove_loss: w_ctx and w must have the same dtype"):
+        glove_loss(w, w.double(), b, b, x)
+    with pytest.raises(ValueError, match="glove_gradients: x must hold co-occurrence counts >= 0"):
+        glove_gradients(w, w, b, b, -x)
+    with pytest.raises(ValueError, match="train_glove: x contains NaN"):
+        train_glove(x * nan, 3, steps=1)
+    with pytest.raises(ValueError, match="train_glove: lr must be a positive number, got inf"):
+        train_glove(x, 3, steps=1, lr=math.inf)
+    with pytest.raises(TypeError, match="char_ngrams: n_min must be an int, got bool"):
+        char_ngrams("abc", True, 3)
+    with pytest.raises(TypeError, match=r"Vocabulary: words must be str, got \[1\]"):
+        Vocabulary([1], [1])
+    with pytest.raises(TypeError, match="Vocabulary: counts\\[i\\] must be an int, got float"):
+        Vocabulary(["a"], [1.5])
+    with pytest.raises(TypeError, match="encode_documents: documents must be a sequence of str"):
+        encode_documents(["a b", 3], vocab)
+    with pytest.raises(TypeError, match="Vocabulary.index: word must be a str, got list"):
+        vocab.index(["a"])
