@@ -24,6 +24,8 @@ from collections.abc import Collection, Iterable, Sequence
 from itertools import pairwise
 from pathlib import Path
 
+from mmbook.checks import check_bool, check_index, check_instance, check_int
+
 __all__ = [
     "GPT2_SPLIT_PATTERN",
     "BPETokenizer",
@@ -71,8 +73,10 @@ def merge_pair(ids: Sequence[int], pair: tuple[int, int], new_id: int) -> list[i
     Occurrences do not overlap: merging ``(a, a)`` in ``[a, a, a]`` gives ``[new_id, a]``.
     Shapes: ``ids`` is a sequence of length ``n``; the result has length ``n - (number of merges)``.
     """
-    if not isinstance(pair, tuple) or len(pair) != 2:
+    if not isinstance(pair, tuple) or len(pair) != 2 or not all(isinstance(i, int) for i in pair):
         raise ValueError(f"merge_pair: pair must be a tuple of two ids, got {pair!r}")
+    if isinstance(new_id, bool) or not isinstance(new_id, int):
+        raise TypeError(f"merge_pair: new_id must be an int, got {type(new_id).__name__}")
     a, b = pair
     out: list[int] = []
     i, n = 0, len(ids)
@@ -86,10 +90,8 @@ def merge_pair(ids: Sequence[int], pair: tuple[int, int], new_id: int) -> list[i
     return out
 
 
-def _check_int(name: str, value: object, fn: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{fn}: {name} must be an int, got {type(value).__name__}")
-    return value
+_check_int = check_int  # the name the shown BPETokenizer.train uses
+_BOOK_PATTERNS = (GPT2_SPLIT_PATTERN, None)
 
 
 class BPETokenizer:
@@ -301,8 +303,7 @@ class BPETokenizer:
 
     def token_bytes(self, token_id: int) -> bytes:
         """The bytes of one token."""
-        (token_id,) = self._check_ids([token_id], "token_bytes")
-        return self._tokens[token_id]
+        return self._tokens[check_index("token_id", token_id, "token_bytes", self.vocab_size)]
 
     # ---------------------------------------------------------------- storage
     def save(self, path: str | Path) -> None:
@@ -319,8 +320,15 @@ class BPETokenizer:
         Path(path).write_text(json.dumps(state), encoding="utf-8")
 
     @classmethod
-    def load(cls, path: str | Path) -> BPETokenizer:
-        """Read a tokenizer written by :meth:`save`."""
+    def load(cls, path: str | Path, *, trust_pattern: bool = False) -> BPETokenizer:
+        """Read a tokenizer written by :meth:`save`.
+
+        The file's pre-tokenization pattern must be one the book defines (:data:`GPT2_SPLIT_PATTERN` or
+        ``None``): a regular expression read from a file could make :meth:`encode` run for ever
+        (catastrophic backtracking, e.g. ``(a+)+$`` on ``"aaaa...!"``). Pass ``trust_pattern=True`` to
+        load any other pattern from a file you wrote yourself.
+        """
+        check_bool("trust_pattern", trust_pattern, "load")
         if not isinstance(path, (str, Path)):
             raise TypeError(f"load: path must be a str or pathlib.Path, got {type(path).__name__}")
         try:
@@ -340,9 +348,21 @@ class BPETokenizer:
                 raise ValueError(f"load: merge {rank} must be two ids below {256 + rank}, got {pair!r}")
             pairs.append((pair[0], pair[1]))
         counts = state.get("merge_counts") or []
+        if not isinstance(counts, list) or not all(isinstance(c, int) and not isinstance(c, bool) and c >= 0
+                                                   for c in counts):
+            raise ValueError("load: 'merge_counts' must be a list of counts >= 0")
         if len(counts) not in (0, len(pairs)):
             raise ValueError(f"load: merge_counts has {len(counts)} entries for {len(pairs)} merges")
-        tokenizer = cls(state.get("pattern"))
+        pattern = state.get("pattern")
+        if pattern is not None and not isinstance(pattern, str):
+            raise ValueError(f"load: 'pattern' must be a str or null, got {type(pattern).__name__}")
+        if pattern not in _BOOK_PATTERNS and not trust_pattern:
+            raise ValueError(
+                f"load: {Path(path).name} holds a pre-tokenization pattern the book does not define ({pattern!r}); "
+                "a regular expression from a file can make encode run for ever. "
+                "Pass trust_pattern=True if you wrote the file yourself"
+            )
+        tokenizer = cls(pattern)
         tokenizer._set_merges(pairs, [int(c) for c in counts])
         return tokenizer
 
@@ -377,7 +397,9 @@ def wordpiece_tokenize(
         raise TypeError(f"wordpiece_tokenize: vocab must be a collection of str, got {type(vocab).__name__}")
     if any(ch.isspace() for ch in word):
         raise ValueError(f"wordpiece_tokenize: word must not contain whitespace, got {word!r}")
-    _check_int("max_input_chars_per_word", max_input_chars_per_word, "wordpiece_tokenize")
+    _check_int("max_input_chars_per_word", max_input_chars_per_word, "wordpiece_tokenize", 1)
+    check_instance("unk_token", unk_token, "wordpiece_tokenize", str, "a str")
+    check_instance("prefix", prefix, "wordpiece_tokenize", str, "a str")
     if len(word) > max_input_chars_per_word:
         return [unk_token]
     tokens: list[str] = []

@@ -231,7 +231,7 @@ def test_bad_inputs(trained, tmp_path: Path):
         trained.decode([1], errors="bogus")
     with pytest.raises(ValueError, match="outside the vocabulary"):
         trained.decode_bytes([-1])
-    with pytest.raises(ValueError, match="outside the vocabulary"):
+    with pytest.raises(ValueError, match=r"token_bytes: token_id must be in \[0, 556\), got 556"):
         trained.token_bytes(556)
     with pytest.raises(ValueError, match=r"vocab_size must be in \[256, 556\], got 600"):
         trained.truncated(600)
@@ -255,3 +255,41 @@ def test_bad_inputs(trained, tmp_path: Path):
         wordpiece_tokenize("a b", {"a"})
     with pytest.raises(TypeError, match="vocab must be a collection of str, got str"):
         wordpiece_tokenize("ab", "ab")
+
+
+def test_load_refuses_a_pattern_the_book_does_not_define(tmp_path: Path):
+    import json
+    import time
+
+    evil = tmp_path / "evil.json"  # (a+)+$ backtracks exponentially on "aaa...a!": encode would never return
+    evil.write_text(json.dumps({"format": "mmbook-bpe", "version": 1, "pattern": r"(a+)+$", "merges": []}))
+    start = time.perf_counter()
+    with pytest.raises(ValueError, match="evil.json holds a pre-tokenization pattern the book does not define"):
+        BPETokenizer.load(evil)
+    assert time.perf_counter() - start < 1.0
+    custom = tmp_path / "custom.json"
+    BPETokenizer(r"\w+|\W+").save(custom)
+    assert BPETokenizer.load(custom, trust_pattern=True).pattern == r"\w+|\W+"  # the caller's explicit opt-in
+    for pattern in (GPT2_SPLIT_PATTERN, None):  # the book's own patterns load as before
+        BPETokenizer(pattern).save(custom)
+        assert BPETokenizer.load(custom).pattern == pattern
+    with pytest.raises(TypeError, match="load: trust_pattern must be True or False, got str"):
+        BPETokenizer.load(custom, trust_pattern="yes")
+    bad_counts = tmp_path / "counts.json"
+    bad_counts.write_text(json.dumps({"format": "mmbook-bpe", "merges": [[1, 2]], "merge_counts": ["x"]}))
+    with pytest.raises(ValueError, match="load: 'merge_counts' must be a list of counts >= 0"):
+        BPETokenizer.load(bad_counts)
+
+
+def test_merge_pair_and_wordpiece_name_nonsense():
+    with pytest.raises(ValueError, match="merge_pair: pair must be a tuple of two ids"):
+        merge_pair([1, 2], ("a", "b"), 3)  # would silently merge nothing
+    with pytest.raises(TypeError, match="merge_pair: new_id must be an int, got str"):
+        merge_pair([1, 2], (1, 2), "x")
+    for bad in (0, -1):  # every word would become [UNK]
+        with pytest.raises(ValueError, match="wordpiece_tokenize: max_input_chars_per_word must be a positive int"):
+            wordpiece_tokenize("a", {"a"}, max_input_chars_per_word=bad)
+    with pytest.raises(TypeError, match="wordpiece_tokenize: unk_token must be a str, got int"):
+        wordpiece_tokenize("zz", {"a"}, unk_token=3)
+    with pytest.raises(TypeError, match="wordpiece_tokenize: prefix must be a str, got int"):
+        wordpiece_tokenize("ab", {"a"}, prefix=3)
