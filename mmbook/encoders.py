@@ -26,6 +26,20 @@ import torch.nn.functional as F
 from torch import nn
 
 from mmbook.attention import MultiHeadAttention
+from mmbook.checks import (
+    check_bool,
+    check_device,
+    check_float_tensor,
+    check_ids,
+    check_index,
+    check_instance,
+    check_int,
+    check_int_tensor,
+    check_module_input,
+    check_number,
+    check_probability,
+    positive_int,
+)
 
 __all__ = [
     "BertConfig",
@@ -52,25 +66,18 @@ class EncoderOutput(NamedTuple):
     pooler_output: torch.Tensor  # (batch, hidden)
 
 
-def _positive_int(value: object, name: str, fn: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{fn}: {name} must be a positive int, got {value!r}")
-    return value
-
-
 def _check_ids(input_ids: object, fn: str) -> torch.Tensor:
     if not isinstance(input_ids, torch.Tensor):
         raise TypeError(f"{fn}: input_ids must be a torch.Tensor, got {type(input_ids).__name__}")
     if input_ids.dtype not in (torch.int64, torch.int32):
         raise TypeError(f"{fn}: input_ids must be an integer (int64) tensor, got {input_ids.dtype}")
-    if input_ids.ndim != 2:
-        raise ValueError(f"{fn}: input_ids must have shape (batch, seq), got {tuple(input_ids.shape)}")
+    if input_ids.ndim != 2 or input_ids.shape[1] == 0:
+        raise ValueError(f"{fn}: input_ids must have shape (batch, seq) with seq >= 1, got {tuple(input_ids.shape)}")
     return input_ids
 
 
-def _check_range(ids: torch.Tensor, size: int, name: str, fn: str) -> None:
-    if ids.numel() and (ids.min() < 0 or ids.max() >= size):
-        raise ValueError(f"{fn}: {name} must lie in [0, {size}), got min {ids.min().item()}, max {ids.max().item()}")
+def _check_range(ids: torch.Tensor, size: int, name: str, fn: str) -> None:  # the call the shown forwards make
+    check_ids(name, ids, fn, size)
 
 
 def _check_attention_mask(attention_mask: object, input_ids: torch.Tensor, fn: str) -> torch.Tensor:
@@ -81,6 +88,8 @@ def _check_attention_mask(attention_mask: object, input_ids: torch.Tensor, fn: s
                          f"got {tuple(attention_mask.shape)}")
     if attention_mask.dtype.is_floating_point:
         raise TypeError(f"{fn}: attention_mask must hold 0/1 integers or booleans, got {attention_mask.dtype}")
+    if attention_mask.dtype != torch.bool and not bool(((attention_mask == 0) | (attention_mask == 1)).all()):
+        raise ValueError(f"{fn}: attention_mask must hold 0/1 integers or booleans, got other values")
     return attention_mask.bool()
 
 
@@ -105,8 +114,9 @@ class GRUCell(nn.Module):
 
     def __init__(self, input_size: int, hidden_size: int, bias: bool = True) -> None:
         super().__init__()
-        self.input_size = _positive_int(input_size, "input_size", "GRUCell")
-        self.hidden_size = _positive_int(hidden_size, "hidden_size", "GRUCell")
+        self.input_size = positive_int("input_size", input_size, "GRUCell")
+        self.hidden_size = positive_int("hidden_size", hidden_size, "GRUCell")
+        check_bool("bias", bias, "GRUCell")
         self.weight_ih = nn.Parameter(torch.empty(3 * hidden_size, input_size))
         self.weight_hh = nn.Parameter(torch.empty(3 * hidden_size, hidden_size))
         self.bias_ih = nn.Parameter(torch.empty(3 * hidden_size)) if bias else None
@@ -124,11 +134,15 @@ class GRUCell(nn.Module):
         if not isinstance(x, torch.Tensor) or x.ndim != 2 or x.shape[1] != self.input_size:
             raise ValueError(f"GRUCell: x must have shape (batch, {self.input_size}), "
                              f"got {tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
+        check_float_tensor("x", x, "GRUCell")
+        check_module_input("x", x, "GRUCell", self)
         if h is None:
             h = x.new_zeros(x.shape[0], self.hidden_size)
         elif not isinstance(h, torch.Tensor) or h.shape != (x.shape[0], self.hidden_size):
             raise ValueError(f"GRUCell: h must have shape ({x.shape[0]}, {self.hidden_size}), "
                              f"got {tuple(h.shape) if isinstance(h, torch.Tensor) else type(h).__name__}")
+        else:
+            check_module_input("h", h, "GRUCell", self)
         return self.step(F.linear(x, self.weight_ih, self.bias_ih), h)
 
     def step(self, gi: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
@@ -159,7 +173,9 @@ class GRU(nn.Module):
 
     def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True) -> None:
         super().__init__()
-        _positive_int(num_layers, "num_layers", "GRU")
+        positive_int("num_layers", num_layers, "GRU")
+        positive_int("input_size", input_size, "GRU")
+        positive_int("hidden_size", hidden_size, "GRU")
         self.input_size, self.hidden_size, self.num_layers = input_size, hidden_size, num_layers
         self.cells = nn.ModuleList(
             GRUCell(input_size if layer == 0 else hidden_size, hidden_size, bias) for layer in range(num_layers)
@@ -171,9 +187,14 @@ class GRU(nn.Module):
         if not isinstance(x, torch.Tensor) or x.ndim != 3 or x.shape[-1] != self.input_size:
             raise ValueError(f"GRU: x must have shape (batch, seq, {self.input_size}), "
                              f"got {tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
+        check_float_tensor("x", x, "GRU")
+        check_module_input("x", x, "GRU", self)
         batch, seq, _ = x.shape
+        if seq == 0:
+            raise ValueError(f"GRU: x must hold at least one time step, got shape {tuple(x.shape)}")
         if lengths is not None:
-            if not isinstance(lengths, torch.Tensor) or lengths.shape != (batch,) or lengths.is_floating_point():
+            if not isinstance(lengths, torch.Tensor) or lengths.shape != (batch,) or lengths.is_floating_point() \
+                    or lengths.dtype == torch.bool:
                 raise ValueError(f"GRU: lengths must be an integer tensor of shape ({batch},), got {lengths!r}")
             if (lengths < 1).any() or (lengths > seq).any():
                 raise ValueError(f"GRU: lengths must lie in [1, {seq}], got {lengths.tolist()}")
@@ -181,6 +202,8 @@ class GRU(nn.Module):
                                or h0.shape != (self.num_layers, batch, self.hidden_size)):
             raise ValueError(f"GRU: h0 must have shape ({self.num_layers}, {batch}, {self.hidden_size}), "
                              f"got {tuple(h0.shape) if isinstance(h0, torch.Tensor) else type(h0).__name__}")
+        if h0 is not None:
+            check_module_input("h0", h0, "GRU", self)
         # valid[b, t] is True while t < lengths[b]; past the end the state is carried unchanged
         valid = None
         if lengths is not None:
@@ -238,7 +261,12 @@ class GRUEncoder(nn.Module):
     def __init__(self, vocab_size: int, embed_dim: int, hidden_size: int, num_layers: int = 1,
                  padding_idx: int | None = 0, dropout: float = 0.0) -> None:
         super().__init__()
-        _positive_int(vocab_size, "vocab_size", "GRUEncoder")
+        positive_int("vocab_size", vocab_size, "GRUEncoder")
+        positive_int("embed_dim", embed_dim, "GRUEncoder")
+        positive_int("hidden_size", hidden_size, "GRUEncoder")
+        if padding_idx is not None:  # a negative index would silently mean vocab_size + padding_idx
+            check_index("padding_idx", padding_idx, "GRUEncoder", vocab_size)
+        check_probability("dropout", dropout, "GRUEncoder", high_inclusive=False)
         self.hidden_size = hidden_size
         self.embedding = nn.Embedding(vocab_size, embed_dim, padding_idx=padding_idx)
         self.dropout = nn.Dropout(dropout)
@@ -270,9 +298,10 @@ class EncoderLayer(nn.Module):
     def __init__(self, d_model: int, num_heads: int, d_ff: int, dropout: float = 0.1,
                  attention_dropout: float = 0.1, layer_norm_eps: float = 1e-12) -> None:
         super().__init__()
-        _positive_int(d_ff, "d_ff", "EncoderLayer")
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"EncoderLayer: dropout must be in [0, 1), got {dropout!r}")
+        positive_int("d_ff", d_ff, "EncoderLayer")
+        check_probability("dropout", dropout, "EncoderLayer", high_inclusive=False)
+        check_probability("attention_dropout", attention_dropout, "EncoderLayer", high_inclusive=False)
+        check_number("layer_norm_eps", layer_norm_eps, "EncoderLayer", 0.0, low_open=True)
         self.attention = MultiHeadAttention(d_model, num_heads, dropout=attention_dropout)
         self.attention_dropout = nn.Dropout(dropout)
         self.norm1 = nn.LayerNorm(d_model, eps=layer_norm_eps)
@@ -282,6 +311,10 @@ class EncoderLayer(nn.Module):
         self.norm2 = nn.LayerNorm(d_model, eps=layer_norm_eps)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        d = self.attention.d_model
+        if check_float_tensor("x", x, "EncoderLayer").ndim != 3 or x.shape[-1] != d:
+            raise ValueError(f"EncoderLayer: x must have shape (batch, seq, {d}), got {tuple(x.shape)}")
+        check_module_input("x", x, "EncoderLayer", self)
         attended, _ = self.attention(x, mask=mask)
         x = self.norm1(x + self.attention_dropout(attended))
         return self.norm2(x + self.ff_dropout(self.linear2(F.gelu(self.linear1(x)))))
@@ -328,13 +361,17 @@ class BertConfig:
     def __post_init__(self) -> None:
         for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
                      "max_position_embeddings", "type_vocab_size"):
-            _positive_int(getattr(self, name), name, "BertConfig")
+            positive_int(name, getattr(self, name), "BertConfig")
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(f"BertConfig: hidden_size ({self.hidden_size}) must be divisible by "
                              f"num_attention_heads ({self.num_attention_heads})")
         for name in ("hidden_dropout_prob", "attention_probs_dropout_prob"):
+            check_number(name, getattr(self, name), "BertConfig")
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"BertConfig: {name} must be in [0, 1), got {getattr(self, name)!r}")
+        check_number("layer_norm_eps", self.layer_norm_eps, "BertConfig", 0.0, low_open=True)
+        check_number("initializer_range", self.initializer_range, "BertConfig", 0.0)
+        check_int("pad_token_id", self.pad_token_id, "BertConfig")
         if not 0 <= self.pad_token_id < self.vocab_size:
             raise ValueError(f"BertConfig: pad_token_id must lie in [0, vocab_size), got {self.pad_token_id}")
 
@@ -365,6 +402,10 @@ class BertEmbeddings(nn.Module):
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
     def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
+        _check_range(_check_ids(input_ids, "BertEmbeddings"), self.word_embeddings.num_embeddings, "input_ids",
+                     "BertEmbeddings")
+        if token_type_ids is not None:
+            check_int_tensor("token_type_ids", token_type_ids, "BertEmbeddings")
         seq = input_ids.shape[1]
         if seq > self.position_embeddings.num_embeddings:
             raise ValueError(f"BertEmbeddings: sequence length {seq} exceeds max_position_embeddings "
@@ -469,6 +510,7 @@ class BertForMaskedLM(nn.Module):
         if not isinstance(labels, torch.Tensor) or labels.shape != input_ids.shape:
             raise ValueError(f"mlm_loss: labels must be a tensor of the shape of input_ids {tuple(input_ids.shape)}, "
                              f"got {getattr(labels, 'shape', type(labels).__name__)}")
+        check_ids("labels", labels, "mlm_loss", self.bert.config.vocab_size, allow=(-100,))
         selected = labels != -100
         if not selected.any():
             raise ValueError("mlm_loss: no position is selected (every label is -100)")
@@ -546,6 +588,9 @@ def mean_pool(last_hidden_state: torch.Tensor, attention_mask: torch.Tensor) -> 
     if not isinstance(attention_mask, torch.Tensor) or attention_mask.shape != last_hidden_state.shape[:2]:
         raise ValueError(f"mean_pool: attention_mask must have shape {tuple(last_hidden_state.shape[:2])}, got "
                          f"{getattr(attention_mask, 'shape', type(attention_mask).__name__)}")
+    check_float_tensor("last_hidden_state", last_hidden_state, "mean_pool")
+    if not bool(((attention_mask == 0) | (attention_mask == 1)).all()):
+        raise ValueError("mean_pool: attention_mask must hold 0/1 (or False/True) values")
     weights = attention_mask.to(last_hidden_state.dtype)[..., None]
     return (last_hidden_state * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1e-9)
 
@@ -561,8 +606,9 @@ class SequenceClassifier(nn.Module):
         super().__init__()
         if not isinstance(encoder, nn.Module):
             raise TypeError(f"SequenceClassifier: encoder must be an nn.Module, got {type(encoder).__name__}")
-        _positive_int(hidden_size, "hidden_size", "SequenceClassifier")
-        _positive_int(num_classes, "num_classes", "SequenceClassifier")
+        positive_int("hidden_size", hidden_size, "SequenceClassifier")
+        positive_int("num_classes", num_classes, "SequenceClassifier")
+        check_probability("dropout", dropout, "SequenceClassifier", high_inclusive=False)
         self.encoder = encoder
         self.dropout = nn.Dropout(dropout)
         self.head = nn.Linear(hidden_size, num_classes)
@@ -570,7 +616,10 @@ class SequenceClassifier(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
         extra = () if token_type_ids is None else (token_type_ids,)
-        pooled = self.encoder(input_ids, attention_mask, *extra).pooler_output
+        pooled = getattr(self.encoder(input_ids, attention_mask, *extra), "pooler_output", None)
+        if not isinstance(pooled, torch.Tensor) or pooled.shape[-1] != self.head.in_features:
+            raise ValueError(f"SequenceClassifier: the encoder must return an EncoderOutput whose pooler_output has "
+                             f"hidden_size={self.head.in_features} features, got {getattr(pooled, 'shape', pooled)}")
         return self.head(self.dropout(pooled))
 
 
@@ -595,12 +644,16 @@ def mask_tokens(
     numbers are drawn on the CPU from ``generator`` (or the global generator), so the result
     is the same on every device.
     """
-    _check_ids(input_ids, "mask_tokens")
-    _positive_int(vocab_size, "vocab_size", "mask_tokens")
-    if not 0 <= mask_token_id < vocab_size:
-        raise ValueError(f"mask_tokens: mask_token_id must lie in [0, vocab_size={vocab_size}), got {mask_token_id}")
-    if not 0.0 < mlm_probability < 1.0:
-        raise ValueError(f"mask_tokens: mlm_probability must be in (0, 1), got {mlm_probability!r}")
+    fn = "mask_tokens"
+    _check_ids(input_ids, fn)
+    positive_int("vocab_size", vocab_size, fn)
+    check_index("mask_token_id", mask_token_id, fn, vocab_size)
+    check_number("mlm_probability", mlm_probability, fn, 0.0, 1.0, low_open=True, high_open=True)
+    if isinstance(special_token_ids, (str, bytes)) or not isinstance(special_token_ids, Sequence):
+        raise TypeError(f"{fn}: special_token_ids must be a sequence of ids, got {type(special_token_ids).__name__}")
+    for i in special_token_ids:  # a negative id would protect vocab_size - 1 instead
+        check_index("special_token_ids[i]", i, fn, vocab_size)
+    check_instance("generator", generator, fn, (torch.Generator, type(None)), "a torch.Generator or None")
     special = torch.tensor(sorted({*special_token_ids, mask_token_id}), dtype=torch.long)
     ids = input_ids.detach().cpu().long()
     if (ids < 0).any() or (ids >= vocab_size).any():
@@ -608,6 +661,8 @@ def mask_tokens(
     allowed = torch.ones(vocab_size, dtype=torch.bool)
     allowed[special] = False
     candidates = allowed.nonzero().squeeze(1)  # ids a random replacement may take
+    if candidates.numel() == 0:
+        raise ValueError(f"{fn}: special_token_ids and mask_token_id cover the whole vocabulary")
     selected = (torch.rand(ids.shape, generator=generator) < mlm_probability) & allowed[ids]
     action = torch.rand(ids.shape, generator=generator)  # < 0.8: [MASK]; 0.8..0.9: random; >= 0.9: keep
     random_ids = candidates[torch.randint(len(candidates), ids.shape, generator=generator)]
@@ -640,8 +695,14 @@ def sentence_embeddings(
     """
     if isinstance(texts, str) or not texts or not all(isinstance(t, str) for t in texts):
         raise TypeError("sentence_embeddings: texts must be a non-empty sequence of strings")
-    _positive_int(batch_size, "batch_size", "sentence_embeddings")
-    device = torch.device(device) if device is not None else next(encoder.parameters()).device
+    fn = "sentence_embeddings"
+    check_instance("encoder", encoder, fn, nn.Module, "an nn.Module")
+    if not callable(tokenizer):
+        raise TypeError(f"{fn}: tokenizer must be a Hugging Face tokenizer (callable), got {type(tokenizer).__name__}")
+    positive_int("batch_size", batch_size, fn)
+    positive_int("max_length", max_length, fn)
+    check_bool("normalize", normalize, fn)
+    device = check_device("device", device, fn) if device is not None else next(encoder.parameters()).device
     was_training = encoder.training
     encoder.eval()
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]))

@@ -257,7 +257,7 @@ def test_mask_tokens_bad_input():
     ids = torch.randint(5, 10, (2, 3))
     with pytest.raises(ValueError, match="mlm_probability must be in"):
         mask_tokens(ids, mask_token_id=4, vocab_size=10, mlm_probability=1.5)
-    with pytest.raises(ValueError, match=r"mask_token_id must lie in \[0, vocab_size=10\)"):
+    with pytest.raises(ValueError, match=r"mask_token_id must be in \[0, 10\)"):
         mask_tokens(ids, mask_token_id=10, vocab_size=10)
     with pytest.raises(ValueError, match=r"input_ids must lie in \[0, vocab_size=8\)"):
         mask_tokens(ids, mask_token_id=4, vocab_size=8)
@@ -302,3 +302,55 @@ def test_config_roundtrip():
     assert dataclasses.asdict(config)["vocab_size"] == 40 and config.layer_norm_eps == hf.layer_norm_eps
     with pytest.raises(dataclasses.FrozenInstanceError):
         config.hidden_size = 8
+
+
+def test_bad_input_never_wraps_and_is_named_by_the_callee():
+    ids = torch.tensor([[5, 6, 7], [8, 9, 5]])
+    with pytest.raises(ValueError, match=r"mask_tokens: special_token_ids\[i\] must be in \[0, 10\), got -1"):
+        mask_tokens(ids, mask_token_id=3, vocab_size=10, special_token_ids=[-1])  # would protect id 9
+    with pytest.raises(TypeError, match="mask_tokens: mask_token_id must be an int, got float"):
+        mask_tokens(ids, mask_token_id=3.0, vocab_size=10)
+    with pytest.raises(TypeError, match="mask_tokens: generator must be a torch.Generator or None, got int"):
+        mask_tokens(ids, mask_token_id=3, vocab_size=10, generator=0)
+    with pytest.raises(ValueError, match="mask_tokens: special_token_ids and mask_token_id cover the whole"):
+        mask_tokens(torch.tensor([[0, 1]]), mask_token_id=2, vocab_size=3, special_token_ids=[0, 1])
+    with pytest.raises(ValueError, match=r"GRUEncoder: padding_idx must be in \[0, 10\), got -1"):
+        GRUEncoder(10, 4, 4, padding_idx=-1)  # nn.Embedding would read -1 as row 9
+    with pytest.raises(ValueError, match=r"GRUEncoder: dropout must be in \[0, 1\), got nan"):
+        GRUEncoder(10, 4, 4, dropout=float("nan"))
+    with pytest.raises(ValueError, match="GRUEncoder: attention_mask must hold 0/1"):
+        GRUEncoder(10, 4, 4)(ids, torch.full((2, 3), 2))
+    with pytest.raises(TypeError, match="GRUCell: x has dtype torch.float64"):
+        GRUCell(3, 4)(torch.zeros(2, 3, dtype=torch.float64))
+    with pytest.raises(ValueError, match="GRU: lengths must be an integer tensor"):
+        GRU(3, 4)(torch.zeros(2, 5, 3), torch.tensor([True, True]))
+    with pytest.raises(ValueError, match="GRU: x must hold at least one time step"):
+        GRU(3, 4)(torch.zeros(2, 0, 3))
+    layer = EncoderLayer(8, 2, 16)
+    with pytest.raises(ValueError, match=r"EncoderLayer: x must have shape \(batch, seq, 8\), got \(2, 5, 6\)"):
+        layer(torch.zeros(2, 5, 6))  # not MultiHeadAttention's "query"
+    with pytest.raises(TypeError, match="EncoderLayer: x has dtype torch.float64"):
+        layer(torch.zeros(2, 5, 8, dtype=torch.float64))
+    with pytest.raises(ValueError, match="EncoderLayer: layer_norm_eps must be a positive number, got nan"):
+        EncoderLayer(8, 2, 16, layer_norm_eps=float("nan"))
+    config = BertConfig(vocab_size=20, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
+                        intermediate_size=16, max_position_embeddings=16)
+    with pytest.raises(ValueError, match="BertConfig: initializer_range must be a number >= 0"):
+        BertConfig(initializer_range=-1.0)
+    with pytest.raises(TypeError, match="BertConfig: hidden_dropout_prob must be a number, got str"):
+        BertConfig(hidden_dropout_prob="0.1")
+    bert = BertForMaskedLM(config)
+    with pytest.raises(ValueError, match=r"mlm_loss: labels must lie in \[0, 20\) \(or -100\)"):
+        bert.mlm_loss(ids, torch.full((2, 3), 20))  # not cross_entropy's "Target 20 is out of bounds"
+    with pytest.raises(ValueError, match=r"BertEmbeddings: input_ids must lie in \[0, 20\)"):
+        bert.bert.embeddings(torch.full((2, 3), 20))
+    with pytest.raises(TypeError, match="BertEmbeddings: token_type_ids must be an integer tensor"):
+        bert.bert.embeddings(ids, torch.zeros(2, 3))
+    with pytest.raises(ValueError, match=r"BertEncoder: input_ids must have shape \(batch, seq\) with seq >= 1"):
+        bert.bert(torch.zeros(2, 0, dtype=torch.long))
+    with pytest.raises(ValueError, match="mean_pool: attention_mask must hold 0/1"):
+        mean_pool(torch.randn(2, 3, 8), -torch.ones(2, 3))
+    with pytest.raises(ValueError, match="SequenceClassifier: the encoder must return an EncoderOutput"):
+        SequenceClassifier(bert.bert, 6, 2)(ids)  # not "mat1 and mat2 shapes cannot be multiplied"
+    with pytest.raises(TypeError, match="sentence_embeddings: normalize must be True or False"):
+        sentence_embeddings(bert.bert, lambda texts, **kw: None, ["a"], normalize="no")
