@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from mmbook.checks import check_bool, check_int
+from mmbook.core import torch_generator
 
 __all__ = [
     "PrecisionRecallF1",
@@ -263,7 +264,7 @@ def split_indices(n: int, fractions: Sequence[float] = (0.6, 0.2, 0.2), seed: in
     sizes.append(n - sum(sizes))
     if min(sizes) < 1:
         raise ValueError(f"{fn}: fractions {tuple(fractions)} of n={n} give an empty part (sizes {sizes})")
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(int(seed)))
+    order = torch.randperm(n, generator=torch_generator(int(seed)))
     return list(torch.split(order, sizes))
 
 
@@ -285,7 +286,7 @@ def kfold_indices(
     if not isinstance(shuffle, bool):
         raise TypeError(f"{fn}: shuffle must be a bool, got {type(shuffle).__name__}")
     _check_count(fn, "seed", seed, 0)
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(int(seed))) if shuffle else torch.arange(n)
+    order = torch.randperm(n, generator=torch_generator(int(seed))) if shuffle else torch.arange(n)
     sizes = [n // k + (1 if i < n % k else 0) for i in range(k)]
     splits = []
     for test in torch.split(order, sizes):
