@@ -18,6 +18,17 @@ import torch
 from torch import nn
 
 from mmbook.attention import MultiHeadAttention
+from mmbook.checks import (
+    check_bool,
+    check_float_tensor,
+    check_instance,
+    check_int,
+    check_like,
+    check_module_input,
+    check_number,
+    check_probability,
+    positive_int,
+)
 
 __all__ = [
     "SmallCNN",
@@ -43,6 +54,10 @@ def _pair(name: str, value: int | tuple[int, int], fn: str, minimum: int) -> tup
 
 def conv_output_size(size: int, kernel: int, stride: int = 1, padding: int = 0, dilation: int = 1) -> int:
     """``floor((size + 2 padding - dilation (kernel - 1) - 1) / stride) + 1``."""
+    fn = "conv_output_size"
+    for name, value, low in (("size", size, 1), ("kernel", kernel, 1), ("stride", stride, 1), ("padding", padding, 0),
+                             ("dilation", dilation, 1)):
+        check_int(name, value, fn, low)
     out = (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
     if out < 1:
         raise ValueError(
@@ -79,9 +94,14 @@ def conv2d(
     if weight.shape[1] != x.shape[1]:
         raise ValueError(f"{fn}: weight expects C_in={weight.shape[1]} channels but x has {x.shape[1]} "
                          f"(x {tuple(x.shape)}, weight {tuple(weight.shape)})")
+    check_like("weight", weight, fn, "x", x)
     c_out, _, kh, kw = weight.shape
+    if weight.numel() == 0:
+        raise ValueError(f"{fn}: weight must not have an empty dimension, got {tuple(weight.shape)}")
     if bias is not None and (not isinstance(bias, torch.Tensor) or bias.shape != (c_out,)):
         raise ValueError(f"{fn}: bias must have shape ({c_out},), got {getattr(bias, 'shape', bias)!r}")
+    if bias is not None:
+        check_like("bias", bias, fn, "x", x)
     sh, sw = _pair("stride", stride, fn, 1)
     ph, pw = _pair("padding", padding, fn, 0)
     h_out = conv_output_size(x.shape[2], kh, sh, ph)
@@ -98,6 +118,7 @@ def max_pool2d(x: torch.Tensor, kernel_size: int, stride: int | None = None) -> 
     unfold: ``(batch, C, H, W) -> (batch, C, H_out, W_out)``, equal to ``F.max_pool2d``."""
     if not isinstance(x, torch.Tensor) or x.ndim != 4:
         raise ValueError(f"max_pool2d: x must be a tensor (batch, C, H, W), got {getattr(x, 'shape', x)!r}")
+    check_float_tensor("x", x, "max_pool2d")
     k = _pair("kernel_size", kernel_size, "max_pool2d", 1)
     s = _pair("stride", stride if stride is not None else kernel_size, "max_pool2d", 1)
     b, c, h, w = x.shape
@@ -157,18 +178,14 @@ def patchify(images: torch.Tensor, patch_size: int) -> torch.Tensor:
 # ----------------------------------------------------------------------------- a small CNN
 
 
-def _positive_int(name: str, value: object, fn: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{fn}: {name} must be a positive int, got {value!r}")
-    return value
-
-
-def _check_images(x: object, in_channels: int, fn: str) -> torch.Tensor:
+def _check_images(x: object, in_channels: int, fn: str, module: nn.Module | None = None) -> torch.Tensor:
     if not isinstance(x, torch.Tensor) or not torch.is_floating_point(x):
         raise TypeError(f"{fn}: images must be a floating-point torch.Tensor, got "
                         + (f"a tensor of {x.dtype}" if isinstance(x, torch.Tensor) else type(x).__name__))
     if x.ndim != 4 or x.shape[1] != in_channels:
         raise ValueError(f"{fn}: images must have shape (batch, {in_channels}, H, W), got {tuple(x.shape)}")
+    if module is not None:
+        check_module_input("images", x, fn, module)
     return x
 
 
@@ -200,13 +217,13 @@ class SmallCNN(nn.Module):
     ) -> None:
         super().__init__()
         fn = "SmallCNN"
-        self.in_channels = _positive_int("in_channels", in_channels, fn)
+        self.in_channels = positive_int("in_channels", in_channels, fn)
         if out_dim is not None:
-            _positive_int("out_dim", out_dim, fn)
-        _positive_int("width", width, fn)
-        _positive_int("num_blocks", num_blocks, fn)
-        if not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
-            raise ValueError(f"{fn}: dropout must be in [0, 1), got {dropout!r}")
+            positive_int("out_dim", out_dim, fn)
+        positive_int("width", width, fn)
+        positive_int("num_blocks", num_blocks, fn)
+        check_probability("dropout", dropout, fn, high_inclusive=False)
+        check_bool("batch_norm", batch_norm, fn)
         self.num_blocks, self.out_dim = num_blocks, out_dim
         layers: list[nn.Module] = []
         channels = in_channels
@@ -224,7 +241,7 @@ class SmallCNN(nn.Module):
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """``(batch, C_in, H, W) -> (batch, feature_dim, H / 2**num_blocks, W / 2**num_blocks)``."""
-        x = _check_images(x, self.in_channels, "SmallCNN")
+        x = _check_images(x, self.in_channels, "SmallCNN", self)
         side = 2**self.num_blocks
         if x.shape[2] < side or x.shape[3] < side:
             raise ValueError(f"SmallCNN: images of {x.shape[2]}x{x.shape[3]} are too small for "
@@ -269,17 +286,16 @@ class ViTConfig:
     def __post_init__(self) -> None:
         fn = "ViTConfig"
         for name in ("image_size", "patch_size", "in_channels", "d_model", "num_heads", "num_layers", "d_ff"):
-            _positive_int(name, getattr(self, name), fn)
+            positive_int(name, getattr(self, name), fn)
         if self.num_classes is not None:
-            _positive_int("num_classes", self.num_classes, fn)
+            positive_int("num_classes", self.num_classes, fn)
         if self.image_size % self.patch_size:
             raise ValueError(f"{fn}: image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
         if self.d_model % self.num_heads:
             raise ValueError(f"{fn}: d_model ({self.d_model}) must be divisible by num_heads ({self.num_heads})")
         if not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"{fn}: dropout must be in [0, 1), got {self.dropout!r}")
-        if not isinstance(self.layer_norm_eps, float) or not self.layer_norm_eps > 0:
-            raise ValueError(f"{fn}: layer_norm_eps must be a positive float, got {self.layer_norm_eps!r}")
+        check_number("layer_norm_eps", self.layer_norm_eps, fn, 0.0, low_open=True)
         if self.pool not in ("cls", "mean"):
             raise ValueError(f"{fn}: pool must be 'cls' or 'mean', got {self.pool!r}")
 
@@ -297,6 +313,7 @@ class ViTBlock(nn.Module):
 
     def __init__(self, config: ViTConfig) -> None:
         super().__init__()
+        check_instance("config", config, "ViTBlock", ViTConfig, "a ViTConfig")
         d = config.d_model
         self.norm1 = nn.LayerNorm(d, eps=config.layer_norm_eps)
         self.attn = MultiHeadAttention(d, config.num_heads, dropout=config.dropout)
@@ -306,6 +323,9 @@ class ViTBlock(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if check_float_tensor("x", x, "ViTBlock").ndim != 3 or x.shape[-1] != self.attn.d_model:
+            raise ValueError(f"ViTBlock: x must have shape (batch, seq, {self.attn.d_model}), got {tuple(x.shape)}")
+        check_module_input("x", x, "ViTBlock", self)
         attended, _ = self.attn(self.norm1(x))
         x = x + self.dropout(attended)
         hidden = torch.nn.functional.gelu(self.fc1(self.norm2(x)))  # exact erf GELU, as ViT's "gelu"
@@ -345,7 +365,7 @@ class ViT(nn.Module):
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """``(batch, C, H, W) -> (batch, N + 1, d_model)``: the final (normalised) token states."""
         cfg = self.config
-        x = _check_images(x, cfg.in_channels, "ViT")
+        x = _check_images(x, cfg.in_channels, "ViT", self)
         if x.shape[2] != cfg.image_size or x.shape[3] != cfg.image_size:
             raise ValueError(f"ViT: images must be {cfg.image_size}x{cfg.image_size}, got "
                              f"{x.shape[2]}x{x.shape[3]}")

@@ -201,3 +201,38 @@ def test_vit_bad_input():
         load_hf_vit_weights(ViT(ours_cfg), transformers.ViTModel(hf_cfg))
     with pytest.raises(TypeError, match="hf_model must be a transformers ViTModel"):
         load_hf_vit_weights(ViT(ours_cfg), torch.nn.Linear(2, 2))
+
+
+def test_nonsense_sizes_and_dtype_mixes_are_named():
+    from mmbook.vision import ViTBlock
+
+    with pytest.raises(ValueError, match="conv_output_size: kernel must be a positive int, got 0"):
+        conv_output_size(5, 0)  # returned 6
+    with pytest.raises(ValueError, match="conv_output_size: stride must be a positive int, got 0"):
+        conv_output_size(5, 3, stride=0)  # ZeroDivisionError
+    with pytest.raises(ValueError, match="conv_output_size: padding must be an int >= 0, got -1"):
+        conv_output_size(5, 3, padding=-1)
+    with pytest.raises(TypeError, match="conv_output_size: size must be an int, got float"):
+        conv_output_size(5.5, 3)
+    x, w = torch.randn(2, 3, 8, 8), torch.randn(4, 3, 3, 3)
+    with pytest.raises(TypeError, match="conv2d: weight and x must have the same dtype"):
+        conv2d(x, w.double())  # not "expected scalar type Float but found Double"
+    with pytest.raises(TypeError, match="conv2d: bias and x must have the same dtype"):
+        conv2d(x, w, torch.zeros(4, dtype=torch.float64))
+    with pytest.raises(ValueError, match="conv2d: weight must not have an empty dimension"):
+        conv2d(x, torch.randn(4, 3, 0, 3))
+    with pytest.raises(TypeError, match="max_pool2d: x must be a floating-point tensor"):
+        max_pool2d(x.long(), 2)
+    with pytest.raises(TypeError, match="SmallCNN: batch_norm must be True or False"):
+        SmallCNN(batch_norm="no")
+    with pytest.raises(TypeError, match="SmallCNN: images has dtype torch.float64"):
+        SmallCNN(in_channels=3)(x.double())
+    with pytest.raises(TypeError, match="ViT: images has dtype torch.float64"):
+        ViT(ViTConfig())(torch.randn(2, 1, 8, 8, dtype=torch.float64))
+    with pytest.raises(ValueError, match="ViTConfig: layer_norm_eps must be a positive number, got inf"):
+        ViTConfig(layer_norm_eps=float("inf"))
+    block = ViTBlock(ViTConfig())
+    with pytest.raises(ValueError, match=r"ViTBlock: x must have shape \(batch, seq, 32\), got \(2, 5, 6\)"):
+        block(torch.randn(2, 5, 6))
+    with pytest.raises(TypeError, match="ViTBlock: config must be a ViTConfig, got dict"):
+        ViTBlock({})
