@@ -33,6 +33,15 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from mmbook.checks import (
+    check_choice,
+    check_float_tensor,
+    check_instance,
+    check_module_input,
+    check_number,
+    check_probability,
+    positive_int,
+)
 from mmbook.core import torch_generator
 
 __all__ = [
@@ -59,21 +68,8 @@ __all__ = [
 
 
 # ----------------------------------------------------------------------------- argument checks
-def _check_positive_int(name: str, value: object, fn: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{fn}: {name} must be an int, got {type(value).__name__}")
-    if value < 1:
-        raise ValueError(f"{fn}: {name} must be >= 1, got {value}")
-    return value
-
-
-def _check_probability(name: str, value: object, fn: str, high_inclusive: bool = True) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{fn}: {name} must be a number, got {type(value).__name__}")
-    ok = 0.0 <= value <= 1.0 if high_inclusive else 0.0 <= value < 1.0
-    if not ok:
-        raise ValueError(f"{fn}: {name} must be in [0, 1{']' if high_inclusive else ')'}, got {value!r}")
-    return float(value)
+_check_positive_int = positive_int  # the names the shown LowRankFusion and audio_visual_features use
+_check_probability = check_probability
 
 
 def _check_dims(dims: object, fn: str) -> tuple[int, ...]:
@@ -85,8 +81,9 @@ def _check_dims(dims: object, fn: str) -> tuple[int, ...]:
     return tuple(dims)
 
 
-def _check_inputs(xs: object, dims: tuple[int, ...], fn: str) -> list[torch.Tensor]:
-    """``xs`` must be a list/tuple of ``len(dims)`` tensors ``(batch, d_m)`` with one batch size."""
+def _check_inputs(xs: object, dims: tuple[int, ...], fn: str, module: nn.Module | None = None) -> list[torch.Tensor]:
+    """``xs`` must be a list/tuple of ``len(dims)`` tensors ``(batch, d_m)`` with one batch size (and, given
+    ``module``, the dtype and device of its parameters)."""
     if isinstance(xs, torch.Tensor) or not isinstance(xs, (list, tuple)):
         raise TypeError(f"{fn}: expected a list of {len(dims)} tensors (batch, d_m), got {type(xs).__name__}")
     if len(xs) != len(dims):
@@ -98,6 +95,8 @@ def _check_inputs(xs: object, dims: tuple[int, ...], fn: str) -> list[torch.Tens
                             f"{x.dtype if isinstance(x, torch.Tensor) else type(x).__name__}")
         if x.ndim != 2 or x.shape[1] != d:
             raise ValueError(f"{fn}: modality {m} must have shape (batch, {d}), got {tuple(x.shape)}")
+        if module is not None:
+            check_module_input(f"modality {m}", x, fn, module)
         shapes.append(tuple(x.shape))
     if len({s[0] for s in shapes}) != 1:
         raise ValueError(f"{fn}: all modalities must have the same batch size, got shapes {shapes}")
@@ -129,7 +128,7 @@ class Fusion(nn.Module):
 
     def forward(self, xs: Sequence[torch.Tensor]) -> torch.Tensor:
         """``xs``: list of ``(batch, d_m)`` tensors, one per modality -> ``(batch, d_out)``."""
-        return self.fuse(_check_inputs(xs, self.dims, type(self).__name__))
+        return self.fuse(_check_inputs(xs, self.dims, type(self).__name__, self))
 
     def fuse(self, xs: list[torch.Tensor]) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -194,7 +193,7 @@ class GatedFusion(Fusion):
 
     def gates(self, xs: Sequence[torch.Tensor]) -> torch.Tensor:
         """The gates ``z`` ``(batch, M, d_out)``, summing to 1 over the modality axis."""
-        xs = _check_inputs(xs, self.dims, "GatedFusion.gates")
+        xs = _check_inputs(xs, self.dims, "GatedFusion.gates", self)
         logits = self.gate(torch.cat(xs, dim=1)).view(-1, len(self.dims), self.d_out)
         return torch.softmax(logits, dim=1)
 
@@ -303,7 +302,7 @@ class ConvFusion(Fusion):
 
     def stack(self, xs: Sequence[torch.Tensor]) -> torch.Tensor:
         """The projected modalities as channels: ``(batch, M, d_common)``."""
-        xs = _check_inputs(xs, self.dims, "ConvFusion.stack")
+        xs = _check_inputs(xs, self.dims, "ConvFusion.stack", self)
         return torch.stack([proj(x) for proj, x in zip(self.projections, xs, strict=True)], dim=1)
 
     def fuse(self, xs: list[torch.Tensor]) -> torch.Tensor:
@@ -331,7 +330,7 @@ class RecurrentFusion(Fusion):
 
     def sequence(self, xs: Sequence[torch.Tensor]) -> torch.Tensor:
         """The projected modalities as a sequence: ``(batch, M, d_common)``."""
-        xs = _check_inputs(xs, self.dims, "RecurrentFusion.sequence")
+        xs = _check_inputs(xs, self.dims, "RecurrentFusion.sequence", self)
         return torch.stack([proj(x) for proj, x in zip(self.projections, xs, strict=True)], dim=1)
 
     def fuse(self, xs: list[torch.Tensor]) -> torch.Tensor:
@@ -390,7 +389,14 @@ class MLPEncoder(nn.Sequential):
             d_in = d_hidden
         layers += [nn.Linear(d_in, d_out), nn.ReLU(), nn.Dropout(dropout)]
         super().__init__(*layers)
-        self.d_out = d_out
+        self.d_in, self.d_out = layers[0].in_features, d_out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``(batch, d_in) -> (batch, d_out)``."""
+        if check_float_tensor("x", x, "MLPEncoder").ndim != 2 or x.shape[1] != self.d_in:
+            raise ValueError(f"MLPEncoder: x must have shape (batch, {self.d_in}), got {tuple(x.shape)}")
+        check_module_input("x", x, "MLPEncoder", self)
+        return super().forward(x)
 
 
 def drop_modalities(inputs: Sequence[torch.Tensor], p: float, generator: torch.Generator | None = None
@@ -408,6 +414,7 @@ def drop_modalities(inputs: Sequence[torch.Tensor], p: float, generator: torch.G
         raise ValueError(f"{fn}: inputs must be a list of at least 2 tensors, got {type(inputs).__name__}"
                          + (f" of length {len(inputs)}" if isinstance(inputs, (list, tuple)) else ""))
     p = _check_probability("p", p, fn)
+    check_instance("generator", generator, fn, (torch.Generator, type(None)), "a torch.Generator or None")
     if not all(isinstance(x, torch.Tensor) for x in inputs):
         raise TypeError(f"{fn}: every input must be a torch.Tensor, got {[type(x).__name__ for x in inputs]}")
     batch = {x.shape[0] if x.ndim else None for x in inputs}
@@ -473,6 +480,7 @@ def fusion_classifier(dims: Sequence[int], method: str = "concat", d_embed: int 
     A single entry in ``dims`` with ``method="concat"`` gives a unimodal classifier of the same shape.
     """
     dims = _check_dims(dims, "fusion_classifier")
+    check_choice("method", method, "fusion_classifier", FUSION_METHODS)
     d_embed = _check_positive_int("d_embed", d_embed, "fusion_classifier")
     encoders = [MLPEncoder(d, d_embed, dropout=dropout) for d in dims]
     fusion = make_fusion(method, [d_embed] * len(dims), d_embed, **fusion_kwargs)
@@ -523,8 +531,8 @@ def corrupt_images(images: torch.Tensor, noise_std: float = 0.4, occlusion: int 
     if not isinstance(images, torch.Tensor) or not torch.is_floating_point(images) or images.ndim != 4:
         raise ValueError(f"{fn}: images must be a floating-point tensor (batch, channels, height, width), got "
                          f"{tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__}")
-    if isinstance(noise_std, bool) or not isinstance(noise_std, (int, float)) or noise_std < 0:
-        raise ValueError(f"{fn}: noise_std must be a non-negative number, got {noise_std!r}")
+    check_number("noise_std", noise_std, fn, 0.0)  # NaN would fail "> 0" and add no noise at all
+    check_instance("generator", generator, fn, (torch.Generator, type(None)), "a torch.Generator or None")
     n, _, height, width = images.shape
     if isinstance(occlusion, bool) or not isinstance(occlusion, int) or not 0 <= occlusion <= min(height, width):
         raise ValueError(f"{fn}: occlusion must be an int in [0, {min(height, width)}], got {occlusion!r}")
@@ -562,6 +570,7 @@ def audio_visual_features(split: str = "train", seed: int = 0, snr_db: tuple[flo
     fn = "audio_visual_features"
     n_mfcc = _check_positive_int("n_mfcc", n_mfcc, fn)
     segments = _check_positive_int("segments", segments, fn)
+    check_number("image_noise", image_noise, fn, 0.0)
     if n_mfcc > 40:
         raise ValueError(f"{fn}: n_mfcc must be <= 40 (the number of mel bands), got {n_mfcc}")
     ds = audio_visual_digits(split, seed=seed, snr_db=snr_db)

@@ -293,3 +293,29 @@ def test_parameter_counts_are_finite_and_formula_for_concat():
         n = sum(p.numel() for p in make_fusion(name, (8, 8), 8).parameters())
         assert n > 0 and math.isfinite(n)
     assert sum(p.numel() for p in ConcatFusion((8, 8), 8).parameters()) == 16 * 8 + 8
+
+
+def test_dtype_mixes_nan_noise_and_caller_names():
+    xs = [torch.randn(4, 3), torch.randn(4, 5)]
+    for name in FUSION_METHODS:  # not "mat1 and mat2 must have the same dtype" deep inside a Linear
+        with pytest.raises(TypeError, match=r"Fusion: modality 0 has dtype torch.float64"):
+            make_fusion(name, [3, 5], 6)([xs[0].double(), xs[1]])
+    with pytest.raises(TypeError, match=r"GatedFusion.gates: modality 0 has dtype torch.float64"):
+        make_fusion("gated", [3, 5], 6).gates([x.double() for x in xs])
+    encoder = MLPEncoder(3, 4)
+    with pytest.raises(ValueError, match=r"MLPEncoder: x must have shape \(batch, 3\), got \(2, 5\)"):
+        encoder(torch.randn(2, 5))
+    with pytest.raises(TypeError, match="MLPEncoder: x has dtype torch.float64"):
+        encoder(torch.randn(2, 3, dtype=torch.float64))
+    images = torch.rand(4, 1, 8, 8)
+    for bad in (float("nan"), float("inf"), -0.1):  # NaN failed "> 0" and added no noise at all
+        with pytest.raises(ValueError, match="corrupt_images: noise_std must be a number >= 0"):
+            corrupt_images(images, noise_std=bad)
+    with pytest.raises(TypeError, match="corrupt_images: generator must be a torch.Generator or None, got int"):
+        corrupt_images(images, generator=3)
+    with pytest.raises(TypeError, match="drop_modalities: generator must be a torch.Generator or None"):
+        drop_modalities(xs, 0.5, generator=3)
+    with pytest.raises(ValueError, match="audio_visual_features: image_noise must be a number >= 0, got nan"):
+        audio_visual_features(image_noise=float("nan"))  # the caller's name, not corrupt_images' noise_std
+    with pytest.raises(ValueError, match="fusion_classifier: method must be one of 'sum', 'concat'"):
+        fusion_classifier([3, 5], method="attn")  # not make_fusion's "name"
