@@ -28,6 +28,17 @@ import torch
 from torch import nn
 
 from mmbook.attention import MultiHeadAttention, padding_mask
+from mmbook.checks import (
+    check_bool,
+    check_device,
+    check_float_tensor,
+    check_ids,
+    check_instance,
+    check_int_tensor,
+    check_module_input,
+    check_number,
+    positive_int,
+)
 from mmbook.core import torch_generator
 
 __all__ = [
@@ -51,32 +62,32 @@ FUSIONS = ("question", "image", "concat", "film", "cross")
 
 
 # ----------------------------------------------------------------------------- argument checks
-def _positive_int(name: str, value: object, fn: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{fn}: {name} must be an int, got {type(value).__name__}")
-    if value < 1:
-        raise ValueError(f"{fn}: {name} must be positive, got {value}")
-    return value
+_positive_int = positive_int  # the name the shown classes (and other modules importing it) use
 
 
-def _check_tokens(name: str, x: object, fn: str, d_model: int) -> torch.Tensor:
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{fn}: {name} must be a torch.Tensor, got {type(x).__name__}")
-    if not torch.is_floating_point(x):
-        raise TypeError(f"{fn}: {name} must be a floating-point tensor, got {x.dtype}")
+def _check_tokens(name: str, x: object, fn: str, d_model: int, module: nn.Module | None = None) -> torch.Tensor:
+    check_float_tensor(name, x, fn)
     if x.ndim != 3 or x.shape[-1] != d_model:
         raise ValueError(f"{fn}: {name} must have shape (batch, seq, {d_model}), got {tuple(x.shape)}")
+    if module is not None:
+        check_module_input(name, x, fn, module)
     return x
 
 
-def _check_ids(ids: object, lengths: object, fn: str) -> None:
-    if not isinstance(ids, torch.Tensor) or ids.ndim != 2 or ids.dtype.is_floating_point:
+def _check_ids(ids: object, lengths: object, fn: str, vocab_size: int | None = None) -> None:
+    if not isinstance(ids, torch.Tensor) or ids.ndim != 2 or ids.dtype.is_floating_point or ids.dtype == torch.bool:
         got = tuple(ids.shape) if isinstance(ids, torch.Tensor) else type(ids).__name__
         raise ValueError(f"{fn}: ids must be an integer tensor of shape (batch, T), got {got}")
+    if vocab_size is not None:  # a negative id would wrap to the end of the embedding table
+        check_ids("ids", ids, fn, vocab_size)
     if lengths is not None:
         if not isinstance(lengths, torch.Tensor) or lengths.ndim != 1 or lengths.shape[0] != ids.shape[0]:
             got = tuple(lengths.shape) if isinstance(lengths, torch.Tensor) else type(lengths).__name__
             raise ValueError(f"{fn}: lengths must be a (batch,) = ({ids.shape[0]},) tensor, got {got}")
+        check_int_tensor("lengths", lengths, fn)
+        if lengths.numel() and (int(lengths.min()) < 1 or int(lengths.max()) > ids.shape[1]):
+            # a length of 0 would mask every token and leave an input-independent answer
+            raise ValueError(f"{fn}: lengths must lie in [1, T={ids.shape[1]}], got {lengths.tolist()}")
 
 
 # ----------------------------------------------------------------------------- small helpers
@@ -106,6 +117,7 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     boolean ``mask`` ``(batch, T)`` is ``True`` (``None``: all). Returns ``(batch, d)``."""
     if not isinstance(x, torch.Tensor) or x.ndim != 3:
         raise ValueError(f"masked_mean: x must be a (batch, T, d) tensor, got {getattr(x, 'shape', type(x))}")
+    check_float_tensor("x", x, "masked_mean")
     if mask is None:
         return x.mean(dim=1)
     if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or mask.shape != x.shape[:2]:
@@ -126,6 +138,10 @@ class FeedForward(nn.Module):
         self.net = nn.Sequential(nn.Linear(d_model, mult * d_model), nn.GELU(), nn.Linear(mult * d_model, d_model))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        d_model = self.net[0].in_features
+        if check_float_tensor("x", x, "FeedForward").ndim < 1 or x.shape[-1] != d_model:
+            raise ValueError(f"FeedForward: x must have shape (..., {d_model}), got {tuple(x.shape)}")
+        check_module_input("x", x, "FeedForward", self)
         return self.net(x)
 
 
@@ -142,6 +158,7 @@ class SelfAttentionBlock(nn.Module):
         self.ff = FeedForward(d_model, ff_mult)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        _check_tokens("x", x, "SelfAttentionBlock", self.attn.d_model, self)
         x = x + self.attn(self.norm1(x), mask=mask)[0]
         return x + self.ff(self.norm2(x))
 
@@ -175,8 +192,9 @@ class PatchEncoder(nn.Module):
         image_size, hidden = _positive_int("image_size", image_size, fn), _positive_int("hidden", hidden, fn)
         if grid > image_size:
             raise ValueError(f"{fn}: grid ({grid}) must not exceed image_size ({image_size})")
-        if not pixel_std > 0:
-            raise ValueError(f"{fn}: pixel_std must be positive, got {pixel_std!r}")
+        check_number("pixel_mean", pixel_mean, fn)
+        check_number("pixel_std", pixel_std, fn, 0.0, low_open=True)
+        check_bool("position", position, fn)
         self.d_model, self.grid, self.image_size = d_model, grid, image_size
         self.pixel_mean, self.pixel_std = float(pixel_mean), float(pixel_std)
         self.patch = -(-image_size // grid)  # ceil
@@ -200,6 +218,7 @@ class PatchEncoder(nn.Module):
                 f"{fn}: images must have shape (batch, 3, {self.image_size}, {self.image_size}), "
                 f"got {tuple(images.shape)}"
             )
+        check_module_input("images", images, fn, self)
         images = (images - self.pixel_mean) / self.pixel_std
         if any(self.padding):
             images = nn.functional.pad(images, self.padding, mode="replicate")
@@ -250,6 +269,7 @@ class TextTransformer(nn.Module):
         max_len = _positive_int("max_len", max_len, fn)
         if isinstance(num_layers, bool) or not isinstance(num_layers, int) or num_layers < 0:
             raise ValueError(f"{fn}: num_layers must be a non-negative int, got {num_layers!r}")
+        check_bool("causal", causal, fn)
         self.d_model, self.max_len, self.causal = d_model, max_len, bool(causal)
         self.embed = nn.Embedding(vocab_size, d_model)
         self.pos = nn.Parameter(torch.randn(max_len, d_model) * 0.02)
@@ -264,7 +284,7 @@ class TextTransformer(nn.Module):
         cross_blocks: Sequence[nn.Module] | None = None,
     ) -> torch.Tensor:
         fn = "TextTransformer"
-        _check_ids(ids, lengths, fn)
+        _check_ids(ids, lengths, fn, self.embed.num_embeddings)
         batch, length = ids.shape
         if length > self.max_len:
             raise ValueError(f"{fn}: sequence length {length} exceeds max_len={self.max_len}")
@@ -305,8 +325,8 @@ class CrossAttentionBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, visual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         fn = "CrossAttentionBlock"
-        _check_tokens("x", x, fn, self.d_model)
-        _check_tokens("visual", visual, fn, self.d_model)
+        _check_tokens("x", x, fn, self.d_model, self)
+        _check_tokens("visual", visual, fn, self.d_model, self)
         kv = self.norm_kv(visual)
         attended, weights = self.attn(self.norm_q(x), kv, kv)
         x = x + attended
@@ -331,8 +351,8 @@ class GatedCrossAttentionBlock(CrossAttentionBlock):
 
     def forward(self, x: torch.Tensor, visual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         fn = "GatedCrossAttentionBlock"
-        _check_tokens("x", x, fn, self.d_model)
-        _check_tokens("visual", visual, fn, self.d_model)
+        _check_tokens("x", x, fn, self.d_model, self)
+        _check_tokens("visual", visual, fn, self.d_model, self)
         kv = self.norm_kv(visual)
         attended, weights = self.attn(self.norm_q(x), kv, kv)
         x = x + torch.tanh(self.alpha_attn) * attended
@@ -360,6 +380,8 @@ class FiLM(nn.Module):
         """``(gamma, beta)``, each ``(batch, num_channels)``."""
         if not isinstance(c, torch.Tensor) or c.ndim != 2 or c.shape[1] != self.d_cond:
             raise ValueError(f"FiLM: c must have shape (batch, {self.d_cond}), got {getattr(c, 'shape', c)}")
+        check_float_tensor("c", c, "FiLM")
+        check_module_input("c", c, "FiLM", self)
         delta, beta = self.proj(c).chunk(2, dim=-1)
         return 1.0 + delta, beta
 
@@ -368,6 +390,7 @@ class FiLM(nn.Module):
             raise ValueError(
                 f"FiLM: x must have shape (batch, {self.num_channels}, ...), got {getattr(x, 'shape', x)}"
             )
+        check_float_tensor("x", x, "FiLM")
         gamma, beta = self.params(c)
         if x.shape[0] != gamma.shape[0]:
             raise ValueError(f"FiLM: x and c must share the batch size, got {x.shape[0]} and {c.shape[0]}")
@@ -402,7 +425,7 @@ class PerceiverResampler(nn.Module):
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         fn = "PerceiverResampler"
-        _check_tokens("x", x, fn, self.d_model)
+        _check_tokens("x", x, fn, self.d_model, self)
         batch, length, _ = x.shape
         attend = None
         if mask is not None:
@@ -482,6 +505,7 @@ class VQAModel(nn.Module):
         elif (not isinstance(image_index, torch.Tensor) or image_index.shape != ids.shape[:1]
               or image_index.dtype.is_floating_point):
             raise ValueError(f"{fn}: image_index must be an integer ({ids.shape[0]},) tensor, got {image_index!r}")
+        check_ids("image_index", image_index, fn, images.shape[0])  # -1 would silently mean the last image
         keep = padding_mask(lengths.to(ids.device), ids.shape[1])[:, 0]  # (batch, T)
         tokens = self.text(ids, lengths)
         q = masked_mean(tokens, keep)
@@ -509,6 +533,7 @@ def _check_vqa_data(fn: str, images: object, scene_index: object, ids: object, l
                     answers: object | None) -> None:
     if not isinstance(images, torch.Tensor) or images.ndim != 4:
         raise ValueError(f"{fn}: images must be (num_scenes, 3, H, W), got {getattr(images, 'shape', images)}")
+    check_float_tensor("images", images, fn)
     _check_ids(ids, lengths, fn)
     n = ids.shape[0]
     for name, t in (("scene_index", scene_index), ("answers", answers)):
@@ -562,7 +587,9 @@ def train_vqa(
     if not isinstance(model, VQAModel):
         raise TypeError(f"{fn}: model must be a VQAModel, got {type(model).__name__}")
     _check_vqa_data(fn, images, scene_index, ids, lengths, answers)
-    device = torch.device(device) if device is not None else next(model.parameters()).device
+    check_ids("answers", answers, fn, model.head[-1].out_features)  # not cross_entropy's "Target 5 is out of bounds"
+    check_number("lr", lr, fn, 0.0, low_open=True)
+    device = check_device("device", device, fn) if device is not None else next(model.parameters()).device
     model.to(device).train()
     num_scenes = images.shape[0]
     images, ids, lengths, answers = images.to(device), ids.to(device), lengths.to(device), answers.to(device)
@@ -600,6 +627,7 @@ def predict_vqa(
 ) -> torch.Tensor:
     """Predicted answer indices ``(num_questions,)`` (on the CPU), in evaluation mode."""
     fn = "predict_vqa"
+    check_instance("model", model, fn, VQAModel, "a VQAModel")
     scenes_per_batch = _positive_int("scenes_per_batch", scenes_per_batch, fn)
     _check_vqa_data(fn, images, scene_index, ids, lengths, None)
     device = next(model.parameters()).device

@@ -278,3 +278,45 @@ def test_train_and_predict_vqa():
         train_vqa(nn.Linear(2, 2), *data, epochs=1)
     with pytest.raises(ValueError, match="scenes_per_batch"):
         predict_vqa(model, *data[:4], scenes_per_batch=0)
+
+
+def test_negative_indices_empty_questions_and_dtype_mixes_are_refused():
+    images = torch.rand(2, 3, 32, 32)
+    ids, lengths = torch.randint(0, 10, (2, 5)), torch.tensor([5, 3])
+    for fusion in ("question", "image", "concat", "film", "cross"):
+        model = VQAModel(fusion, 10, 5, d_model=16, num_heads=2)
+        for bad in (-1, 2):  # -1 silently meant the last image
+            with pytest.raises(ValueError, match=r"VQAModel: image_index must lie in \[0, 2\)"):
+                model(images, ids, lengths, torch.tensor([bad, 0]))
+        with pytest.raises(ValueError, match=r"VQAModel: lengths must lie in \[1, T=5\]"):
+            model(images, ids, torch.tensor([0, 3]))  # an empty question got an input-independent answer
+    model = VQAModel("cross", 10, 5, d_model=16, num_heads=2)
+    with pytest.raises(ValueError, match=r"TextTransformer: ids must lie in \[0, 10\)"):
+        model(images, torch.full((2, 5), -1), lengths)
+    with pytest.raises(TypeError, match="PatchEncoder: images has dtype torch.float64"):
+        model(images.double(), ids, lengths)
+    scene_index, answers = torch.tensor([0, 1]), torch.tensor([1, 2])
+    with pytest.raises(ValueError, match=r"train_vqa: answers must lie in \[0, 5\)"):
+        train_vqa(model, images, scene_index, ids, lengths, torch.tensor([1, 5]), epochs=1)
+    with pytest.raises(ValueError, match="train_vqa: lr must be a positive number, got nan"):
+        train_vqa(model, images, scene_index, ids, lengths, answers, epochs=1, lr=math.nan)
+    with pytest.raises(TypeError, match="predict_vqa: model must be a VQAModel, got NoneType"):
+        predict_vqa(None, images, scene_index, ids, lengths)
+    x, visual = torch.randn(2, 5, 16), torch.randn(2, 9, 16)
+    for block in (CrossAttentionBlock(16, 2), GatedCrossAttentionBlock(16, 2)):
+        with pytest.raises(TypeError, match="CrossAttentionBlock: visual has dtype torch.float64"):
+            block(x, visual.double())  # not LayerNorm's "mixed dtype (CPU)"
+    with pytest.raises(TypeError, match="PerceiverResampler: x has dtype torch.float64"):
+        PerceiverResampler(16, 4, 2)(x.double())
+    with pytest.raises(ValueError, match=r"FeedForward: x must have shape \(\.\.\., 16\), got \(2, 5, 8\)"):
+        FeedForward(16)(torch.randn(2, 5, 8))
+    with pytest.raises(ValueError, match=r"SelfAttentionBlock: x must have shape \(batch, seq, 16\)"):
+        SelfAttentionBlock(16, 2)(torch.randn(2, 5, 8))
+    with pytest.raises(TypeError, match="FiLM: c has dtype torch.float64"):
+        FiLM(16, 16)(torch.randn(2, 16), torch.randn(2, 16, dtype=torch.float64))
+    with pytest.raises(ValueError, match="PatchEncoder: pixel_std must be a positive number, got inf"):
+        PatchEncoder(pixel_std=math.inf)  # every pixel would become 0
+    with pytest.raises(TypeError, match="TextTransformer: causal must be True or False, got str"):
+        TextTransformer(10, causal="no")
+    with pytest.raises(TypeError, match="masked_mean: x must be a floating-point tensor"):
+        masked_mean(torch.ones(2, 3, 4, dtype=torch.long), None)

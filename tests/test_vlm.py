@@ -170,7 +170,7 @@ def test_bad_inputs(setup):
         model.embed(torch.zeros(1, 4), images[:1])
     with pytest.raises(ValueError, match="exceed block_size"):
         model.generate(images[:1], torch.tensor([vocab.encode(CAPTION_PROMPT)]), 40)
-    with pytest.raises(ValueError, match="beam_size must be positive"):
+    with pytest.raises(ValueError, match="beam_size must be (a )?positive"):
         model.beam_search(images[:1], torch.tensor([vocab.encode(CAPTION_PROMPT)]), 0, 4)
     with pytest.raises(ValueError, match="image_token_id"):
         encode_examples(vocab, [[("a", "b")]], 3, 9)
@@ -217,3 +217,44 @@ def test_pretrain_patch_encoder_does_not_depend_on_the_global_random_state(setup
         results.append((history, [p.detach().clone() for p in model.encoder.parameters()]))
     assert results[0][0] == results[1][0]
     assert all(torch.equal(a, b) for a, b in zip(results[0][1], results[1][1], strict=True))
+
+
+def test_pretrained_cache_names_a_wrong_or_truncated_file(tmp_path, monkeypatch):
+    # Planted files at the name of the default model's cache entry: pretrained_shapes_vlm must refuse each of them
+    # with an error naming the file instead of loading (or silently retraining over) it.
+    import re
+
+    from mmbook.cache import CacheError, save_tensors
+    from mmbook.vlm import _build, _cache_key, _cache_path
+
+    monkeypatch.setenv("MMBOOK_CACHE_DIR", str(tmp_path))
+    recipe, device = ShapesVLMRecipe(), torch.device("cpu")
+    key, path = _cache_key(0, recipe, device), _cache_path(0, recipe, device)
+    vocab = shapes_vocab()
+    untrained = {k: v.clone() for k, v in _build(vocab, recipe).state_dict().items()}
+    blob = {"itos": list(vocab.itos), "history": {s: [1.0] for s in ("encoder", "lm", "align", "full")},
+            "states": {s: untrained for s in ("lm", "align", "full")}}
+    name = re.escape(str(path))
+
+    torch.save(untrained, path)  # a plain .pt of untrained weights: no header, not a cache file
+    with pytest.raises(CacheError, match=f"{name} is not an mmbook cache file"):
+        pretrained_shapes_vlm(0, "cpu")
+
+    smaller = VisionLanguageModel(len(vocab), d_model=16, n_layer=1, n_head=2, block_size=48, d_vision=16)
+    save_tensors(path, key, {**blob, "states": {s: smaller.state_dict() for s in ("lm", "align", "full")}})
+    with pytest.raises(CacheError, match=f"{name} holds weights for stage 'lm' that do not fit the model"):
+        pretrained_shapes_vlm(0, "cpu")  # a valid file with the wrong content (another model's weights)
+
+    save_tensors(path, key, blob)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) - 1000])
+    with pytest.raises(CacheError, match=f"{name} is truncated"):
+        pretrained_shapes_vlm(0, "cpu")
+
+    save_tensors(path, {**key, "seed": 1}, blob)  # written for other settings
+    with pytest.raises(CacheError, match=f"{name} was written for other settings"):
+        pretrained_shapes_vlm(0, "cpu")
+
+    save_tensors(path, key, blob)  # well-formed: loads (the cache checks integrity, not quality)
+    model, loaded_vocab = pretrained_shapes_vlm(0, "cpu", stage="align")
+    assert loaded_vocab.itos == vocab.itos and torch.equal(model.projector[0].weight, untrained["projector.0.weight"])
