@@ -25,8 +25,10 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from mmbook.checks import check_device, check_finite, check_instance, check_like, check_number
+from mmbook.checks import positive_int as _positive_int
 from mmbook.core import torch_generator
-from mmbook.crossmodal import TextTransformer, _positive_int, masked_mean
+from mmbook.crossmodal import TextTransformer, _check_ids, masked_mean
 from mmbook.data import RELATIONS
 
 __all__ = [
@@ -82,6 +84,7 @@ def _check_similarity(similarity: object, fn: str) -> torch.Tensor:
     if similarity.ndim != 2 or 0 in similarity.shape:
         raise ValueError(f"{fn}: similarity must be a non-empty (queries, candidates) matrix, "
                          f"got shape {tuple(similarity.shape)}")
+    check_finite("similarity", similarity, fn)  # NaN compares False: every query would count as a hit
     return similarity
 
 
@@ -101,6 +104,7 @@ def clip_logits(image_embeds: torch.Tensor, text_embeds: torch.Tensor,
     if image_embeds.shape[1] != text_embeds.shape[1]:
         raise ValueError(f"{fn}: image_embeds and text_embeds must share embed_dim, got {tuple(image_embeds.shape)} "
                          f"and {tuple(text_embeds.shape)}")
+    check_like("text_embeds", text_embeds, fn, "image_embeds", image_embeds)
     scale = _check_scale(logit_scale, fn)
     image_embeds = nn.functional.normalize(image_embeds, dim=-1)
     text_embeds = nn.functional.normalize(text_embeds, dim=-1)
@@ -147,18 +151,6 @@ def clip_loss(
 
 
 # ----------------------------------------------------------------------------- text towers
-def _check_ids(ids: object, lengths: object, fn: str) -> None:
-    if not isinstance(ids, torch.Tensor) or ids.ndim != 2 or torch.is_floating_point(ids) or ids.dtype == torch.bool:
-        got = f"{ids.dtype} {tuple(ids.shape)}" if isinstance(ids, torch.Tensor) else type(ids).__name__
-        raise ValueError(f"{fn}: ids must be an integer tensor of shape (batch, T), got {got}")
-    if lengths is not None:
-        if not isinstance(lengths, torch.Tensor) or lengths.shape != (ids.shape[0],):
-            got = tuple(lengths.shape) if isinstance(lengths, torch.Tensor) else type(lengths).__name__
-            raise ValueError(f"{fn}: lengths must be a ({ids.shape[0]},) tensor, got {got}")
-        if bool((lengths < 1).any()) or bool((lengths > ids.shape[1]).any()):
-            raise ValueError(f"{fn}: lengths must lie in [1, {ids.shape[1]}], got {lengths.tolist()}")
-
-
 def _token_mask(ids: torch.Tensor, lengths: torch.Tensor | None) -> torch.Tensor:
     positions = torch.arange(ids.shape[1], device=ids.device)
     if lengths is None:
@@ -343,6 +335,9 @@ def train_dual_encoder(
         raise TypeError(f"{fn}: media must be a floating-point tensor (N, ...), got "
                         f"{getattr(media, 'shape', type(media).__name__)}")
     _check_ids(ids, lengths, fn)
+    if lengths is None:
+        raise ValueError(f"{fn}: lengths is required, one length per caption")
+    check_finite("media", media, fn)
     n = media.shape[0]
     if ids.shape[0] != n:
         raise ValueError(f"{fn}: media and ids must have the same number of pairs, got {n} and {ids.shape[0]}")
@@ -350,9 +345,11 @@ def train_dual_encoder(
                                or torch.is_floating_point(groups)):
         raise ValueError(f"{fn}: groups must be an integer tensor of shape ({n},), got "
                          f"{getattr(groups, 'shape', type(groups).__name__)}")
-    if not lr > 0:
-        raise ValueError(f"{fn}: lr must be positive, got {lr!r}")
-    device = torch.device(device) if device is not None else next(model.parameters()).device
+    check_number("lr", lr, fn, 0.0, low_open=True)
+    check_number("weight_decay", weight_decay, fn, 0.0)
+    if hard_negatives is not None:
+        check_instance("hard_negatives", hard_negatives, fn, Callable, "a callable rows -> (ids, lengths) or None")
+    device = check_device("device", device, fn) if device is not None else next(model.parameters()).device
     model.to(device).train()
     generator = torch_generator(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay,
@@ -395,6 +392,9 @@ def encode(encoder: Callable[..., torch.Tensor], *inputs: torch.Tensor, batch_si
     their first dimension ``N``) in batches, without gradients, and return the stacked ``(N, embed_dim)`` result on
     the CPU. Modules that ``encoder`` belongs to are put in eval mode by the caller."""
     batch_size = _positive_int("batch_size", batch_size, "encode")
+    check_instance("encoder", encoder, "encode", Callable, "a callable (e.g. model.encode_media)")
+    if device is not None:
+        device = check_device("device", device, "encode")
     if not inputs or not all(isinstance(t, torch.Tensor) for t in inputs):
         raise TypeError("encode: inputs must be one or more tensors")
     n = inputs[0].shape[0]
@@ -461,6 +461,9 @@ def zero_shot_classify(media_embeds: torch.Tensor, class_embeds: torch.Tensor) -
     if media_embeds.shape[1] != class_embeds.shape[1]:
         raise ValueError(f"{fn}: media_embeds and class_embeds must share embed_dim, got "
                          f"{tuple(media_embeds.shape)} and {tuple(class_embeds.shape)}")
+    check_like("class_embeds", class_embeds, fn, "media_embeds", media_embeds)
+    check_finite("media_embeds", media_embeds, fn)  # the arg-max of a NaN row is class 0
+    check_finite("class_embeds", class_embeds, fn)
     return clip_logits(media_embeds, class_embeds, 1.0).argmax(dim=1)
 
 

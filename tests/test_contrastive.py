@@ -312,3 +312,37 @@ def test_train_dual_encoder_and_encode_reject_bad_input():
         encode(model.encode_text, ids, lengths[:3])
     with pytest.raises(TypeError, match="tensors"):
         encode(model.encode_media)
+
+
+def test_nan_never_becomes_a_hit_or_a_class_and_dtype_mixes_are_named():
+    sim = torch.randn(4, 4)
+    for bad in (torch.full((4, 4), math.nan), sim.masked_fill(torch.eye(4, dtype=torch.bool), math.nan)):
+        with pytest.raises(ValueError, match="recall_at_k: similarity contains NaN"):
+            recall_at_k(bad, 1)  # was 1.0: NaN compares False, so no wrong candidate ranked above
+    media, classes = torch.randn(4, 8), torch.randn(3, 8)
+    with pytest.raises(ValueError, match="zero_shot_classify: media_embeds contains NaN"):
+        zero_shot_classify(media * math.nan, classes)  # was class 0 for every example
+    with pytest.raises(ValueError, match="zero_shot_classify: class_embeds contains NaN"):
+        zero_shot_classify(media, classes * math.nan)
+    with pytest.raises(TypeError, match="clip_logits: text_embeds and image_embeds must have the same dtype"):
+        clip_logits(media, media.double(), 10.0)
+    bow = BagOfWordsEncoder(10, 8, 16)
+    ids = torch.randint(0, 10, (2, 5))
+    with pytest.raises(TypeError, match="BagOfWordsEncoder: lengths must be an integer tensor"):
+        bow(ids, torch.tensor([2.5, 3.0]))  # a fractional length made a plausible embedding
+    model = DualEncoder(nn.Linear(4, 8), bow)
+    pairs = torch.randn(2, 4)
+    with pytest.raises(ValueError, match="train_dual_encoder: lr must be a positive number, got inf"):
+        train_dual_encoder(model, pairs, ids, torch.tensor([5, 3]), epochs=1, lr=math.inf)
+    with pytest.raises(ValueError, match="train_dual_encoder: weight_decay must be a number >= 0, got nan"):
+        train_dual_encoder(model, pairs, ids, torch.tensor([5, 3]), epochs=1, weight_decay=math.nan)
+    with pytest.raises(ValueError, match="train_dual_encoder: lengths is required"):
+        train_dual_encoder(model, pairs, ids, None, epochs=1)
+    with pytest.raises(ValueError, match="train_dual_encoder: media contains NaN"):
+        train_dual_encoder(model, pairs * math.nan, ids, torch.tensor([5, 3]), epochs=1)
+    with pytest.raises(TypeError, match="train_dual_encoder: hard_negatives must be a callable"):
+        train_dual_encoder(model, pairs, ids, torch.tensor([5, 3]), epochs=1, hard_negatives=3)
+    with pytest.raises(TypeError, match="encode: encoder must be a callable"):
+        encode(3, pairs)
+    with pytest.raises(ValueError, match="encode: device must name a torch device"):
+        encode(model.encode_media, pairs, device="tpu")
