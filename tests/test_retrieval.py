@@ -109,3 +109,20 @@ def test_load_minilm_gives_a_working_sentence_encoder():
     assert vectors.shape == (3, 384)
     sims = vectors @ vectors.T
     assert sims[0, 1] > sims[0, 2] + 0.3  # a paraphrase is much closer than an unrelated question
+
+
+def test_nan_scores_and_degenerate_embeddings_are_refused():
+    scores = torch.randn(3, 5)
+    relevant = torch.tensor([0, 1, 2])
+    for bad in (torch.full((3, 5), float("nan")), scores.masked_fill(scores > 0, float("nan"))):
+        with pytest.raises(ValueError, match="rank_of_first_relevant: scores contains NaN"):
+            rank_of_first_relevant(bad, relevant)  # was rank 1: NaN compares False with everything
+        with pytest.raises(ValueError, match="scores contains NaN"):
+            recall_at_k(bad, relevant, 1)
+    with pytest.raises(ValueError, match="DocumentStore: embeddings contains NaN"):
+        DocumentStore(["a", "b"], ["x", "y"], torch.tensor([[1.0, 0.0], [float("nan"), 0.0]]))
+    with pytest.raises(ValueError, match="DocumentStore: every embedding row must be non-zero"):
+        DocumentStore(["a", "b"], ["x", "y"], torch.tensor([[1.0, 0.0], [0.0, 0.0]]))
+    store = DocumentStore(["a", "b"], ["x", "y"], torch.eye(2))
+    with pytest.raises(ValueError, match="DocumentStore.scores: queries contains NaN"):
+        store.search(torch.tensor([[float("nan"), 1.0]]), k=1)
