@@ -30,7 +30,9 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 from torch.utils.flop_counter import FlopCounterMode
 
-from mmbook.gpt import GPT, GPTConfig
+from mmbook.checks import check_bool, check_ids, check_instance
+from mmbook.checks import positive_int as _positive_int  # the name the shown functions use
+from mmbook.gpt import GPT, GPTConfig, _check_config
 
 __all__ = [
     "FlopCount",
@@ -54,21 +56,8 @@ def _is_int(x: object) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
 
-def _positive_int(name: str, x: object, fn: str) -> int:
-    if not _is_int(x) or x < 1:
-        raise ValueError(f"{fn}: {name} must be a positive int, got {x!r}")
-    return x
-
-
-def _check_config(config: object, fn: str) -> GPTConfig:
-    if not isinstance(config, GPTConfig):
-        raise TypeError(f"{fn}: config must be a GPTConfig, got {type(config).__name__}")
-    return config
-
-
 def _check_module(model: object, fn: str, cls: type = nn.Module) -> None:
-    if not isinstance(model, cls):
-        raise TypeError(f"{fn}: model must be a {cls.__name__}, got {type(model).__name__}")
+    check_instance("model", model, fn, cls, f"a {cls.__name__}")
 
 
 def _check_tokens(idx: object, targets: object, fn: str) -> None:
@@ -93,6 +82,7 @@ def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
     only once. With ``trainable_only`` only parameters with ``requires_grad`` are counted.
     """
     _check_module(model, "count_parameters")
+    check_bool("trainable_only", trainable_only, "count_parameters")
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
 
 
@@ -351,6 +341,7 @@ def accumulate_gradients(
     _positive_int("micro_batch_size", micro_batch_size, fn)
     if not _is_int(ignore_index):
         raise TypeError(f"{fn}: ignore_index must be an int, got {type(ignore_index).__name__}")
+    check_ids("targets", targets, fn, model.config.vocab_size, allow=(ignore_index,))
     n_tokens = int((targets != ignore_index).sum())
     if n_tokens == 0:
         raise ValueError(f"{fn}: every target equals ignore_index={ignore_index}; there is no loss to average")

@@ -78,7 +78,7 @@ def test_training_flops():
     assert training_flops(124_000_000, 10**9) == 6 * 124_000_000 * 10**9
     with pytest.raises(ValueError, match="n_tokens must be a positive int"):
         training_flops(10, 0)
-    with pytest.raises(ValueError, match="n_params"):
+    with pytest.raises(TypeError, match="n_params must be an int, got float"):
         training_flops(1.5, 10)
 
 
@@ -219,3 +219,15 @@ def test_zero_memory_reproduces_the_paper():
         zero_memory_per_gpu(1000, 0, 1)
     with pytest.raises(ValueError, match="optimizer_bytes must be a number"):
         zero_memory_per_gpu(1000, 2, 1, optimizer_bytes=-1)
+
+
+def test_accumulate_gradients_range_checks_targets():
+    from mmbook.gpt import GPT, GPTConfig
+
+    mmbook_model = GPT(GPTConfig(vocab_size=16, block_size=8, n_layer=1, n_head=2, d_model=8))
+    idx = torch.zeros(2, 4, dtype=torch.long)
+    for bad in (16, -1):  # not cross_entropy's "Target 16 is out of bounds"
+        with pytest.raises(ValueError, match=r"accumulate_gradients: targets must lie in \[0, 16\) \(or -100\)"):
+            accumulate_gradients(mmbook_model, idx, torch.full((2, 4), bad), 1)
+    with pytest.raises(TypeError, match="count_parameters: trainable_only must be True or False, got str"):
+        count_parameters(mmbook_model, trainable_only="yes")
