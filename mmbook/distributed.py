@@ -36,6 +36,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel
 
+from mmbook.checks import check_device, check_ids, check_int, check_number
 from mmbook.core import set_seed, torch_generator
 from mmbook.gpt import GPT, GPTConfig
 
@@ -100,12 +101,17 @@ class DDPJob:
                 isinstance(t, torch.Tensor) and t.dtype == torch.long and t.ndim == 2 for t in pair)
             if not ok or pair[0].shape != pair[1].shape:
                 raise TypeError(f"{fn}: batches[{i}] must be a pair of int64 (batch, T) tensors of equal shape")
+            if pair[0].shape[1] > self.config.block_size:
+                raise ValueError(f"{fn}: batches[{i}] has T={pair[0].shape[1]} > block_size={self.config.block_size}")
+            check_ids(f"batches[{i}] idx", pair[0], fn, self.config.vocab_size)  # checked here, not in a child process
+            check_ids(f"batches[{i}] targets", pair[1], fn, self.config.vocab_size, allow=(-100,))
         if self.dtype not in (torch.float32, torch.float64):
             raise ValueError(f"{fn}: dtype must be torch.float32 or torch.float64, got {self.dtype}")
         if self.backend not in _BACKENDS:
             raise ValueError(f"{fn}: backend must be one of {_BACKENDS}, got {self.backend!r}")
-        if isinstance(self.lr, bool) or not isinstance(self.lr, (int, float)) or self.lr <= 0:
-            raise ValueError(f"{fn}: lr must be a positive number, got {self.lr!r}")
+        check_number("lr", self.lr, fn, 0.0, low_open=True)
+        check_number("weight_decay", self.weight_decay, fn, 0.0)
+        check_int("seed", self.seed, fn, 0, 2**32 - 1)
 
 
 @dataclass
@@ -134,7 +140,7 @@ def ddp_train(job: DDPJob, rank: int, world_size: int, device: torch.device | No
         raise RuntimeError("ddp_train: call torch.distributed.init_process_group first")
     if not isinstance(job, DDPJob):
         raise TypeError(f"ddp_train: job must be a DDPJob, got {type(job).__name__}")
-    device = torch.device("cpu") if device is None else device
+    device = torch.device("cpu") if device is None else check_device("device", device, "ddp_train")
     set_seed(job.seed)
     model = GPT(job.config).to(device=device, dtype=job.dtype)
     ddp_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
@@ -250,6 +256,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seq-len", type=int, default=64)
     parser.add_argument("--lr", type=float, default=1e-3)
     args = parser.parse_args(argv)
+    for flag, value in (("--steps", args.steps), ("--batch-size", args.batch_size), ("--seq-len", args.seq_len),
+                        ("--lr", args.lr)):
+        if not value > 0 or value == float("inf"):
+            parser.error(f"{flag} must be positive, got {value}")
     if "RANK" not in os.environ:
         parser.error("run me under torchrun, e.g. torchrun --standalone --nproc_per_node=2 -m mmbook.distributed")
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])

@@ -92,3 +92,20 @@ def test_ddp_two_gloo_processes_equal_single_process():
             torch.testing.assert_close(result.params[rank][name], p.detach(), rtol=1e-10, atol=1e-12)
     # each rank saw a different half of the batch, so their local losses differ
     assert result.losses[0] != result.losses[1]
+
+
+def test_job_settings_and_token_ids_are_checked_in_the_parent():
+    config = GPTConfig(vocab_size=16, block_size=8, n_layer=1, n_head=2, d_model=8)
+    good = torch.zeros(2, 4, dtype=torch.long)
+    for bad in (16, -1):  # a child process would fail with a log tail instead
+        with pytest.raises(ValueError, match=r"DDPJob: batches\[0\] idx must lie in \[0, 16\)"):
+            DDPJob(config, [(torch.full((2, 4), bad), good)])
+    with pytest.raises(ValueError, match=r"DDPJob: batches\[0\] has T=9 > block_size=8"):
+        DDPJob(config, [(torch.zeros(2, 9, dtype=torch.long), torch.zeros(2, 9, dtype=torch.long))])
+    for name, bad in (("lr", float("nan")), ("weight_decay", float("nan"))):
+        with pytest.raises(ValueError, match=f"DDPJob: {name} must be"):
+            DDPJob(config, [(good, good)], **{name: bad})
+    with pytest.raises(ValueError, match="DDPJob: seed must be an int in"):
+        DDPJob(config, [(good, good)], seed=-1)
+    with pytest.raises(SystemExit):
+        main(["--steps", "0"])
