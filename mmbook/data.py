@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from mmbook.checks import check_bool, check_instance, check_int, check_number
 from mmbook.core import numpy_rng, torch_generator
 from mmbook.core import seed as _book_seed
 
@@ -55,13 +56,7 @@ def cache_dir() -> Path:
     return _cache_dir()
 
 
-def _check_int(name: str, value: object, fn: str, low: int, high: int | None = None) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"{fn}: {name} must be an int, got {type(value).__name__}")
-    if value < low or (high is not None and value > high):
-        bound = f"[{low}, {high}]" if high is not None else f">= {low}"
-        raise ValueError(f"{fn}: {name} must be {bound}, got {value}")
-    return int(value)
+_check_int = check_int
 
 
 # ----------------------------------------------------------------------------- audio-visual digits
@@ -82,8 +77,7 @@ def spoken_digit_recordings(
     recordings_per_digit = _check_int("recordings_per_digit", recordings_per_digit, fn, 1, 1000)
     sample_rate = _check_int("sample_rate", sample_rate, fn, 4000, 48000)
     seed = _check_int("seed", seed, fn, 0)
-    if not isinstance(duration, (int, float)) or not 0.2 <= duration <= 5.0:
-        raise ValueError(f"{fn}: duration must be between 0.2 and 5.0 seconds, got {duration!r}")
+    check_number("duration", duration, fn, 0.2, 5.0)
     from mmbook.cache import cache_path, load_arrays, save_arrays
     from mmbook.speech import VOICE_VARIANTS, synthesize_many
 
@@ -170,6 +164,7 @@ class AudioVisualDigits(Dataset):
 
     def waveform(self, index: int) -> torch.Tensor:
         """The noisy waveform of item ``index``: recording + Gaussian noise at ``snr_db[index]``."""
+        index = _check_item(index, len(self), "AudioVisualDigits.waveform")  # -1 gets item n-1's noise
         clean = self.recordings[self.recording_index[index]]
         if not torch.isfinite(self.snr_db[index]):
             return clean.clone()
@@ -183,9 +178,7 @@ class AudioVisualDigits(Dataset):
         return torch.stack([self.waveform(i) for i in range(len(self))])
 
     def __getitem__(self, index: int) -> dict[str, object]:
-        if not -len(self) <= index < len(self):
-            raise IndexError(f"AudioVisualDigits: index {index} out of range for {len(self)} items")
-        index = index % len(self)
+        index = _check_item(index, len(self), "AudioVisualDigits")
         label = self.labels[index]
         return {
             "image": self.images[index],
@@ -220,8 +213,12 @@ def audio_visual_digits(
     seed = _check_int("seed", seed, fn, 0)
     if not isinstance(test_fraction, float) or not 0.05 <= test_fraction <= 0.5:
         raise ValueError(f"{fn}: test_fraction must be a float in [0.05, 0.5], got {test_fraction!r}")
-    if snr_db is not None and (len(snr_db) != 2 or snr_db[0] > snr_db[1]):
-        raise ValueError(f"{fn}: snr_db must be None or a (low, high) pair with low <= high, got {snr_db!r}")
+    if snr_db is not None:  # a NaN bound would give NaN ratios, and NaN meant clean audio
+        if not isinstance(snr_db, Sequence) or isinstance(snr_db, str) or len(snr_db) != 2:
+            raise TypeError(f"{fn}: snr_db must be None or a (low, high) pair of numbers, got {snr_db!r}")
+        low, high = (check_number(f"snr_db[{i}]", v, fn) for i, v in enumerate(snr_db))
+        if low > high:
+            raise ValueError(f"{fn}: snr_db must be None or a (low, high) pair with low <= high, got {snr_db!r}")
     recordings_per_digit = _check_int("recordings_per_digit", recordings_per_digit, fn, 4, 1000)
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
@@ -298,6 +295,28 @@ class Scene:
     jitter: list[tuple[int, int, int]] = field(default_factory=list)  # (dy, dx, dsize) per object
 
 
+def _check_item(index: object, n: int, fn: str) -> int:
+    """A dataset index in ``[-n, n)`` (negative counts from the end, as for a list), returned in ``[0, n)``."""
+    if isinstance(index, torch.Tensor) and index.numel() == 1 and not index.is_floating_point() \
+            and index.dtype != torch.bool:
+        index = int(index.item())
+    if isinstance(index, (bool, np.bool_)) or not isinstance(index, (int, np.integer)):
+        raise TypeError(f"{fn}: index must be an int, got {type(index).__name__}")
+    if not -n <= index < n:
+        raise IndexError(f"{fn}: index {index} out of range for {n} items")
+    return int(index) % n
+
+
+def _check_scene(scene: object, fn: str) -> Scene:
+    check_instance("scene", scene, fn, Scene, "a Scene")
+    for obj in scene.objects:
+        if not isinstance(obj, ShapeObject) or obj.shape not in SHAPES or obj.colour not in COLOURS \
+                or not (0 <= obj.row < scene.grid and 0 <= obj.col < scene.grid):
+            raise ValueError(f"{fn}: scene objects must be ShapeObjects with a shape in {SHAPES}, a colour in "
+                             f"{tuple(COLOURS)} and a cell inside the {scene.grid}x{scene.grid} grid, got {obj!r}")
+    return scene
+
+
 def _relation(a: ShapeObject, b: ShapeObject, vertical_first: bool) -> str:
     vertical = "above" if a.row < b.row else "below" if a.row > b.row else None
     horizontal = "left of" if a.col < b.col else "right of" if a.col > b.col else None
@@ -314,9 +333,10 @@ def _holds(a: ShapeObject, relation: str, b: ShapeObject) -> bool:
 def describe_scene(scene: Scene, rng: np.random.Generator | None = None) -> str:
     """A caption: ``"a red circle"``, ``"a red circle above a blue square"`` or, for three or more
     objects, the relation between the first two followed by ``"and a green triangle"``."""
-    objs = scene.objects
+    objs = _check_scene(scene, "describe_scene").objects
     if not objs:
         raise ValueError("describe_scene: scene has no objects")
+    check_instance("rng", rng, "describe_scene", (np.random.Generator, type(None)), "a numpy Generator or None")
     if len(objs) == 1:
         return f"a {objs[0].name}"
     vertical_first = True if rng is None else bool(rng.integers(0, 2))
@@ -333,7 +353,10 @@ def scene_questions(scene: Scene, rng: np.random.Generator) -> list[tuple[str, s
     ``count`` (all objects, or of one shape; answers are number words), ``exists`` (yes/no,
     balanced) and ``relation`` (yes/no, true and false relations balanced).
     """
-    objs = scene.objects
+    objs = _check_scene(scene, "scene_questions").objects
+    check_instance("rng", rng, "scene_questions", np.random.Generator, "a numpy Generator")
+    if not objs:
+        raise ValueError("scene_questions: scene has no objects")
     out: list[tuple[str, str, str]] = []
     shape_counts = {s: sum(o.shape == s for o in objs) for s in SHAPES}
     colour_counts = {c: sum(o.colour == c for o in objs) for c in COLOURS}
@@ -373,7 +396,7 @@ def scene_questions(scene: Scene, rng: np.random.Generator) -> list[tuple[str, s
 
 def render_scene(scene: Scene, image_size: int = 32) -> torch.Tensor:
     """Rasterise a scene to a ``(3, image_size, image_size)`` uint8 image on a light background."""
-    image_size = _check_int("image_size", image_size, "render_scene", 8 * scene.grid, 512)
+    image_size = _check_int("image_size", image_size, "render_scene", 8 * _check_scene(scene, "render_scene").grid, 512)
     img = np.full((image_size, image_size, 3), 235, dtype=np.uint8)
     cell = image_size / scene.grid
     yy, xx = np.mgrid[0:image_size, 0:image_size].astype(np.float32) + 0.5
@@ -424,8 +447,7 @@ class ShapesScenes(Dataset):
         return len(self.scenes)
 
     def __getitem__(self, index: int) -> dict[str, object]:
-        if not -len(self) <= index < len(self):
-            raise IndexError(f"ShapesScenes: index {index} out of range for {len(self)} items")
+        index = _check_item(index, len(self), "ShapesScenes")
         return {
             "image": self.images[index].float() / 255.0,
             "caption": self.captions[index],
@@ -435,6 +457,8 @@ class ShapesScenes(Dataset):
 
     def qa_pairs(self, kinds: Sequence[str] | None = None) -> list[tuple[int, str, str, str]]:
         """Flatten to ``(scene_index, question, answer, kind)``, optionally only some kinds."""
+        if isinstance(kinds, str):
+            raise TypeError(f"qa_pairs: kinds must be a sequence of kinds such as ['colour'], got {kinds!r}")
         if kinds is not None:
             bad = [k for k in kinds if k not in QUESTION_KINDS]
             if bad:
@@ -510,6 +534,8 @@ class WordVocab:
 
     def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
         """Word ids of ``text`` (unknown words map to ``<unk>``), optionally framed by ``<bos>``/``<eos>``."""
+        check_bool("bos", bos, "WordVocab.encode")
+        check_bool("eos", eos, "WordVocab.encode")
         ids = [self.stoi.get(w, self.UNK) for w in self.split(text)]
         return ([self.BOS] if bos else []) + ids + ([self.EOS] if eos else [])
 
@@ -535,8 +561,12 @@ class WordVocab:
             if ids.ndim != 1:
                 raise ValueError(f"WordVocab.decode: ids must be 1-D, got shape {tuple(ids.shape)}")
             ids = ids.tolist()
+        if isinstance(ids, (str, bytes)) or not isinstance(ids, Sequence):
+            raise TypeError(f"WordVocab.decode: ids must be a sequence or 1-D tensor of ints, got {type(ids).__name__}")
         words = []
         for i in ids:
+            if isinstance(i, bool) or not isinstance(i, (int, np.integer)):  # int(4.7) would silently be 4
+                raise TypeError(f"WordVocab.decode: ids must be ints, got {type(i).__name__}")
             if not 0 <= int(i) < len(self.itos):
                 raise ValueError(f"WordVocab.decode: id {i} out of range for a vocabulary of {len(self.itos)}")
             if skip_special and int(i) < len(self.SPECIALS):

@@ -14,6 +14,7 @@ from mmbook.data import (
     render_scene,
     scene_questions,
     shapes_scenes,
+    spoken_digit_recordings,
 )
 
 
@@ -60,13 +61,13 @@ def test_qa_pairs_and_bad_input():
     assert all(k == "count" for *_, k in ds.qa_pairs(["count"]))
     with pytest.raises(ValueError, match="unknown kinds"):
         ds.qa_pairs(["size"])
-    with pytest.raises(ValueError, match=r"max_objects must be \[4, 9\], got 2"):
+    with pytest.raises(ValueError, match=r"max_objects must be an int in \[4, 9\], got 2"):
         shapes_scenes(5, min_objects=4, max_objects=2)
     with pytest.raises(TypeError, match="n must be an int, got float"):
         shapes_scenes(5.0)
     with pytest.raises(IndexError, match="out of range"):
         ds[10]
-    with pytest.raises(ValueError, match="unknown shape"):
+    with pytest.raises(ValueError, match="scene objects must be ShapeObjects with a shape in"):
         render_scene(Scene([ShapeObject("star", "red", 0, 0)], grid=3))
 
 
@@ -116,3 +117,29 @@ def test_word_vocab_bad_input():
         vocab.decode([99])
     with pytest.raises(TypeError, match="not one string"):
         vocab.encode_batch("a red circle")
+
+
+def test_nan_noise_bounds_and_silent_conversions_are_refused():
+    with pytest.raises(ValueError, match=r"audio_visual_digits: snr_db\[0\] must be a finite number"):
+        audio_visual_digits(snr_db=(float("nan"), 10.0))  # NaN ratios meant clean audio
+    with pytest.raises(TypeError, match="audio_visual_digits: snr_db must be None or a \\(low, high\\) pair"):
+        audio_visual_digits(snr_db=10)
+    with pytest.raises(TypeError, match="spoken_digit_recordings: duration must be a number, got bool"):
+        spoken_digit_recordings(duration=True)
+    ds = audio_visual_digits("test")
+    assert torch.equal(ds.waveform(-1), ds.waveform(len(ds) - 1))  # one item, one noise draw
+    assert torch.equal(ds[-1]["waveform"], ds.waveform(len(ds) - 1))
+    vocab = WordVocab(["a red circle"])
+    with pytest.raises(TypeError, match="WordVocab.decode: ids must be ints, got float"):
+        vocab.decode([4.7])  # was word 4
+    with pytest.raises(TypeError, match="WordVocab.encode: bos must be True or False, got str"):
+        vocab.encode("a", bos="no")
+    off_grid = Scene([ShapeObject("circle", "red", 5, 0)], grid=3)
+    with pytest.raises(ValueError, match="render_scene: scene objects must be"):
+        render_scene(off_grid)  # drew nothing
+    with pytest.raises(TypeError, match="describe_scene: scene must be a Scene, got int"):
+        describe_scene(3)
+    with pytest.raises(TypeError, match="scene_questions: rng must be a numpy Generator, got NoneType"):
+        scene_questions(Scene([ShapeObject("circle", "red", 0, 0)], grid=3), None)
+    with pytest.raises(TypeError, match="qa_pairs: kinds must be a sequence of kinds"):
+        shapes_scenes(2).qa_pairs("colour")
