@@ -14,7 +14,7 @@ its elements.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import numpy as np
@@ -22,9 +22,24 @@ import torch
 from torch import nn
 
 __all__ = [
-    "check_bool", "check_choice", "check_device", "check_finite", "check_float_tensor", "check_ids", "check_index",
-    "check_instance", "check_int", "check_int_tensor", "check_like", "check_module_input", "check_number",
-    "check_probability", "check_tensor", "describe", "positive_int",
+    "check_bool",
+    "check_choice",
+    "check_device",
+    "check_finite",
+    "check_float_tensor",
+    "check_fractions",
+    "check_ids",
+    "check_index",
+    "check_instance",
+    "check_int",
+    "check_int_tensor",
+    "check_like",
+    "check_module_input",
+    "check_number",
+    "check_probability",
+    "check_tensor",
+    "describe",
+    "positive_int",
 ]
 
 
@@ -110,6 +125,16 @@ def check_number(name: str, value: Any, fn: str, low: float | None = None, high:
 def check_probability(name: str, value: Any, fn: str, high_inclusive: bool = True) -> float:
     """A number in ``[0, 1]`` (``[0, 1)`` with ``high_inclusive=False``, e.g. a dropout rate)."""
     return check_number(name, value, fn, 0.0, 1.0, high_open=not high_inclusive)
+
+
+def check_fractions(name: str, value: Any, fn: str) -> tuple[float, ...]:
+    """A non-empty sequence of positive finite numbers that sum to 1 (the shares of a train/val/test split)."""
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence) or len(value) == 0:
+        raise TypeError(f"{fn}: {name} must be a non-empty sequence of numbers, got {value!r}")
+    values = tuple(check_number(f"{name}[{i}]", v, fn, 0.0, low_open=True) for i, v in enumerate(value))
+    if abs(sum(values) - 1.0) > 1e-9:
+        raise ValueError(f"{fn}: {name} must be positive and sum to 1, got {tuple(value)}")
+    return values
 
 
 def check_bool(name: str, value: Any, fn: str) -> bool:

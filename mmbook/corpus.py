@@ -13,6 +13,7 @@ import gzip
 from collections.abc import Sequence
 from pathlib import Path
 
+from mmbook.checks import check_fractions
 from mmbook.core import python_rng
 
 __all__ = ["SNAPSHOT", "load_corpus", "load_documents", "split_documents"]
@@ -51,10 +52,10 @@ def split_documents(
     Splitting by document, not by character, keeps held-out text genuinely unseen. Every part
     gets at least one document. Returns one list of documents per fraction.
     """
-    if not documents or isinstance(documents, str):
+    if isinstance(documents, str) or not isinstance(documents, Sequence) or not documents \
+            or not all(isinstance(d, str) for d in documents):
         raise ValueError("split_documents: documents must be a non-empty sequence of strings")
-    if not fractions or any(f <= 0 for f in fractions) or abs(sum(fractions) - 1.0) > 1e-9:
-        raise ValueError(f"split_documents: fractions must be positive and sum to 1, got {tuple(fractions)}")
+    check_fractions("fractions", fractions, "split_documents")
     if len(documents) < len(fractions):
         raise ValueError(
             f"split_documents: need at least {len(fractions)} documents for {len(fractions)} parts, "

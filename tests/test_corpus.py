@@ -37,3 +37,15 @@ def test_bad_input():
         split_documents("abc")
     with pytest.raises(ValueError, match="need at least 3 documents"):
         split_documents(["a", "b"])
+
+
+def test_split_documents_names_bad_fractions_and_documents():
+    docs = ["a\nx", "b\ny", "c\nz", "d\nw"]
+    with pytest.raises(ValueError, match=r"split_documents: fractions\[0\] must be a positive number, got nan"):
+        split_documents(docs, (float("nan"), 1.0))  # was "cannot convert float NaN to integer"
+    with pytest.raises(TypeError, match="split_documents: fractions must be a non-empty sequence of numbers"):
+        split_documents(docs, "ab")
+    with pytest.raises(TypeError, match=r"split_documents: fractions\[0\] must be a number, got bool"):
+        split_documents(docs, (True,))
+    with pytest.raises(ValueError, match="split_documents: documents must be a non-empty sequence of strings"):
+        split_documents([1, 2, 3])
