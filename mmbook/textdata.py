@@ -22,6 +22,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from mmbook.checks import check_fractions, check_index, check_int, positive_int
 from mmbook.core import python_rng
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -82,6 +83,10 @@ class LabelledTexts:
     def __post_init__(self) -> None:
         if len(self.texts) != len(self.labels):
             raise ValueError(f"LabelledTexts: {len(self.texts)} texts but {len(self.labels)} labels")
+        if not all(isinstance(t, str) for t in self.texts):
+            raise TypeError("LabelledTexts: texts must be strings")
+        if not all(isinstance(y, int) and not isinstance(y, bool) for y in self.labels):
+            raise TypeError("LabelledTexts: labels must be ints (class indices)")
         bad = [y for y in self.labels if not 0 <= y < len(self.label_names)]
         if bad:
             raise ValueError(f"LabelledTexts: labels must lie in [0, {len(self.label_names)}), got e.g. {bad[0]}")
@@ -98,6 +103,8 @@ class LabelledTexts:
 
     def subset(self, indices: Sequence[int]) -> LabelledTexts:
         """The texts at ``indices``, in that order."""
+        for i in indices:  # a negative index would silently pick from the end
+            check_index("indices[i]", i, "LabelledTexts.subset", len(self))
         return LabelledTexts(tuple(self.texts[i] for i in indices), tuple(self.labels[i] for i in indices),
                              self.label_names)
 
@@ -111,7 +118,9 @@ def document_sentences(document: str, min_words: int = 6, max_words: int = 30) -
     """
     if not isinstance(document, str):
         raise TypeError(f"document_sentences: document must be a str, got {type(document).__name__}")
-    if not (isinstance(min_words, int) and isinstance(max_words, int) and 1 <= min_words <= max_words):
+    check_int("min_words", min_words, "document_sentences", 1)
+    check_int("max_words", max_words, "document_sentences", 1)
+    if not min_words <= max_words:
         raise ValueError(f"document_sentences: need 1 <= min_words <= max_words, got {min_words!r}, {max_words!r}")
     body = document.split("\n", 1)[1] if "\n" in document else ""
     sentences = []
@@ -158,6 +167,9 @@ def load_topic_sentences(
         from mmbook.corpus import load_documents
 
         documents = load_documents()
+    if isinstance(documents, str) or not isinstance(documents, Sequence) or not all(isinstance(d, str)
+                                                                                   for d in documents):
+        raise TypeError("load_topic_sentences: documents must be a sequence of strings")
     by_title = {doc.split("\n", 1)[0]: doc for doc in documents}
     families: dict[str, set[str]] = {}
     for family, topics in TOPIC_FAMILIES:
@@ -187,8 +199,7 @@ def stratified_split(
     """Cut ``data`` into parts of the given fractions, keeping each class's share in every part."""
     if not isinstance(data, LabelledTexts):
         raise TypeError(f"stratified_split: data must be LabelledTexts, got {type(data).__name__}")
-    if not fractions or any(f <= 0 for f in fractions) or abs(sum(fractions) - 1.0) > 1e-9:
-        raise ValueError(f"stratified_split: fractions must be positive and sum to 1, got {tuple(fractions)}")
+    check_fractions("fractions", fractions, "stratified_split")
     rng = python_rng(seed)
     parts: list[list[int]] = [[] for _ in fractions]
     for label in range(len(data.label_names)):
@@ -233,6 +244,7 @@ def pruned_wordpiece_tokenizer(
     """
     if isinstance(texts, str) or not texts or not all(isinstance(t, str) for t in texts):
         raise TypeError("pruned_wordpiece_tokenizer: texts must be a non-empty sequence of strings")
+    positive_int("model_max_length", model_max_length, "pruned_wordpiece_tokenizer")
     from tokenizers import Tokenizer
     from transformers import PreTrainedTokenizerFast
 

@@ -120,3 +120,21 @@ def test_pruned_tokenizer_bad_input():
         pruned_wordpiece_tokenizer("one string")
     with pytest.raises(TypeError, match="base must be a PreTrainedTokenizerFast"):
         pruned_wordpiece_tokenizer(["a"], base="bert")
+
+
+def test_labelled_texts_and_splits_name_bad_input():
+    with pytest.raises(TypeError, match="LabelledTexts: labels must be ints"):
+        LabelledTexts(("a",), (0.5,), ("x",))
+    with pytest.raises(TypeError, match="LabelledTexts: texts must be strings"):
+        LabelledTexts((1,), (0,), ("x",))
+    data = LabelledTexts(("a", "b"), (0, 1), ("x", "y"))
+    with pytest.raises(ValueError, match=r"LabelledTexts.subset: indices\[i\] must be in \[0, 2\), got -1"):
+        data.subset([-1])  # was the last text
+    with pytest.raises(ValueError, match=r"stratified_split: fractions\[0\] must be a positive number, got nan"):
+        stratified_split(data, (float("nan"), 1.0))
+    with pytest.raises(TypeError, match="document_sentences: min_words must be an int, got bool"):
+        document_sentences("t\nA b c d e f g.", True, 30)
+    with pytest.raises(TypeError, match="load_topic_sentences: documents must be a sequence of strings"):
+        load_topic_sentences(documents=[1, 2])
+    with pytest.raises(ValueError, match="pruned_wordpiece_tokenizer: model_max_length must be a positive int"):
+        pruned_wordpiece_tokenizer(["abc"], model_max_length=0)
