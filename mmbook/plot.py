@@ -22,12 +22,23 @@ def plot_history(
     """
     import matplotlib.pyplot as plt
 
+    from mmbook.checks import check_bool
+
     if not isinstance(history, Mapping) or not history:
         raise ValueError(f"plot_history: history must be a non-empty mapping of name -> values, got {history!r}")
+    if isinstance(keys, str):
+        raise TypeError(f"plot_history: keys must be a sequence of names such as ['loss'], got {keys!r}")
     keys = list(keys) if keys is not None else [k for k in history if k != "epoch"]
     missing = [k for k in keys if k not in history]
     if missing:
-        raise KeyError(f"plot_history: keys {missing} not in history (has {sorted(history)})")
+        raise ValueError(f"plot_history: keys {missing} not in history (has {sorted(history)})")
+    for key in keys:
+        if isinstance(history[key], (str, bytes)) or not isinstance(history[key], Sequence):
+            raise TypeError(f"plot_history: history[{key!r}] must be a sequence of numbers, "
+                            f"got {type(history[key]).__name__}")
+    check_bool("logy", logy, "plot_history")
+    if ax is not None and not callable(getattr(ax, "plot", None)):
+        raise TypeError(f"plot_history: ax must be a matplotlib Axes or None, got {type(ax).__name__}")
     if not keys:
         raise ValueError("plot_history: nothing to plot")
     if ax is None:

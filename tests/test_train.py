@@ -80,7 +80,7 @@ def test_plot_history():
 
 
 def test_plot_history_bad_input():
-    with pytest.raises(KeyError, match="'acc'"):
+    with pytest.raises(ValueError, match="'acc'"):
         plot_history({"train_loss": [1.0]}, keys=["acc"])
     with pytest.raises(ValueError, match="non-empty mapping"):
         plot_history({})
@@ -159,3 +159,16 @@ def test_accuracy_and_loops_name_bad_input():
         fit(nn.ReLU(), data, loss, opt, epochs=1, progress=False)
     with pytest.raises(TypeError, match="evaluate: metrics must map names to callables"):
         evaluate(model, data, loss, metrics={"acc": 3})
+
+
+def test_plot_history_names_bad_arguments():
+    history = {"loss": [1.0, 0.5]}
+    with pytest.raises(TypeError, match="plot_history: keys must be a sequence of names"):
+        plot_history(history, "loss")  # would look up the keys 'l', 'o', 's', 's'
+    with pytest.raises(TypeError, match=r"plot_history: history\['loss'\] must be a sequence of numbers, got str"):
+        plot_history({"loss": "abc"})
+    with pytest.raises(TypeError, match="plot_history: logy must be True or False"):
+        plot_history(history, logy="yes")
+    with pytest.raises(TypeError, match="plot_history: ax must be a matplotlib Axes or None, got int"):
+        plot_history(history, ax=3)
+    plt.close("all")
