@@ -26,6 +26,8 @@ def _version(module_name: str) -> str:
 
 def chapter_imports(chapters_dir: Path) -> dict[str, set[str]]:
     """Map each top-level module imported in a notebook under ``chapters_dir`` to its notebooks."""
+    if not isinstance(chapters_dir, (str, Path)):
+        raise TypeError(f"chapter_imports: chapters_dir must be a str or Path, got {type(chapters_dir).__name__}")
     chapters_dir = Path(chapters_dir)
     if not chapters_dir.is_dir():
         raise ValueError(f"chapter_imports: chapters_dir {str(chapters_dir)!r} is not a directory")

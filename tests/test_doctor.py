@@ -28,3 +28,8 @@ def test_doctor_names_missing_module(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(doctor, "CORE", ("torch", "no_such_module_xyz"))
     assert doctor.main() == 1
     assert "no_such_module_xyz cannot be imported" in capsys.readouterr().out
+
+
+def test_chapter_imports_names_a_wrong_type():
+    with pytest.raises(TypeError, match="chapter_imports: chapters_dir must be a str or Path, got int"):
+        doctor.chapter_imports(3)
