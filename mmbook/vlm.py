@@ -18,7 +18,7 @@ The loss is the next-token cross-entropy on the response positions only (:func:`
 * :func:`train_shapes_vlm` / :func:`pretrained_shapes_vlm` — the chapter's recipe on shapes scenes:
   encoder pretraining, language-model pretraining (no images), stage 1 (projector alignment on
   captions, encoder and LM frozen) and stage 2 (projector and LM on captions and questions), cached
-  under :func:`mmbook.data.cache_dir`.
+  (validated) under :func:`mmbook.cache.cache_dir`.
 * :func:`answer_questions`, :func:`caption_images` — strings in, strings out.
 * :func:`caption_references`, :func:`mentioned_objects` — every caption the data generator could have
   written for a scene, and the ``(colour, shape)`` objects a caption names.
@@ -26,21 +26,22 @@ The loss is the next-token cross-entropy on the response positions only (:func:`
 
 from __future__ import annotations
 
-import hashlib
 import itertools
-import json
 import math
-import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import NamedTuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mmbook.cache import CacheError, cache_path, load_tensors, save_tensors
+from mmbook.core import torch_generator
 from mmbook.crossmodal import PatchEncoder, _positive_int
-from mmbook.data import COLOURS, SHAPES, Scene, ShapesScenes, WordVocab, cache_dir, describe_scene, shapes_scenes
+from mmbook.data import COLOURS, SHAPES, Scene, ShapesScenes, WordVocab, describe_scene, shapes_scenes
 from mmbook.gpt import GPT, GPTConfig, GPTOutput
 
 __all__ = [
@@ -402,7 +403,7 @@ def shapes_vlm_examples(dataset: ShapesScenes, vocab: WordVocab, image_token_id:
         raise ValueError(f"shapes_vlm_examples: tasks must be a non-empty subset of ('caption', 'qa'), got {tasks!r}")
     if not isinstance(dataset, ShapesScenes):
         raise TypeError(f"shapes_vlm_examples: dataset must be a ShapesScenes, got {type(dataset).__name__}")
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch_generator(seed)
     conversations, index = [], []
     for i in range(len(dataset)):
         turns = [(CAPTION_PROMPT, dataset.captions[i])] if "caption" in tasks else []
@@ -449,11 +450,11 @@ def pretrain_patch_encoder(encoder: PatchEncoder, dataset: ShapesScenes, *, epoc
         raise ValueError(f"{fn}: dataset must be a ShapesScenes with grid = encoder.grid = {encoder.grid}")
     epochs, batch_size = _positive_int("epochs", epochs, fn), _positive_int("batch_size", batch_size, fn)
     device = torch.device(device) if device is not None else next(encoder.parameters()).device
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch_generator(seed)
     # The probe is drawn from a generator seeded with ``seed`` (weight and bias alike), so the result does not
     # depend on the caller's global random state.
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+        torch.random.set_rng_state(torch_generator(seed).get_state())  # torch's generator only, seed via mmbook
         probe = nn.Linear(encoder.d_model, 1 + len(SHAPES) * len(COLOURS))
         nn.init.normal_(probe.weight, std=0.02)
     encoder.to(device).train()
@@ -519,7 +520,7 @@ def train_vlm(model: VisionLanguageModel, images: torch.Tensor | None, examples:
         images = images.to(device)
     ids, targets, mask = (t.to(device) for t in examples[:3])
     index = examples.image_index.to(device)
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch_generator(seed)
     steps = epochs * math.ceil(ids.shape[0] / batch_size)
     optimizer, scheduler = _optimizer(params, lr, steps, device)
     history = []
@@ -607,7 +608,7 @@ def train_shapes_vlm(seed: int = 0, device: torch.device | str | None = None,
     dataset = shapes_scenes(recipe.train_scenes, seed=recipe.data_seed)
     vocab = shapes_vocab(dataset)
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+        torch.random.set_rng_state(torch_generator(seed).get_state())  # torch's generator only, seed via mmbook
         model = _build(vocab, recipe).to(device)
     images = dataset.images.float() / 255.0
     both = shapes_vlm_examples(dataset, vocab, model.image_token_id, model.num_image_tokens, packed=recipe.packed,
@@ -629,28 +630,63 @@ def train_shapes_vlm(seed: int = 0, device: torch.device | str | None = None,
     return model.eval(), vocab, {"history": history, "states": states}
 
 
-def _cache_path(seed: int, recipe: ShapesVLMRecipe):
-    key = json.dumps({"v": 2, "seed": seed, **asdict(recipe)}, sort_keys=True)
-    return cache_dir() / f"shapes_vlm_{hashlib.sha1(key.encode()).hexdigest()[:12]}.pt"
+def _cache_key(seed: int, recipe: ShapesVLMRecipe, device: torch.device) -> dict:
+    """Every setting that changes the trained weights: the seed, the recipe and the device type the model is
+    trained on (:mod:`mmbook.cache` adds the library versions and the seed shift)."""
+    return {"what": "shapes_vlm", "v": 3, "seed": seed, "device": device.type, "recipe": asdict(recipe)}
+
+
+def _cache_path(seed: int, recipe: ShapesVLMRecipe, device: torch.device) -> Path:
+    return cache_path("shapes_vlm", _cache_key(seed, recipe, device), ".pt")
+
+
+def _check_cached(path: Path, blob: dict, recipe: ShapesVLMRecipe) -> WordVocab:
+    """The vocabulary of a loaded cache ``blob``, after checking that it holds what :func:`_load_or_train`
+    writes: the words, a loss history per stage and, per stage, exactly the model's parameter names and shapes."""
+    fn, advice = "pretrained_shapes_vlm", "delete it and run again (it is rebuilt)"
+    if set(blob) != {"itos", "history", "states"}:
+        raise CacheError(f"{fn}: {path} holds the entries {sorted(blob)}, expected ['history', 'itos', 'states']; "
+                         f"{advice}")
+    itos = blob["itos"]
+    if not isinstance(itos, list) or not all(isinstance(w, str) for w in itos) or len(itos) <= len(WordVocab.SPECIALS):
+        raise CacheError(f"{fn}: {path} holds no word list; {advice}")
+    vocab = WordVocab(itos[len(WordVocab.SPECIALS):])  # words are stored sorted: the same ids
+    if vocab.itos != itos:
+        raise CacheError(f"{fn}: the cached vocabulary in {path} does not rebuild; {advice}")
+    history = blob["history"]
+    if not isinstance(history, dict) or set(history) != {"encoder", *STAGES}:
+        raise CacheError(f"{fn}: {path} holds no loss history per stage; {advice}")
+    with torch.random.fork_rng(devices=[]):  # building the reference model must not move the global generator
+        expected = {k: (tuple(v.shape), v.dtype) for k, v in _build(vocab, recipe).state_dict().items()}
+    states = blob["states"]
+    if not isinstance(states, dict) or set(states) != set(STAGES):
+        raise CacheError(f"{fn}: {path} holds no weights for the stages {STAGES}; {advice}")
+    for stage, state in states.items():
+        got = {k: (tuple(v.shape), v.dtype) for k, v in state.items() if isinstance(v, torch.Tensor)}
+        if got != expected or len(got) != len(state):
+            wrong = sorted(k for k in set(got) | set(expected) if got.get(k) != expected.get(k))[:3]
+            raise CacheError(f"{fn}: {path} holds weights for stage {stage!r} that do not fit the model "
+                             f"(first differences: {wrong}); {advice}")
+    return vocab
 
 
 def _load_or_train(seed: int, device: torch.device | str | None) -> tuple[dict, WordVocab]:
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise ValueError(f"pretrained_shapes_vlm: seed must be an int >= 0, got {seed!r}")
+    from mmbook.core import get_device
+
+    device = torch.device(device) if device is not None else get_device()
     recipe = ShapesVLMRecipe()
-    path = _cache_path(seed, recipe)
+    key = _cache_key(seed, recipe, device)
+    path = _cache_path(seed, recipe, device)
     if path.is_file():
-        blob = torch.load(path, map_location="cpu", weights_only=True)
+        blob = load_tensors(path, key, fn="pretrained_shapes_vlm")
     else:
         _, vocab, log = train_shapes_vlm(seed, device, recipe)
-        blob = {"itos": vocab.itos, "history": log["history"], "states": log["states"]}
-        tmp = path.with_suffix(f".tmp{os.getpid()}")  # unique per process: two sessions may train at once
-        torch.save(blob, tmp)
-        tmp.replace(path)
-    vocab = WordVocab(blob["itos"][len(WordVocab.SPECIALS):])  # words are stored sorted: same ids
-    if vocab.itos != list(blob["itos"]):
-        raise RuntimeError(f"pretrained_shapes_vlm: the cached vocabulary in {path.name} does not rebuild; delete it")
-    return blob, vocab
+        blob = {"itos": list(vocab.itos), "history": {k: [float(x) for x in v] for k, v in log["history"].items()},
+                "states": log["states"]}
+        save_tensors(path, key, blob)  # header with the key and a content hash; written atomically per process
+    return blob, _check_cached(path, blob, recipe)
 
 
 def pretrained_shapes_vlm(seed: int = 0, device: torch.device | str | None = None, *,
@@ -658,8 +694,9 @@ def pretrained_shapes_vlm(seed: int = 0, device: torch.device | str | None = Non
     """The chapter's trained model and its vocabulary, in eval mode on ``device`` (default: :func:`get_device`).
 
     Trained with :func:`train_shapes_vlm` (default :class:`ShapesVLMRecipe`, this ``seed``) on the
-    first call and cached under :func:`mmbook.data.cache_dir` (a file keyed by the recipe and the
-    seed); later calls load it. ``stage`` picks the weights after ``"lm"`` (blind language model),
+    first call and cached under :func:`mmbook.cache.cache_dir` (a validated file keyed by the seed, the recipe
+    and the device type); later calls load it, and a corrupt, truncated or foreign file raises
+    :class:`mmbook.cache.CacheError` naming it. ``stage`` picks the weights after ``"lm"`` (blind language model),
     ``"align"`` (stage 1) or ``"full"`` (stage 2, the default).
     """
     if stage not in STAGES:
@@ -739,13 +776,15 @@ def caption_images(model: VisionLanguageModel, vocab: WordVocab, images: torch.T
 
 
 # ----------------------------------------------------------------------------- caption analysis
-class _Fixed:
-    """Stands in for the generator that :func:`describe_scene` asks which relation word to use."""
+class _Fixed(np.random.Generator):
+    """Stands in for the generator that :func:`describe_scene` asks which relation word to use: a NumPy
+    ``Generator`` (as ``describe_scene`` requires) whose ``integers`` always returns ``value``."""
 
     def __init__(self, value: int) -> None:
+        super().__init__(np.random.PCG64(0))
         self.value = value
 
-    def integers(self, low: int, high: int) -> int:
+    def integers(self, *args: object, **kwargs: object) -> int:  # type: ignore[override]
         return self.value
 
 
@@ -759,7 +798,7 @@ def caption_references(scene: Scene) -> list[str]:
     for order in itertools.permutations(scene.objects):
         reordered = Scene(objects=list(order), grid=scene.grid)
         for value in (0, 1):
-            refs.add(describe_scene(reordered, _Fixed(value)))  # type: ignore[arg-type]
+            refs.add(describe_scene(reordered, _Fixed(value)))
     return sorted(refs)
 
 

@@ -1,13 +1,13 @@
 """Tests of mmbook.assistant against independent references (brute force, scikit-learn, mmbook.vlm)."""
 
 import math
+import re
 
 import numpy as np
 import pytest
 import torch
 from sklearn.calibration import calibration_curve
 
-import mmbook.assistant as assistant_module
 from mmbook.assistant import (
     DOC_QUESTIONS,
     OUT_OF_SCOPE_QUESTIONS,
@@ -30,6 +30,7 @@ from mmbook.assistant import (
     utterance_features,
     vlm_answerer,
 )
+from mmbook.cache import CacheError
 from mmbook.corpus import load_documents
 from mmbook.data import shapes_scenes
 from mmbook.retrieval import DocumentStore
@@ -152,7 +153,7 @@ def test_add_noise_reaches_the_snr():
 
 
 def test_synthesize_cached_round_trip(tmp_path, monkeypatch):
-    monkeypatch.setattr(assistant_module, "cache_dir", lambda: tmp_path)
+    monkeypatch.setenv("MMBOOK_CACHE_DIR", str(tmp_path))
     requests = [{"text": "what colour is the circle?", "voice": "m1"}]
     first = synthesize_cached(requests)
     assert len(list(tmp_path.glob("speech_*.npz"))) == 1
@@ -160,6 +161,24 @@ def test_synthesize_cached_round_trip(tmp_path, monkeypatch):
     assert torch.equal(first[0], second[0]) and first[0].dtype == torch.float32
     with pytest.raises(TypeError, match="requests"):
         synthesize_cached("what colour is the circle?")
+
+
+def test_synthesize_cached_names_a_wrong_or_truncated_file(tmp_path, monkeypatch):
+    monkeypatch.setenv("MMBOOK_CACHE_DIR", str(tmp_path))
+    requests = [{"text": "what colour is the circle?", "voice": "m1"}, {"text": "how do while loops work?"}]
+    waves = synthesize_cached(requests)
+    (path,) = tmp_path.glob("speech_*.npz")
+    good = path.read_bytes()
+    # a well-formed npz with the wrong content (another file's waveforms) at this entry's name
+    np.savez(path, a0=np.zeros(10, np.float32), a1=np.zeros(10, np.float32))
+    with pytest.raises(CacheError, match=f"synthesize_cached: {re.escape(str(path))}"):
+        synthesize_cached(requests)
+    # a cache file of the right format whose payload lost its second half
+    path.write_bytes(good[: len(good) - (len(good) - good.index(b"\n")) // 2])
+    with pytest.raises(CacheError, match=f"synthesize_cached: {re.escape(str(path))} is truncated"):
+        synthesize_cached(requests)
+    path.unlink()  # deleted, it is rebuilt, with the same waveforms
+    assert all(torch.equal(a, b) for a, b in zip(synthesize_cached(requests), waves, strict=True))
 
 
 # ----------------------------------------------------------------------------- router
