@@ -39,6 +39,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from mmbook.cache import CacheError, cache_path, load_tensors, save_tensors
+from mmbook.checks import (
+    check_bool,
+    check_device,
+    check_float_tensor,
+    check_ids,
+    check_index,
+    check_module_input,
+    check_number,
+    check_tensor,
+)
 from mmbook.core import torch_generator
 from mmbook.crossmodal import PatchEncoder, _positive_int
 from mmbook.data import COLOURS, SHAPES, Scene, ShapesScenes, WordVocab, describe_scene, shapes_scenes
@@ -101,6 +111,7 @@ def masked_lm_loss(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tens
                          f"{getattr(mask, 'dtype', type(mask).__name__)} {tuple(getattr(mask, 'shape', ()))}")
     if not mask.any():
         raise ValueError(f"{fn}: mask selects no position; there is nothing to learn from")
+    check_ids("targets", targets[mask], fn, logits.shape[-1])  # not cross_entropy's "Target 7 is out of bounds"
     return F.cross_entropy(logits[mask], targets[mask])
 
 
@@ -123,6 +134,7 @@ class VisionLanguageModel(nn.Module):
         fn = "VisionLanguageModel"
         self.vocab_size = _positive_int("vocab_size", vocab_size, fn)
         d_model, d_vision = _positive_int("d_model", d_model, fn), _positive_int("d_vision", d_vision, fn)
+        block_size = _positive_int("block_size", block_size, fn)
         self.encoder = PatchEncoder(d_vision, grid)
         self.num_image_tokens = grid * grid
         if block_size <= self.num_image_tokens:
@@ -158,6 +170,13 @@ class VisionLanguageModel(nn.Module):
             raise ValueError("VisionLanguageModel.encode_images: give exactly one of images and features")
         if features is None:
             features = self.encoder(_check_images(images, "VisionLanguageModel.encode_images"))
+        else:
+            d_vision = self.projector[0].in_features
+            if check_float_tensor("features", features, "VisionLanguageModel.encode_images").ndim != 3 \
+                    or features.shape[-1] != d_vision:
+                raise ValueError(f"VisionLanguageModel.encode_images: features must have shape (batch, N, {d_vision}), "
+                                 f"got {tuple(features.shape)}")
+            check_module_input("features", features, "VisionLanguageModel.encode_images", self.projector)
         return self.projector(features)
 
     def embed(self, ids: torch.Tensor, images: torch.Tensor | None = None, *,
@@ -169,6 +188,7 @@ class VisionLanguageModel(nn.Module):
         if not isinstance(ids, torch.Tensor) or ids.dtype != torch.long or ids.ndim != 2:
             raise TypeError(f"{fn}: ids must be an int64 tensor (batch, T), got "
                             f"{getattr(ids, 'dtype', type(ids).__name__)} {tuple(getattr(ids, 'shape', ()))}")
+        check_ids("ids", ids, fn, self.vocab_size + 1)  # the words and <image>
         x = self.lm.wte(ids)
         if images is None and features is None:
             return x
@@ -229,6 +249,8 @@ class VisionLanguageModel(nn.Module):
         row has produced ``<eos>``.
         """
         fn = "VisionLanguageModel.generate"
+        check_bool("use_cache", use_cache, fn)
+        check_index("eos_id", eos_id, fn, self.vocab_size)
         ids = self._prompt_ids(prompt_ids, fn)
         self._check_budget(ids.shape[1], max_new_tokens, fn)
         if images is not None:
@@ -275,8 +297,8 @@ class VisionLanguageModel(nn.Module):
         """
         fn = "VisionLanguageModel.beam_search"
         k = _positive_int("beam_size", beam_size, fn)
-        if isinstance(length_penalty, bool) or not isinstance(length_penalty, (int, float)) or length_penalty < 0:
-            raise ValueError(f"{fn}: length_penalty must be a number >= 0, got {length_penalty!r}")
+        check_number("length_penalty", length_penalty, fn, 0.0)  # NaN made every final score NaN
+        check_index("eos_id", eos_id, fn, self.vocab_size)
         ids = self._prompt_ids(prompt_ids, fn)
         self._check_budget(ids.shape[1], max_new_tokens, fn)
         if images is not None:
@@ -372,7 +394,15 @@ def encode_examples(vocab: WordVocab, conversations: Sequence[Sequence[tuple[str
     if image_index is None:
         index = torch.arange(len(rows))
     else:
-        index = torch.as_tensor(image_index, dtype=torch.long)
+        if not isinstance(image_index, torch.Tensor):
+            if isinstance(image_index, (str, bytes)) or not isinstance(image_index, Sequence) or not all(
+                    isinstance(i, (int, np.integer)) and not isinstance(i, bool) for i in image_index):
+                raise TypeError(f"{fn}: image_index must be a sequence or tensor of ints, got {image_index!r}")
+            image_index = torch.tensor(list(image_index), dtype=torch.long)
+        check_tensor("image_index", image_index, fn, "int")
+        if image_index.numel() and int(image_index.min()) < 0:  # -1 would silently mean the last image
+            raise ValueError(f"{fn}: image_index must be >= 0, got a minimum of {int(image_index.min())}")
+        index = image_index.long()
         if index.shape != (len(rows),):
             raise ValueError(f"{fn}: image_index must have one entry per conversation ({len(rows)}), got "
                              f"{tuple(index.shape)}")
@@ -449,7 +479,7 @@ def pretrain_patch_encoder(encoder: PatchEncoder, dataset: ShapesScenes, *, epoc
     if not isinstance(dataset, ShapesScenes) or dataset.scenes[0].grid != encoder.grid:
         raise ValueError(f"{fn}: dataset must be a ShapesScenes with grid = encoder.grid = {encoder.grid}")
     epochs, batch_size = _positive_int("epochs", epochs, fn), _positive_int("batch_size", batch_size, fn)
-    device = torch.device(device) if device is not None else next(encoder.parameters()).device
+    device = check_device("device", device, fn) if device is not None else next(encoder.parameters()).device
     generator = torch_generator(seed)
     # The probe is drawn from a generator seeded with ``seed`` (weight and bias alike), so the result does not
     # depend on the caller's global random state.
@@ -502,10 +532,10 @@ def train_vlm(model: VisionLanguageModel, images: torch.Tensor | None, examples:
     epochs, batch_size = _positive_int("epochs", epochs, fn), _positive_int("batch_size", batch_size, fn)
     if images is not None:
         _check_images(images, fn)
-        if int(examples.image_index.max()) >= images.shape[0]:
-            raise ValueError(f"{fn}: examples refer to image {int(examples.image_index.max())} but only "
-                             f"{images.shape[0]} images were given")
-    device = torch.device(device) if device is not None else model.device
+        check_ids("examples.image_index", examples.image_index, fn, images.shape[0])  # -1: the last image
+    check_ids("examples.ids", examples.ids, fn, model.vocab_size + 1)
+    check_number("lr", lr, fn, 0.0, low_open=True)
+    device = check_device("device", device, fn) if device is not None else model.device
     model.to(device)
     saved = {name: p.requires_grad for name, p in model.named_parameters()}
     for name in PARTS:
@@ -604,7 +634,7 @@ def train_shapes_vlm(seed: int = 0, device: torch.device | str | None = None,
         raise ValueError(f"{fn}: seed must be an int >= 0, got {seed!r}")
     from mmbook.core import get_device
 
-    device = torch.device(device) if device is not None else get_device()
+    device = check_device("device", device, "pretrained_shapes_vlm") if device is not None else get_device()
     dataset = shapes_scenes(recipe.train_scenes, seed=recipe.data_seed)
     vocab = shapes_vocab(dataset)
     with torch.random.fork_rng(devices=[]):
@@ -675,7 +705,7 @@ def _load_or_train(seed: int, device: torch.device | str | None) -> tuple[dict, 
         raise ValueError(f"pretrained_shapes_vlm: seed must be an int >= 0, got {seed!r}")
     from mmbook.core import get_device
 
-    device = torch.device(device) if device is not None else get_device()
+    device = check_device("device", device, "pretrained_shapes_vlm") if device is not None else get_device()
     recipe = ShapesVLMRecipe()
     key = _cache_key(seed, recipe, device)
     path = _cache_path(seed, recipe, device)
@@ -703,7 +733,7 @@ def pretrained_shapes_vlm(seed: int = 0, device: torch.device | str | None = Non
         raise ValueError(f"pretrained_shapes_vlm: stage must be one of {STAGES}, got {stage!r}")
     from mmbook.core import get_device
 
-    device = torch.device(device) if device is not None else get_device()
+    device = check_device("device", device, "pretrained_shapes_vlm") if device is not None else get_device()
     blob, vocab = _load_or_train(seed, device)
     model = _build(vocab, ShapesVLMRecipe())
     model.load_state_dict(blob["states"][stage])

@@ -258,3 +258,30 @@ def test_pretrained_cache_names_a_wrong_or_truncated_file(tmp_path, monkeypatch)
     save_tensors(path, key, blob)  # well-formed: loads (the cache checks integrity, not quality)
     model, loaded_vocab = pretrained_shapes_vlm(0, "cpu", stage="align")
     assert loaded_vocab.itos == vocab.itos and torch.equal(model.projector[0].weight, untrained["projector.0.weight"])
+
+
+def test_negative_image_indices_nan_penalties_and_out_of_range_ids_are_refused(setup):
+    data, vocab, model, images = setup
+    ex = shapes_vlm_examples(data, vocab, model.image_token_id, model.num_image_tokens, ("caption",))
+    with pytest.raises(ValueError, match="encode_examples: image_index must be >= 0"):
+        encode_examples(vocab, [[("a", "b")]], model.image_token_id, 9, [-1])  # -1 meant the last image
+    with pytest.raises(TypeError, match="encode_examples: image_index must be a sequence or tensor of ints"):
+        encode_examples(vocab, [[("a", "b")]], model.image_token_id, 9, [0.5])
+    shifted = VLMExamples(ex.ids, ex.targets, ex.loss_mask, ex.image_index - 1)
+    with pytest.raises(ValueError, match=r"train_vlm: examples.image_index must lie in \[0, 24\)"):
+        train_vlm(model, images, shifted, epochs=1)
+    with pytest.raises(ValueError, match="train_vlm: lr must be a positive number, got nan"):
+        train_vlm(model, images, ex, epochs=1, lr=float("nan"))
+    with pytest.raises(ValueError, match=r"VisionLanguageModel.embed: ids must lie in \[0, "):
+        model.embed(torch.full((1, 12), -1))  # not nn.Embedding's "index out of range in self"
+    with pytest.raises(ValueError, match=r"masked_lm_loss: targets must lie in \[0, 5\)"):
+        masked_lm_loss(torch.randn(1, 3, 5), torch.tensor([[0, 7, 1]]), torch.ones(1, 3, dtype=torch.bool))
+    prompt = torch.tensor([vocab.encode(CAPTION_PROMPT)])
+    with pytest.raises(ValueError, match="VisionLanguageModel.beam_search: length_penalty must be a number >= 0"):
+        model.beam_search(images[:1], prompt, 2, 3, length_penalty=float("nan"))  # every score became NaN
+    with pytest.raises(ValueError, match="VisionLanguageModel.generate: eos_id must be in"):
+        model.generate(images[:1], prompt, 3, eos_id=-5)
+    with pytest.raises(ValueError, match="VisionLanguageModel.encode_images: features must have shape"):
+        model.encode_images(features=torch.randn(1, 9, 8))
+    with pytest.raises(ValueError, match="pretrained_shapes_vlm: device must name a torch device"):
+        pretrained_shapes_vlm(device="tpu")
