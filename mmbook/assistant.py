@@ -31,6 +31,7 @@ import torch.nn.functional as F
 
 from mmbook.audio import mfcc
 from mmbook.cache import CacheError, cache_path, load_arrays, save_arrays
+from mmbook.checks import check_finite, check_instance, check_number, positive_int
 from mmbook.data import COLOURS, SHAPES, WordVocab
 from mmbook.retrieval import DocumentStore
 
@@ -147,6 +148,7 @@ def _check_waves(waveforms: object, fn: str) -> list[torch.Tensor]:
         if not isinstance(w, torch.Tensor) or w.ndim != 1 or not torch.is_floating_point(w) or w.numel() < 400:
             raise ValueError(f"{fn}: waveforms[{i}] must be a 1-D float tensor of at least 400 samples, got "
                              f"{getattr(w, 'shape', type(w).__name__)}")
+        check_finite(f"waveforms[{i}]", w, fn)  # NaN distances would still name a nearest text
     return list(waveforms)
 
 
@@ -165,6 +167,7 @@ def add_noise(waveform: torch.Tensor, snr_db: float, generator: torch.Generator 
         raise ValueError(f"add_noise: waveform must be a 1-D float tensor, got {getattr(waveform, 'shape', waveform)}")
     if isinstance(snr_db, bool) or not isinstance(snr_db, (int, float)) or not np.isfinite(snr_db):
         raise ValueError(f"add_noise: snr_db must be a finite number, got {snr_db!r}")
+    check_instance("generator", generator, "add_noise", (torch.Generator, type(None)), "a torch.Generator or None")
     power = waveform.double().pow(2).mean()
     sigma = (power / 10.0 ** (snr_db / 10.0)).sqrt().float()
     noise = torch.randn(waveform.shape, generator=generator).to(waveform.device)
@@ -220,8 +223,9 @@ def utterance_features(
     for name, value, low in (("num_frames", num_frames, 2), ("n_mfcc", n_mfcc, 1), ("sample_rate", sample_rate, 1)):
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise ValueError(f"{fn}: {name} must be an int >= {low}, got {value!r}")
-    if not 0.0 <= trim_ratio < 1.0:
-        raise ValueError(f"{fn}: trim_ratio must be in [0, 1), got {trim_ratio!r}")
+    check_number("trim_ratio", trim_ratio, fn, 0.0, 1.0, high_open=True)
+    if n_mfcc > 39:  # c0 is computed and dropped: n_mfcc + 1 of the 40 mel bands
+        raise ValueError(f"{fn}: n_mfcc must be <= 39 (40 mel bands, c0 dropped), got {n_mfcc}")
     out = []
     for w in waves:
         w = w.detach().float().cpu()
@@ -312,6 +316,8 @@ class TemplateRecognizer:
         if len(texts) != len(waves):
             raise ValueError(f"{fn}: need one text per waveform, got {len(texts)} texts and {len(waves)} waveforms")
         self.sample_rate, self.num_frames, self.band = sample_rate, num_frames, band
+        if reject_distance is not None:  # NaN would reject every utterance
+            check_number("reject_distance", reject_distance, fn)
         self.reject_distance = reject_distance
         self.labels: list[str] = list(dict.fromkeys(texts))  # the distinct texts, in first-seen order
         self.reference_label = torch.tensor([self.labels.index(t) for t in texts])
@@ -328,6 +334,8 @@ class TemplateRecognizer:
         if is_features and waveforms.shape[1:] != self.references.shape[1:]:
             raise ValueError(f"TemplateRecognizer: features must have shape (batch, "
                              f"{', '.join(map(str, self.references.shape[1:]))}), got {tuple(waveforms.shape)}")
+        if is_features:
+            check_finite("features", waveforms, "TemplateRecognizer.label_distances")
         features = waveforms if is_features else self.features(waveforms)
         d = dtw_distance(features, self.references, self.band)  # (batch, refs)
         out = torch.full((d.shape[0], len(self.labels)), float("inf"), dtype=d.dtype)
@@ -367,7 +375,10 @@ class Router:
             if not isinstance(e, torch.Tensor) or e.ndim != 2 or not torch.is_floating_point(e) or e.shape[0] == 0:
                 raise ValueError(f"{fn}: exemplars[{route!r}] must be a non-empty float tensor (n, dim), got "
                                  f"{getattr(e, 'shape', type(e).__name__)}")
+            check_finite(f"exemplars[{route!r}]", e, fn)
             dims.add(e.shape[1])
+        for route, t in thresholds.items():  # a NaN threshold would abstain on everything
+            check_number(f"thresholds[{route!r}]", t, fn)
         if len(dims) != 1:
             raise ValueError(f"{fn}: all exemplars must have the same dimension, got {sorted(dims)}")
         self.route_names = [r for r in ROUTES[:2] if r in exemplars]
@@ -381,6 +392,7 @@ class Router:
         if not isinstance(queries, torch.Tensor) or queries.ndim != 2 or queries.shape[1] != self.dim:
             raise ValueError(f"Router.scores: queries must have shape (num_queries, {self.dim}), got "
                              f"{getattr(queries, 'shape', type(queries).__name__)}")
+        check_finite("queries", queries, "Router.scores")
         q = F.normalize(queries.detach().float().cpu(), dim=-1)
         return torch.stack([(q @ self.exemplars[r].T).amax(dim=1) for r in self.route_names], dim=1)
 
@@ -476,6 +488,8 @@ def vlm_answerer(model: Any, vocab: WordVocab, max_new_tokens: int = 4, batch_si
         raise TypeError(f"vlm_answerer: model must be a VisionLanguageModel, got {type(model).__name__}")
     if not isinstance(vocab, WordVocab) or len(vocab) != model.vocab_size:
         raise ValueError(f"vlm_answerer: vocab must be the model's WordVocab ({model.vocab_size} words)")
+    max_new_tokens = positive_int("max_new_tokens", max_new_tokens, "vlm_answerer")
+    batch_size = positive_int("batch_size", batch_size, "vlm_answerer")
 
     def answer(images: torch.Tensor, questions: Sequence[str]) -> tuple[list[str], torch.Tensor]:
         if isinstance(questions, str) or not isinstance(images, torch.Tensor) or images.ndim != 4 \
@@ -548,7 +562,9 @@ class Assistant:
         if recognizer is not None and not isinstance(recognizer, TemplateRecognizer):
             raise TypeError(f"{fn}: recognizer must be a TemplateRecognizer or None, got {type(recognizer).__name__}")
         self.embed, self.router, self.store, self.vqa, self.recognizer = embed, router, store, vqa, recognizer
-        self.vqa_threshold, self.docs_threshold = float(vqa_threshold), float(docs_threshold)
+        # a NaN threshold would never abstain ("c < nan" is False)
+        self.vqa_threshold = check_number("vqa_threshold", vqa_threshold, fn)
+        self.docs_threshold = check_number("docs_threshold", docs_threshold, fn)
 
     def answer_many(self, questions: Sequence[str | None], images: Sequence[torch.Tensor | None] | None = None,
                     audio: Sequence[torch.Tensor | None] | None = None) -> list[Reply]:

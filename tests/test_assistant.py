@@ -356,3 +356,27 @@ def test_chat_widget_degrades_without_ipywidgets(monkeypatch):
     monkeypatch.setattr(builtins, "__import__", no_widgets)
     assert chat_widget(_assistant()) is None
 
+
+
+def test_nan_settings_never_silence_or_force_an_answer_and_helpers_name_the_callers_arguments():
+    wave = torch.randn(4000) * 0.1
+    with pytest.raises(ValueError, match="utterance_features: n_mfcc must be <= 39"):
+        utterance_features([wave], n_mfcc=40)  # was mfcc's "got 41"
+    with pytest.raises(ValueError, match=r"utterance_features: trim_ratio must be in \[0, 1\), got nan"):
+        utterance_features([wave], trim_ratio=math.nan)
+    with pytest.raises(ValueError, match=r"utterance_features: waveforms\[0\] contains NaN"):
+        utterance_features([wave * math.nan])
+    with pytest.raises(ValueError, match="TemplateRecognizer: reject_distance must be a finite number"):
+        TemplateRecognizer(["a"], [wave], reject_distance=math.nan)  # rejected every utterance
+    recognizer = TemplateRecognizer(["a", "b"], [wave, torch.randn(4000) * 0.1])
+    with pytest.raises(ValueError, match="TemplateRecognizer.label_distances: features contains NaN"):
+        recognizer.transcribe(torch.full((1, 40, 12), math.nan))
+    exemplars = {"vision": torch.randn(3, 8), "docs": torch.randn(4, 8)}
+    with pytest.raises(ValueError, match=r"Router: thresholds\['vision'\] must be a finite number"):
+        Router(exemplars, {"vision": math.nan, "docs": 0.1})  # abstained on everything
+    with pytest.raises(ValueError, match="Router.scores: queries contains NaN"):
+        Router(exemplars, {"vision": 0.1, "docs": 0.1}).route(torch.full((1, 8), math.nan))
+    with pytest.raises(ValueError, match="Assistant: vqa_threshold must be a finite number"):
+        _assistant(vqa_threshold=math.nan)  # never abstained
+    with pytest.raises(TypeError, match="add_noise: generator must be a torch.Generator or None, got int"):
+        add_noise(wave, 10.0, generator=3)
