@@ -10,6 +10,7 @@ from mmbook.checks import (
     check_choice,
     check_finite,
     check_float_tensor,
+    check_fractions,
     check_ids,
     check_index,
     check_instance,
@@ -105,3 +106,13 @@ def test_ids_and_agreement():
     with pytest.raises(TypeError, match="f: x has dtype torch.float64 but the model's parameters are torch.float32"):
         check_module_input("x", torch.zeros(1, 2).double(), "f", layer)
     check_module_input("x", torch.zeros(1, 2), "f", nn.ReLU())  # no parameters: nothing to agree with
+
+
+def test_fractions():
+    assert check_fractions("f", [0.5, 0.5], "g") == (0.5, 0.5)
+    with pytest.raises(ValueError, match=r"g: f\[1\] must be a positive number, got nan"):
+        check_fractions("f", (0.5, float("nan")), "g")
+    with pytest.raises(ValueError, match="g: f must be positive and sum to 1"):
+        check_fractions("f", (0.5, 0.6), "g")
+    with pytest.raises(TypeError, match="g: f must be a non-empty sequence of numbers"):
+        check_fractions("f", "ab", "g")
