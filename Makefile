@@ -62,10 +62,11 @@ LAB_SETTINGS := $(VENV)/share/jupyter/lab/settings/overrides.json
 SERVER_CONFIG := $(VENV)/etc/jupyter/jupyter_server_config.json
 
 # Reinstall only when requirements.txt, pyproject.toml or the Lab settings changed (the stamp is newer otherwise).
-$(STAMP): requirements.txt pyproject.toml tools/lab/overrides.json tools/lab/jupyter_server_config.json
+$(STAMP): requirements.txt requirements-nodeps.txt pyproject.toml tools/lab/overrides.json tools/lab/jupyter_server_config.json
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade "pip>=24"
 	$(PY) -m pip install --quiet -r requirements.txt
+	$(PY) -m pip install --quiet --no-deps -r requirements-nodeps.txt
 	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
 	@mkdir -p $(dir $(LAB_SETTINGS)) $(dir $(SERVER_CONFIG))
 	cp tools/lab/overrides.json $(LAB_SETTINGS)

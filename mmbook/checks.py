@@ -258,13 +258,14 @@ def check_like(name: str, x: torch.Tensor, fn: str, like_name: str, like: torch.
 def _first_parameter(module: nn.Module) -> torch.Tensor | None:
     """The first parameter in ``module.parameters()`` order, found without building that generator (this runs
     in every forward, and ``next(module.parameters())`` costs several microseconds)."""
-    stack = [module]
-    while stack:
-        m = stack.pop()
-        for p in m._parameters.values():
+    for p in module._parameters.values():
+        if p is not None:
+            return p
+    for child in module._modules.values():
+        if child is not None:
+            p = _first_parameter(child)
             if p is not None:
                 return p
-        stack.extend(c for c in reversed(m._modules.values()) if c is not None)
     return None
 
 
