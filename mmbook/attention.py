@@ -13,6 +13,7 @@ from torch import nn
 
 from mmbook.checks import (
     check_bool,
+    check_device,
     check_float_tensor,
     check_like,
     check_module_input,
@@ -87,6 +88,8 @@ def causal_mask(length: int, device: torch.device | str | None = None) -> torch.
     """``(length, length)`` boolean mask, ``True`` on and below the diagonal: position i sees j <= i."""
     if isinstance(length, bool) or not isinstance(length, int) or length < 1:
         raise ValueError(f"causal_mask: length must be a positive int, got {length!r}")
+    if device is not None and not isinstance(device, torch.device):  # an int would mean a CUDA device
+        device = check_device("device", device, "causal_mask")
     return torch.ones(length, length, dtype=torch.bool, device=device).tril()
 
 
@@ -188,6 +191,8 @@ class MultiHeadAttention(nn.Module):
         for proj, w in ((self.q_proj, w_q), (self.k_proj, w_k), (self.v_proj, w_v)):
             proj.weight.copy_(w)
         self.out_proj.weight.copy_(module.out_proj.weight)
+        if self.q_proj.bias is None and module.in_proj_bias is not None:  # its biases would be dropped silently
+            raise ValueError("load_from_torch: the torch module has biases but this one has none (bias=False)")
         if self.q_proj.bias is not None:
             if module.in_proj_bias is None:
                 raise ValueError("load_from_torch: the torch module has no bias but this one does")

@@ -68,8 +68,11 @@ def _check_frequencies(name: str, value: object, fn: str) -> torch.Tensor:
     return f
 
 
-def _check_waveform(waveform: object, fn: str) -> torch.Tensor:
+def _check_waveform(waveform: object, fn: str, fft: bool = True) -> torch.Tensor:
     check_float_tensor("waveform", waveform, fn)
+    # torch.fft on the CPU: 'Unsupported dtype Half' (CUDA has half-precision FFTs of power-of-two sizes)
+    if fft and waveform.dtype not in (torch.float32, torch.float64) and waveform.device.type == "cpu":
+        raise TypeError(f"{fn}: waveform must be float32 or float64, got {waveform.dtype}; convert it with .float()")
     if waveform.ndim < 1 or waveform.ndim > 3:
         raise ValueError(
             f"{fn}: waveform must have shape (time,), (channel, time) or (batch, channel, time), "
@@ -324,11 +327,16 @@ def write_wav(path: str | Path, waveform: torch.Tensor, sample_rate: int) -> Non
     with the standard library (values outside [-1, 1] are clipped)."""
     fn = "write_wav"
     check_instance("path", path, fn, (str, os.PathLike), "a str or a path")  # an int would be a file descriptor
-    waveform = _check_waveform(waveform, fn)
-    if waveform.ndim == 3 or waveform.shape[-1] == 0:
+    waveform = _check_waveform(waveform, fn, fft=False)
+    if waveform.ndim == 3 or waveform.shape[-1] == 0 or waveform.shape[0] == 0:
         raise ValueError(f"write_wav: waveform must be (time,) or (channels, time), got {tuple(waveform.shape)}")
+    if waveform.ndim == 2 and waveform.shape[0] > waveform.shape[1]:  # (time, channels) would write a file of noise
+        raise ValueError(f"write_wav: waveform must be (channels, time), got {tuple(waveform.shape)}: more channels "
+                         "than samples; transpose a (time, channels) tensor with .T")
     check_finite("waveform", waveform, fn)  # NaN would be written as silence
     sample_rate = check_int("sample_rate", sample_rate, fn, 1, 2**32 - 1)
+    if not Path(path).parent.is_dir():
+        raise FileNotFoundError(f"{fn}: the folder of {str(path)!r} does not exist")
     data = waveform.detach().cpu().reshape(-1 if waveform.ndim == 1 else waveform.shape[0], waveform.shape[-1])
     if waveform.ndim == 1:
         data = data.reshape(1, -1)
@@ -349,7 +357,8 @@ def read_wav(path: str | Path) -> tuple[torch.Tensor, int]:
 
     path = Path(check_instance("path", path, "read_wav", (str, os.PathLike), "a str or a path"))
     if not path.is_file():
-        raise FileNotFoundError(f"read_wav: no such file {str(path)!r}")
+        folder = " (it is a folder)" if path.is_dir() else ""
+        raise FileNotFoundError(f"read_wav: no such file {str(path)!r}{folder}")
     try:
         with wave.open(str(path), "rb") as f:
             if f.getsampwidth() != 2:
@@ -387,6 +396,7 @@ def log_mel_spectrogram(
     if not isinstance(waveform, torch.Tensor) or waveform.ndim not in (1, 2):
         raise ValueError(f"{fn}: waveform must be a tensor (time,) or (batch, time), got "
                          f"{tuple(waveform.shape) if isinstance(waveform, torch.Tensor) else type(waveform).__name__}")
+    _check_waveform(waveform, fn)  # name this function, not mel_spectrogram
     if top_db is not None and (isinstance(top_db, bool) or not isinstance(top_db, (int, float)) or not top_db > 0
                                or not math.isfinite(top_db)):
         raise ValueError(f"{fn}: top_db must be a positive number or None, got {top_db!r}")

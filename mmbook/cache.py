@@ -43,8 +43,38 @@ def cache_dir() -> Path:
     """The cache folder (created on demand): ``MMBOOK_CACHE_DIR`` if set, else ``data/cache`` beside the package."""
     override = os.environ.get(_CACHE_ENV, "").strip()
     path = Path(override) if override else Path(__file__).resolve().parent.parent / "data" / "cache"
-    path.mkdir(parents=True, exist_ok=True)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        source = f"environment variable {_CACHE_ENV}" if override else "the book's cache folder"
+        raise RuntimeError(f"cache_dir: {path} (from {source}) cannot be used as a folder: {err}") from None
     return path
+
+
+def _check_path(path: Any, fn: str) -> Path:
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"{fn}: path must be a str or a path, got {type(path).__name__}")
+    return Path(path)
+
+
+def _check_fn(fn: Any) -> str:
+    if not isinstance(fn, str) or not fn:
+        raise TypeError(f"load_arrays/load_tensors: fn must be the caller's name as a str, got {fn!r}")
+    return fn
+
+
+def _key_text(key: Any, fn: str) -> str:
+    """The JSON text of the full key; a key that JSON cannot hold exactly is refused (a NaN would never
+    compare equal to itself when the file is loaded, so the entry could never be read back)."""
+    if not isinstance(key, Mapping):
+        raise TypeError(f"{fn}: key must be a mapping of settings, got {type(key).__name__}")
+    try:
+        return json.dumps(_full_key(key), sort_keys=True, allow_nan=False)
+    except TypeError as err:
+        raise TypeError(f"{fn}: key must hold only JSON values (str, numbers, bools, None, lists, dicts): {err}") \
+            from None
+    except ValueError:
+        raise ValueError(f"{fn}: key must not hold NaN or infinite numbers, got {dict(key)!r}") from None
 
 
 def _full_key(key: Mapping[str, Any]) -> dict[str, Any]:
@@ -64,18 +94,17 @@ def cache_path(prefix: str, key: Mapping[str, Any], suffix: str = ".npz") -> Pat
     """
     if not isinstance(prefix, str) or not prefix.isidentifier():
         raise ValueError(f"cache_path: prefix must be a short identifier such as 'speech', got {prefix!r}")
-    if not isinstance(key, Mapping):
-        raise TypeError(f"cache_path: key must be a mapping of settings, got {type(key).__name__}")
     if suffix not in (".npz", ".pt"):
         raise ValueError(f"cache_path: suffix must be '.npz' or '.pt', got {suffix!r}")
-    text = json.dumps(_full_key(key), sort_keys=True)
+    text = _key_text(key, "cache_path")
     return cache_dir() / f"{prefix}_{hashlib.sha1(text.encode()).hexdigest()[:12]}{suffix}"
 
 
-def _write(path: Path, key: Mapping[str, Any], kind: str, payload: bytes) -> None:
+def _write(path: Path, key: Mapping[str, Any], kind: str, payload: bytes, fn: str) -> None:
     header = {"format": _FORMAT, "version": _VERSION, "kind": kind, "key": _full_key(key),
               "sha256": hashlib.sha256(payload).hexdigest(), "size": len(payload)}
-    path = Path(path)
+    if not path.parent.is_dir():
+        raise FileNotFoundError(f"{fn}: the folder of {path} does not exist")
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")  # per process: two workers may write at once
     with open(tmp, "wb") as f:
         f.write(json.dumps(header, sort_keys=True).encode() + b"\n")
@@ -84,7 +113,6 @@ def _write(path: Path, key: Mapping[str, Any], kind: str, payload: bytes) -> Non
 
 
 def _read(path: Path, key: Mapping[str, Any], kind: str, fn: str) -> bytes:
-    path = Path(path)
     advice = "delete it and run again (it is rebuilt)"
     with open(path, "rb") as f:
         line = f.readline(_MAX_HEADER)
@@ -98,7 +126,7 @@ def _read(path: Path, key: Mapping[str, Any], kind: str, fn: str) -> bytes:
     if header.get("version") != _VERSION or header.get("kind") != kind:
         raise CacheError(f"{fn}: {path} has format version {header.get('version')} / kind {header.get('kind')!r}, "
                          f"expected {_VERSION} / {kind!r}; {advice}")
-    if header.get("key") != json.loads(json.dumps(_full_key(key), sort_keys=True)):
+    if header.get("key") != json.loads(_key_text(key, fn)):
         raise CacheError(f"{fn}: {path} was written for other settings ({header.get('key')}); {advice}")
     if header.get("size") != len(payload):
         raise CacheError(f"{fn}: {path} is truncated ({len(payload)} of {header.get('size')} payload bytes); {advice}")
@@ -126,11 +154,25 @@ def _check_expected(path: Path, got: Mapping[str, Any], expected: Mapping[str, t
 
 def save_arrays(path: Path, key: Mapping[str, Any], arrays: Mapping[str, np.ndarray]) -> None:
     """Write ``arrays`` (name -> NumPy array) to ``path`` with a header holding ``key`` and the content hash."""
+    fn = "save_arrays"
+    path = _check_path(path, fn)
+    _key_text(key, fn)
     if not isinstance(arrays, Mapping) or not arrays:
-        raise ValueError("save_arrays: arrays must be a non-empty mapping of names to NumPy arrays")
+        raise ValueError(f"{fn}: arrays must be a non-empty mapping of names to NumPy arrays")
+    values = {}
+    for name, value in arrays.items():
+        if not isinstance(name, str) or not name:
+            raise TypeError(f"{fn}: array names must be non-empty strs, got {name!r}")
+        try:
+            value = np.asarray(value)
+        except ValueError as err:  # a ragged list
+            raise ValueError(f"{fn}: arrays[{name!r}] is not an array: {err}") from None
+        if value.dtype.hasobject:  # stored as a pickle, which load_arrays refuses to read
+            raise TypeError(f"{fn}: arrays[{name!r}] must hold numbers, strings or bools, got dtype object")
+        values[name] = value
     buf = io.BytesIO()
-    np.savez_compressed(buf, **{k: np.asarray(v) for k, v in arrays.items()})
-    _write(path, key, "npz", buf.getvalue())
+    np.savez_compressed(buf, **values)
+    _write(path, key, "npz", buf.getvalue(), fn)
 
 
 def load_arrays(path: Path, key: Mapping[str, Any],
@@ -141,28 +183,85 @@ def load_arrays(path: Path, key: Mapping[str, Any],
     ``expected`` maps names to ``(shape, dtype)``; a ``None`` shape, dtype or dimension is not checked.
     Raises :class:`CacheError` naming ``path`` (on behalf of ``fn``) when anything disagrees.
     """
+    fn = _check_fn(fn)
+    path = _check_path(path, fn)
+    _key_text(key, fn)
+    if expected is not None:
+        expected = _check_expected_spec(expected, fn)
     payload = _read(path, key, "npz", fn)
     try:
         with np.load(io.BytesIO(payload), allow_pickle=False) as z:
             arrays = {name: z[name] for name in z.files}
     except (ValueError, OSError) as err:
         raise CacheError(f"{fn}: {path} cannot be read as arrays ({err}); delete it and run again") from None
-    _check_expected(path, arrays, {k: (s, None if d is None else np.dtype(d)) for k, (s, d) in expected.items()}
-                    if expected is not None else None, fn)
+    _check_expected(path, arrays, expected, fn)
     return arrays
+
+
+def _check_expected_spec(expected: Any, fn: str) -> dict[str, tuple[tuple | None, np.dtype | None]]:
+    """``expected`` as ``{name: (shape or None, NumPy dtype or None)}``, with the dtypes parsed."""
+    if not isinstance(expected, Mapping):
+        raise TypeError(f"{fn}: expected must be a mapping of names to (shape, dtype), got {type(expected).__name__}")
+    spec = {}
+    for name, entry in expected.items():
+        if not isinstance(entry, tuple) or len(entry) != 2:
+            raise TypeError(f"{fn}: expected[{name!r}] must be a (shape, dtype) pair, got {entry!r}")
+        shape, dtype = entry
+        if shape is not None and (not isinstance(shape, tuple)
+                                  or any(s is not None and not isinstance(s, int) for s in shape)):
+            raise TypeError(f"{fn}: expected[{name!r}] shape must be a tuple of ints or None, got {shape!r}")
+        try:
+            spec[name] = (shape, None if dtype is None else np.dtype(dtype))
+        except TypeError:
+            raise TypeError(f"{fn}: expected[{name!r}] dtype must be a NumPy dtype or None, got {dtype!r}") from None
+    return spec
 
 
 def save_tensors(path: Path, key: Mapping[str, Any], blob: Mapping[str, Any]) -> None:
     """Write ``blob`` (tensors, lists, numbers, strings: what ``torch.load(weights_only=True)`` accepts)."""
+    fn = "save_tensors"
+    path = _check_path(path, fn)
+    _key_text(key, fn)
     if not isinstance(blob, Mapping):
-        raise TypeError(f"save_tensors: blob must be a mapping, got {type(blob).__name__}")
+        raise TypeError(f"{fn}: blob must be a mapping, got {type(blob).__name__}")
+    # what load_tensors could not read back must not be written (it would fail on every later run)
+    bad = _foreign_entry(blob, "blob")
+    if bad is not None:
+        raise TypeError(f"{fn}: blob must hold only tensors, numbers, strings, lists, tuples and dicts "
+                        f"(what torch.load(weights_only=True) reads back), got {bad}")
     buf = io.BytesIO()
     torch.save(dict(blob), buf)
-    _write(path, key, "torch", buf.getvalue())
+    _write(path, key, "torch", buf.getvalue(), fn)
+
+
+_PLAIN = (torch.Tensor, str, bytes, int, float, complex, type(None), torch.dtype, torch.device)
+
+
+def _foreign_entry(value: Any, where: str) -> str | None:
+    """Where in ``value`` an object lies that ``torch.load(weights_only=True)`` refuses (a walk over the
+    containers, cheap next to serialising the tensors), or None."""
+    if isinstance(value, _PLAIN):
+        return None
+    if isinstance(value, dict):
+        for k, v in value.items():
+            bad = _foreign_entry(k, f"a key of {where}") or _foreign_entry(v, f"{where}[{k!r}]")
+            if bad is not None:
+                return bad
+        return None
+    if isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            bad = _foreign_entry(v, f"{where}[{i}]")
+            if bad is not None:
+                return bad
+        return None
+    return f"{type(value).__name__} at {where}"
 
 
 def load_tensors(path: Path, key: Mapping[str, Any], fn: str = "load_tensors") -> dict[str, Any]:
     """Read a blob written by :func:`save_tensors`, checking header, key, size and hash (weights only)."""
+    fn = _check_fn(fn)
+    path = _check_path(path, fn)
+    _key_text(key, fn)
     payload = _read(path, key, "torch", fn)
     try:
         blob = torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)

@@ -45,7 +45,7 @@ def numerical_jacobian(
     """
     fn = "numerical_jacobian"
     check_instance("f", f, fn, Callable, "a callable")
-    check_float_tensor("x", x, fn)
+    check_float_tensor("x", x, fn, nonempty=True)
     eps = check_number("eps", eps, fn, 0.0, low_open=True)
     x = x.detach()
     flat = x.reshape(-1)
@@ -56,6 +56,9 @@ def numerical_jacobian(
         plus, minus = f((flat + step).reshape(x.shape)), f((flat - step).reshape(x.shape))
         if not (isinstance(plus, torch.Tensor) and isinstance(minus, torch.Tensor)):
             raise TypeError(f"{fn}: f must return a torch.Tensor, got {type(plus).__name__}")
+        if plus.shape != minus.shape or (columns and plus.numel() != columns[0].numel()):  # else broadcasting
+            raise ValueError(f"{fn}: f must return the same shape at every point, got {tuple(plus.shape)} and "
+                             f"{tuple(minus.shape) if plus.shape != minus.shape else (columns[0].numel(),)}")
         plus, minus = plus.reshape(-1), minus.reshape(-1)
         columns.append((plus - minus) / (2 * eps))
     return torch.stack(columns, dim=1)
@@ -64,7 +67,7 @@ def numerical_jacobian(
 def numerical_gradient(f: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """Central finite-difference gradient of a scalar function; same shape as ``x``."""
     check_instance("f", f, "numerical_gradient", Callable, "a callable")
-    check_float_tensor("x", x, "numerical_gradient")
+    check_float_tensor("x", x, "numerical_gradient", nonempty=True)
     check_number("eps", eps, "numerical_gradient", 0.0, low_open=True)
     value = f(x.detach())
     if not (isinstance(value, torch.Tensor) and value.numel() == 1) and not isinstance(value, float):
@@ -76,8 +79,9 @@ def numerical_gradient(f: Callable[[torch.Tensor], torch.Tensor], x: torch.Tenso
 def max_relative_error(a: torch.Tensor, b: torch.Tensor, floor: float = 1e-12) -> float:
     """``max |a - b| / max(|a| + |b|, floor)`` elementwise: the usual gradient-check metric."""
     fn = "max_relative_error"
-    check_float_tensor("a", a, fn, nonempty=True)
-    check_float_tensor("b", b, fn, nonempty=True)
+    # NaN would give a NaN error, which passes a check written ``err > tol``
+    check_float_tensor("a", a, fn, nonempty=True, finite=True)
+    check_float_tensor("b", b, fn, nonempty=True, finite=True)
     if a.shape != b.shape:
         raise ValueError(f"{fn}: a and b must have the same shape, got {tuple(a.shape)} and {tuple(b.shape)}")
     floor = check_number("floor", floor, fn, 0.0, low_open=True)

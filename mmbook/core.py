@@ -12,6 +12,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from mmbook.checks import check_device
+
 __all__ = [
     "Source", "get_device", "numpy_rng", "python_rng", "seed", "seed_shift", "set_seed", "show", "torch_generator",
 ]
@@ -55,7 +57,7 @@ def get_device(name: str | None = None) -> torch.device:
         raise ValueError(
             f"get_device: unknown device {name!r} from {source}; expected one of 'cpu', 'cuda', 'cuda:N', 'mps'"
         ) from None
-    if device.type not in _KNOWN_DEVICE_TYPES:
+    if device.type not in _KNOWN_DEVICE_TYPES or (device.type == "cpu" and device.index not in (None, 0)):
         raise ValueError(
             f"get_device: unknown device {name!r} from {source}; expected one of 'cpu', 'cuda', 'cuda:N', 'mps'"
         )
@@ -137,7 +139,12 @@ def torch_generator(seed: int, device: torch.device | str = "cpu") -> torch.Gene
     Draw on the CPU and move the result with ``.to(device)`` so that the numbers are the same on
     every device; a CUDA generator exists for code that must draw on the GPU.
     """
-    value = _shifted(_check_seed("torch_generator", seed))
+    fn = "torch_generator"
+    value = _shifted(_check_seed(fn, seed))
+    if device is not None:  # None: the CPU, as for torch.Generator
+        device = check_device("device", device, fn)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise RuntimeError(f"{fn}: device {str(device)!r} asks for CUDA but CUDA is not available on this machine")
     return torch.Generator(device=device).manual_seed(value)
 
 
@@ -155,6 +162,9 @@ class Source:
     """The source code of an object; shows highlighted in Jupyter, as plain text elsewhere."""
 
     def __init__(self, code: str, name: str) -> None:
+        for arg, value in (("code", code), ("name", name)):
+            if not isinstance(value, str):
+                raise TypeError(f"Source: {arg} must be a str, got {type(value).__name__}")
         self.code = code
         self.name = name
 

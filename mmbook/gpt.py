@@ -39,6 +39,7 @@ from mmbook.checks import (
     check_ids,
     check_instance,
     check_int,
+    check_like,
     check_module_input,
     check_number,
     positive_int,
@@ -69,6 +70,7 @@ _KERNELS = ("mmbook", "torch")
 
 def _check_config(config: object, fn: str) -> None:
     check_instance("config", config, fn, GPTConfig, "a GPTConfig")
+    config.__post_init__()  # again: a field changed after construction (n_head=3 with d_model=8) is caught here
 
 
 def _check_tokens(x: object, fn: str, module: nn.Module, d_model: int) -> None:
@@ -291,7 +293,7 @@ class CausalSelfAttention(nn.Module):
         _check_tokens(x, "CausalSelfAttention", self, self.d_model)
         b, t, _ = x.shape
         if past is not None:
-            _check_past(past, (b, self.n_head, None, self.d_head), "CausalSelfAttention", "past")
+            _check_past(past, (b, self.n_head, None, self.d_head), "CausalSelfAttention", "past", x, "x")
         q, k, v = self.qkv(x).split(self.d_model, dim=-1)
         q, k, v = (z.view(b, t, self.n_head, self.d_head).transpose(1, 2) for z in (q, k, v))  # (B, h, T, dh)
         if past is not None:
@@ -342,14 +344,19 @@ def _check_logits(logits: object, fn: str) -> torch.Tensor:
     return logits
 
 
-def _check_past(past: object, shape: tuple, fn: str, name: str) -> None:
-    """A ``(key, value)`` pair of tensors of ``shape`` (``None`` = any length)."""
+def _check_past(past: object, shape: tuple, fn: str, name: str, like: torch.Tensor | None = None,
+                like_name: str = "") -> None:
+    """A ``(key, value)`` pair of tensors of ``shape`` ``(batch, heads, P, d_head)`` (``None`` = any size), of the
+    dtype and device of ``like`` when given."""
     if not (isinstance(past, (tuple, list)) and len(past) == 2 and all(isinstance(t, torch.Tensor) for t in past)):
         raise TypeError(f"{fn}: {name} must be a (key, value) pair of tensors, got {type(past).__name__}")
     for t in past:
         if t.ndim != 4 or any(want is not None and got != want for got, want in zip(t.shape, shape, strict=True)):
-            want = tuple("P" if w is None else w for w in shape)
+            want = tuple(label if w is None else w for w, label in zip(shape, ("batch", "heads", "P", "d_head"),
+                                                                       strict=True))
             raise ValueError(f"{fn}: {name} must hold keys and values of shape {want}, got {tuple(t.shape)}")
+        if like is not None:
+            check_like(name, t, fn, like_name, like)
 
 
 def _check_sampling(temperature: object, top_k: object, top_p: object, generator: object, fn: str) -> None:
@@ -542,7 +549,8 @@ class GPT(nn.Module):
         if past_key_values is not None:
             if not isinstance(past_key_values, (list, tuple)) or len(past_key_values) != cfg.n_layer:
                 raise ValueError(f"{fn}: past_key_values must hold one (key, value) pair per layer ({cfg.n_layer})")
-            _check_past(past_key_values[0], (None, cfg.n_head, None, cfg.d_head), fn, "past_key_values[0]")
+            _check_past(past_key_values[0], (None, cfg.n_head, None, cfg.d_head), fn, "past_key_values[0]",
+                        self.wte.weight, "the model's parameters")
             past_len = past_key_values[0][0].shape[2]
             if past_key_values[0][0].shape[0] != b:
                 raise ValueError(
@@ -625,7 +633,7 @@ class GPT(nn.Module):
         cfg = getattr(hf_model, "config", None)
         if getattr(cfg, "model_type", None) != "gpt2":
             raise TypeError(f"from_hf_gpt2: hf_model must be a transformers GPT-2 model, got {type(hf_model).__name__}")
-        activations = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu"}
+        activations = _HF_ACTIVATIONS
         if cfg.activation_function not in activations:
             raise ValueError(f"from_hf_gpt2: unsupported activation_function {cfg.activation_function!r}")
         config = GPTConfig(
@@ -642,6 +650,9 @@ class GPT(nn.Module):
             tie_embeddings=bool(getattr(cfg, "tie_word_embeddings", True)),
         )
         return load_hf_gpt2_weights(cls(config), hf_model)
+
+
+_HF_ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu"}
 
 
 @torch.no_grad()
@@ -663,6 +674,14 @@ def load_hf_gpt2_weights(ours: GPT, hf_model: nn.Module) -> GPT:
     c = ours.config
     if not c.bias or c.positional != "learned" or not getattr(cfg, "scale_attn_weights", True):
         raise ValueError(f"{fn}: GPT-2 needs bias=True, positional='learned' and scaled attention")
+    # settings no weight shape reveals: the weights would load and compute something else
+    theirs_settings = {"n_head": getattr(cfg, "n_head", None),
+                       "activation": _HF_ACTIVATIONS.get(getattr(cfg, "activation_function", None)),
+                       "layer_norm_eps": getattr(cfg, "layer_norm_epsilon", None)}
+    for name, value in theirs_settings.items():
+        if getattr(c, name) != value:
+            raise ValueError(f"{fn}: ours has {name}={getattr(c, name)!r} but hf_model has {value!r} "
+                             "(build ours with GPT.from_hf_gpt2)")
     theirs = {k.removeprefix("transformer."): v for k, v in hf_model.state_dict().items()}
     mapping: dict[str, tuple[str, bool]] = {  # ours -> (theirs, transpose)
         "wte.weight": ("wte.weight", False),

@@ -395,6 +395,8 @@ def sample(model: NGramLM | nn.Module, prompt: torch.Tensor, length: int, *, gen
     check_int("length", length, "sample", 0)
     if not isinstance(generator, torch.Generator):
         raise TypeError(f"sample: generator must be a torch.Generator, got {type(generator).__name__}")
+    if generator.device.type != "cpu":  # the draws are made on the CPU, whatever the model's device
+        raise ValueError(f"sample: generator must be a CPU torch.Generator, got one on {generator.device}")
     check_number("temperature", temperature, "sample", 0.0, low_open=True)  # inf would sample uniformly
     banned = list(check_instance("banned_ids", banned_ids, "sample", Sequence, "a sequence of ids"))
     if any(isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < vocab_size for i in banned):
@@ -408,10 +410,17 @@ def sample(model: NGramLM | nn.Module, prompt: torch.Tensor, length: int, *, gen
     out = torch.cat([torch.full((context_size,), pad_id, dtype=torch.long), prompt])
     for _ in range(length):
         context = out[out.numel() - context_size:].unsqueeze(0)
-        logits = model(context.to(device))[0].double().cpu()
+        logits = model(context.to(device))
+        if not isinstance(logits, torch.Tensor) or logits.shape != (1, vocab_size):  # else ids off the vocabulary
+            raise ValueError(f"sample: model must return logits of shape (1, vocab_size={vocab_size}), "
+                             f"got {getattr(logits, 'shape', type(logits).__name__)}")
+        logits = logits[0].double().cpu()
         if not bool((logits < math.inf).all()):  # NaN or +inf: softmax would be NaN
             raise ValueError(f"sample: model returned NaN or +inf logits after {out.numel() - context_size} ids")
         logits[banned] = -math.inf
+        if not bool((logits > -math.inf).any()):
+            raise ValueError(f"sample: the model gives every id outside banned_ids zero probability after "
+                             f"{out.numel() - context_size} ids")
         probs = torch.softmax(logits / temperature, dim=-1)
         out = torch.cat([out, torch.multinomial(probs, 1, generator=generator)])
     if was_training:

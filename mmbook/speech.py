@@ -34,15 +34,30 @@ VOICE_VARIANTS = ("m1", "m2", "m3", "m4", "m5", "m6", "m7", "f1", "f2", "f3", "f
 _WORKER = Path(__file__).resolve().parent / "_espeak_worker.py"
 
 
-def _check_request(text: object, voice: object, rate: object, pitch: object, pitch_range: object) -> None:
+def _variant_exists(variant: str) -> bool:
+    """Whether espeak-ng ships the voice variant ``variant`` (an unknown one is silently ignored by espeak-ng)."""
+    import espeakng_loader
+
+    return (Path(espeakng_loader.get_data_path()) / "voices" / "!v" / variant).is_file()
+
+
+def _check_request(text: object, voice: object, rate: object, pitch: object, pitch_range: object,
+                   fn: str = "synthesize", where: str = "") -> None:
     if not isinstance(text, str) or not text.strip():
-        raise ValueError(f"synthesize: text must be a non-empty string, got {text!r}")
-    if not isinstance(voice, str) or not voice:
-        raise ValueError(f"synthesize: voice must be a non-empty string, got {voice!r}")
+        raise ValueError(f"{fn}: {where}text must be a non-empty string, got {text!r}")
+    if "\0" in text:  # espeak-ng reads a C string: it would stop speaking at the NUL
+        raise ValueError(f"{fn}: {where}text must not contain a NUL character, got {text!r}")
+    if not isinstance(voice, str) or not voice.strip():
+        raise ValueError(f"{fn}: {where}voice must be a non-empty string, got {voice!r}")
+    if "+" in voice:
+        variant = voice.split("+", 1)[1]
+        if variant not in VOICE_VARIANTS and (not variant or "/" in variant or not _variant_exists(variant)):
+            raise ValueError(f"{fn}: {where}voice {voice!r} names an unknown variant {variant!r} "
+                             f"(espeak-ng would ignore it); the book's variants are {', '.join(VOICE_VARIANTS)}")
     for name, value, lo, hi in (("rate", rate, 80, 450), ("pitch", pitch, 0, 100),
                                 ("pitch_range", pitch_range, 0, 100)):
-        if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
-            raise ValueError(f"synthesize: {name} must be an int in [{lo}, {hi}], got {value!r}")
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not lo <= value <= hi:
+            raise ValueError(f"{fn}: {where}{name} must be an int in [{lo}, {hi}], got {value!r}")
 
 
 def synthesize_many(
@@ -52,19 +67,26 @@ def synthesize_many(
     ``rate``, ``pitch``, ``pitch_range`` (see :func:`synthesize`). Returns one float32
     waveform ``(num_samples,)`` in [-1, 1] per request, at ``sample_rate``.
     """
-    if isinstance(sample_rate, bool) or not isinstance(sample_rate, int) or sample_rate <= 0:
-        raise ValueError(f"synthesize: sample_rate must be a positive int, got {sample_rate!r}")
+    return _synthesize_many(requests, sample_rate, "synthesize_many")
+
+
+def _synthesize_many(requests: Sequence[dict], sample_rate: int, fn: str) -> list[torch.Tensor]:
+    if isinstance(sample_rate, bool) or not isinstance(sample_rate, (int, np.integer)) or sample_rate <= 0:
+        raise ValueError(f"{fn}: sample_rate must be a positive int, got {sample_rate!r}")
+    sample_rate = int(sample_rate)
     if isinstance(requests, (str, dict)) or not isinstance(requests, Sequence):
-        raise TypeError(f"synthesize_many: requests must be a sequence of dicts, got {type(requests).__name__}")
+        raise TypeError(f"{fn}: requests must be a sequence of dicts, got {type(requests).__name__}")
     jobs = []
     for i, req in enumerate(requests):
         if not isinstance(req, dict) or "text" not in req:
-            raise ValueError(f"synthesize_many: requests[{i}] must be a dict with a 'text' entry, got {req!r}")
+            raise ValueError(f"{fn}: requests[{i}] must be a dict with a 'text' entry, got {req!r}")
         job = {"voice": "m1", "rate": 160, "pitch": 50, "pitch_range": 50, **req}
         unknown = set(job) - {"text", "voice", "rate", "pitch", "pitch_range"}
         if unknown:
-            raise ValueError(f"synthesize_many: requests[{i}] has unknown keys {sorted(unknown)}")
-        _check_request(job["text"], job["voice"], job["rate"], job["pitch"], job["pitch_range"])
+            raise ValueError(f"{fn}: requests[{i}] has unknown keys {sorted(unknown, key=repr)}")
+        _check_request(job["text"], job["voice"], job["rate"], job["pitch"], job["pitch_range"], fn,
+                       "" if fn == "synthesize" else f"requests[{i}]: ")
+        job = {**job, "rate": int(job["rate"]), "pitch": int(job["pitch"]), "pitch_range": int(job["pitch_range"])}
         if "+" not in job["voice"] and job["voice"] in VOICE_VARIANTS:
             job["voice"] = f"en+{job['voice']}"
         jobs.append(job)
@@ -75,7 +97,7 @@ def synthesize_many(
         env={**os.environ, "PYTHONHASHSEED": "0"},
     )
     if result.returncode != 0:
-        raise RuntimeError(f"synthesize: the espeak-ng worker failed: {result.stderr.decode(errors='replace')[-800:]}")
+        raise RuntimeError(f"{fn}: the espeak-ng worker failed: {result.stderr.decode(errors='replace')[-800:]}")
     with np.load(io.BytesIO(result.stdout)) as arrays:
         raw = [arrays[f"a{i}"] for i in range(len(jobs))]
     waves = [torch.from_numpy(samples.astype(np.float32) / 32768.0) for samples in raw]
@@ -108,7 +130,7 @@ def synthesize(
     ``sample_rate`` with torchaudio's band-limited sinc resampler. Deterministic. For many
     utterances use :func:`synthesize_many`, which starts the worker once.
     """
-    return synthesize_many(
+    return _synthesize_many(
         [{"text": text, "voice": voice, "rate": rate, "pitch": pitch, "pitch_range": pitch_range}],
-        sample_rate=sample_rate,
+        sample_rate, "synthesize",
     )[0]

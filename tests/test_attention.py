@@ -116,3 +116,18 @@ def test_bad_input_dtypes_sizes_and_types_are_named():
         mha(q.double())
     with pytest.raises(TypeError, match="MultiHeadAttention: key has dtype torch.float64"):
         mha(q, q.double())
+
+
+def test_causal_mask_device_and_bias_mismatch_are_named():
+    # an int device would be read as CUDA device 0 (a driver error on a CPU machine)
+    with pytest.raises(TypeError, match="causal_mask: device must be a torch.device or a name such as 'cpu', got int"):
+        causal_mask(3, 0)
+    with pytest.raises(ValueError, match="causal_mask: device must name a torch device such as 'cpu'.*got 'gpu'"):
+        causal_mask(3, "gpu")
+    assert torch.equal(causal_mask(3, "cpu"), causal_mask(3, torch.device("cpu")))
+    # a module without biases loading one with biases would drop them and compute something else
+    torch_mha = nn.MultiheadAttention(8, 2, batch_first=True)
+    with pytest.raises(ValueError, match=r"load_from_torch: the torch module has biases but this one has none"):
+        MultiHeadAttention(8, 2, bias=False).load_from_torch(torch_mha)
+    ours = MultiHeadAttention(8, 2, bias=False).load_from_torch(nn.MultiheadAttention(8, 2, bias=False))
+    assert ours.q_proj.bias is None

@@ -255,3 +255,26 @@ def test_bad_input_is_named_never_a_plausible_answer(tmp_path):
         spec_augment([1.0], num_freq_masks=0, num_time_masks=0)
     with pytest.raises(TypeError, match="AudioCNN: x has dtype torch.float64 but the model's parameters"):
         AudioCNN()(torch.randn(2, 40, 101, dtype=torch.float64))
+
+
+def test_wav_files_and_half_precision_are_named(tmp_path):
+    wave_ = torch.zeros(2, 100)
+    # (time, channels) would be written as 100 channels of 2 samples: a valid file of noise
+    with pytest.raises(ValueError, match=r"write_wav: waveform must be \(channels, time\), got \(100, 2\): more "
+                                         "channels than samples; transpose"):
+        write_wav(tmp_path / "a.wav", wave_.T, 16000)
+    with pytest.raises(ValueError, match=r"write_wav: waveform must be \(time,\) or \(channels, time\), got \(0, 10\)"):
+        write_wav(tmp_path / "a.wav", torch.zeros(0, 10), 16000)  # wave's '# channels not specified'
+    with pytest.raises(FileNotFoundError, match="write_wav: the folder of .*no.a.wav' does not exist"):
+        write_wav(tmp_path / "no" / "a.wav", wave_, 16000)
+    with pytest.raises(FileNotFoundError, match=r"read_wav: no such file .* \(it is a folder\)"):
+        read_wav(tmp_path)
+    write_wav(tmp_path / "a.wav", wave_, 16000)
+    assert read_wav(tmp_path / "a.wav")[0].shape == (2, 100)
+    with pytest.raises(TypeError, match=r"stft: waveform must be float32 or float64, got torch.float16; convert"):
+        stft(torch.zeros(1000, dtype=torch.float16))
+    with pytest.raises(TypeError, match=r"mel_spectrogram: waveform must be float32 or float64, got torch.bfloat16"):
+        mel_spectrogram(torch.zeros(1000, dtype=torch.bfloat16))
+    with pytest.raises(TypeError, match=r"log_mel_spectrogram: waveform must be a floating-point tensor, got"):
+        log_mel_spectrogram(torch.zeros(1000, dtype=torch.long))
+    write_wav(tmp_path / "h.wav", torch.zeros(100, dtype=torch.float16), 16000)  # writing needs no FFT

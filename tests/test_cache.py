@@ -96,3 +96,63 @@ def test_bad_arguments():
         cache_path("test", KEY, ".txt")
     with pytest.raises(ValueError, match="arrays must be a non-empty mapping"):
         save_arrays("x.npz", KEY, {})
+
+
+def test_entries_that_could_never_be_read_back_are_refused(tmp_path):
+    path = tmp_path / "a.npz"
+    # a NaN in the key never compares equal to itself: the entry would be "for other settings" on every load
+    with pytest.raises(ValueError, match="cache_path: key must not hold NaN or infinite numbers"):
+        cache_path("test", {"lr": float("nan")})
+    with pytest.raises(ValueError, match="save_arrays: key must not hold NaN"):
+        save_arrays(path, {"lr": float("inf")}, _arrays())
+    with pytest.raises(TypeError, match="cache_path: key must hold only JSON values"):
+        cache_path("test", {"x": object()})
+    # an object array is stored as a pickle, which load_arrays refuses
+    with pytest.raises(TypeError, match=r"save_arrays: arrays\['a'\] must hold numbers, strings or bools, got dtype"):
+        save_arrays(path, KEY, {"a": np.array([{"x": 1}])})
+    with pytest.raises(ValueError, match=r"save_arrays: arrays\['a'\] is not an array"):
+        save_arrays(path, KEY, {"a": [[1], [1, 2]]})
+    with pytest.raises(TypeError, match="save_arrays: array names must be non-empty strs, got 1"):
+        save_arrays(path, KEY, {1: np.zeros(2)})
+    # a blob torch.load(weights_only=True) would refuse
+    with pytest.raises(TypeError, match=r"save_tensors: blob must hold only tensors.*got function at blob\['f'\]\[0\]"):
+        save_tensors(tmp_path / "b.pt", KEY, {"f": [lambda: 0]})
+    with pytest.raises(TypeError, match=r"save_tensors: blob must hold only.*got object at blob\['s'\]\['k'\]"):
+        save_tensors(tmp_path / "b.pt", KEY, {"s": {"k": object()}})
+    assert not any(tmp_path.iterdir())
+    save_tensors(tmp_path / "b.pt", KEY, {"t": torch.ones(2), "meta": {"names": ["a"], "n": (1, 2.5, None)},
+                                          "dtype": torch.float16})
+    assert load_tensors(tmp_path / "b.pt", KEY)["dtype"] is torch.float16
+
+
+def test_wrong_types_are_named(tmp_path, monkeypatch):
+    path = tmp_path / "a.npz"
+    save_arrays(path, KEY, _arrays())
+    for call, fn in ((lambda: save_arrays(5, KEY, _arrays()), "save_arrays"),
+                     (lambda: load_arrays(None, KEY), "load_arrays"),
+                     (lambda: save_tensors(3, KEY, {}), "save_tensors"),
+                     (lambda: load_tensors(3.0, KEY), "load_tensors")):
+        with pytest.raises(TypeError, match=f"{fn}: path must be a str or a path"):
+            call()
+    for call, fn in ((lambda: save_arrays(path, [1], _arrays()), "save_arrays"),
+                     (lambda: load_arrays(path, [1]), "load_arrays"),
+                     (lambda: load_tensors(path, "k"), "load_tensors")):
+        with pytest.raises(TypeError, match=f"{fn}: key must be a mapping of settings"):
+            call()
+    with pytest.raises(TypeError, match="load_arrays: expected must be a mapping"):
+        load_arrays(path, KEY, [("x", None)])
+    with pytest.raises(TypeError, match=r"load_arrays: expected\['x'\] must be a \(shape, dtype\) pair, got \(3,\)"):
+        load_arrays(path, KEY, {"x": (3,)})
+    with pytest.raises(TypeError, match=r"load_arrays: expected\['x'\] shape must be a tuple of ints or None, got 3"):
+        load_arrays(path, KEY, {"x": (3, None)})
+    with pytest.raises(TypeError, match=r"load_arrays: expected\['x'\] dtype must be a NumPy dtype or None"):
+        load_arrays(path, KEY, {"x": (None, "floot")})
+    with pytest.raises(TypeError, match="fn must be the caller's name as a str, got 3"):
+        load_arrays(path, KEY, fn=3)
+    assert load_arrays(path, KEY, EXPECTED, fn="caller")["y"].tolist() == [1, 2, 3]
+    with pytest.raises(FileNotFoundError, match="save_arrays: the folder of .*no/such/a.npz does not exist"):
+        save_arrays(tmp_path / "no" / "such" / "a.npz", KEY, _arrays())
+    (tmp_path / "file").write_text("")
+    monkeypatch.setenv("MMBOOK_CACHE_DIR", str(tmp_path / "file"))
+    with pytest.raises(RuntimeError, match="cache_dir: .*file \\(from environment variable MMBOOK_CACHE_DIR\\) cannot"):
+        cache_dir()

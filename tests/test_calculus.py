@@ -64,3 +64,23 @@ def test_bad_input_is_named_not_passed_on():
     for floor in (0.0, -1.0, float("nan")):  # floor <= 0 divides 0 by 0; NaN hides every difference
         with pytest.raises(ValueError, match="max_relative_error: floor must be a positive number"):
             max_relative_error(x, x, floor=floor)
+
+
+def test_nan_empty_and_changing_shapes_are_named():
+    nan = float("nan")
+    # a NaN error compares False with every tolerance: a check written `err > tol` would pass
+    with pytest.raises(ValueError, match="max_relative_error: a contains NaN or infinite values"):
+        max_relative_error(torch.tensor([nan, 0.0]), torch.zeros(2))
+    with pytest.raises(ValueError, match="max_relative_error: b contains NaN or infinite values"):
+        max_relative_error(torch.zeros(1), torch.tensor([float("inf")]))
+    # an empty x: torch.stack's 'expects a non-empty TensorList'
+    with pytest.raises(ValueError, match=r"numerical_jacobian: x must not be empty, got shape \(0,\)"):
+        numerical_jacobian(lambda t: t, torch.zeros(0))
+    with pytest.raises(ValueError, match=r"numerical_gradient: x must not be empty, got shape \(0, 2\)"):
+        numerical_gradient(lambda t: t.sum(), torch.zeros(0, 2))
+    # f(x + eps) and f(x - eps) of different shapes broadcast into a wrong Jacobian
+    with pytest.raises(ValueError, match=r"numerical_jacobian: f must return the same shape at every point, "
+                                         r"got \(1,\) and \(0,\)"):
+        numerical_jacobian(lambda t: t[t > 0], torch.zeros(2, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"numerical_jacobian: f must return the same shape at every point"):
+        numerical_jacobian(lambda t: t[: 1 + int(t[0] == 0)], torch.zeros(2, dtype=torch.float64))

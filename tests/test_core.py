@@ -124,3 +124,30 @@ def test_seed_helpers_reject_bad_seeds(fn):
         fn(1.0)
     with pytest.raises(ValueError, match=r"seed must be in \[0, 2\*\*32\), got -3"):
         fn(-3)
+
+
+def test_torch_generator_names_a_wrong_device(monkeypatch):
+    with pytest.raises(ValueError, match="torch_generator: device must name a torch device.*got 'gpu'"):
+        mmbook.torch_generator(0, "gpu")
+    with pytest.raises(TypeError, match="torch_generator: device must be a torch.device or a name.*got int"):
+        mmbook.torch_generator(0, 3)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(RuntimeError, match="torch_generator: device 'cuda' asks for CUDA but CUDA is not available"):
+        mmbook.torch_generator(0, "cuda")
+    # the CPU by name, as a torch.device, or None (torch.Generator's default) draw the same numbers
+    draws = [torch.rand(3, generator=mmbook.torch_generator(5, d)) for d in ("cpu", torch.device("cpu"), None)]
+    assert torch.equal(draws[0], draws[1]) and torch.equal(draws[0], draws[2])
+
+
+def test_get_device_refuses_a_cpu_index():
+    with pytest.raises(ValueError, match="get_device: unknown device 'cpu:3' from name"):
+        mmbook.get_device("cpu:3")
+    assert mmbook.get_device("cpu:0") == torch.device("cpu", 0)
+
+
+def test_source_checks_its_arguments():
+    with pytest.raises(TypeError, match="Source: code must be a str, got int"):
+        Source(5, "x")
+    with pytest.raises(TypeError, match="Source: name must be a str, got NoneType"):
+        Source("x = 1", None)
+    assert repr(Source("x = 1\n", "x")) == "x = 1"

@@ -339,3 +339,45 @@ def test_building_blocks_name_wrong_shapes_dtypes_and_settings():
         attention(torch.ones(2, 3, d, dtype=torch.float64))
     with pytest.raises(TypeError, match="CausalSelfAttention: past must be a \\(key, value\\) pair of tensors"):
         attention(torch.ones(2, 3, d), past=[1, 2])
+
+
+def test_loading_gpt2_weights_checks_settings_no_shape_reveals():
+    transformers = pytest.importorskip("transformers")
+    transformers.logging.set_verbosity_error()
+    hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=50, n_positions=24, n_embd=32, n_layer=1,
+                                                              n_head=4)).eval()
+    sizes = {"vocab_size": 50, "block_size": 24, "n_layer": 1, "d_model": 32}
+    # two heads of 16 instead of four of 8: every weight has the same shape, the attention differs
+    with pytest.raises(ValueError, match="load_hf_gpt2_weights: ours has n_head=2 but hf_model has 4"):
+        load_hf_gpt2_weights(GPT(GPTConfig(n_head=2, **sizes)), hf)
+    with pytest.raises(ValueError, match="load_hf_gpt2_weights: ours has activation='gelu' but hf_model has "
+                                         "'gelu_tanh'"):
+        load_hf_gpt2_weights(GPT(GPTConfig(n_head=4, activation="gelu", **sizes)), hf)
+    with pytest.raises(ValueError, match="load_hf_gpt2_weights: ours has layer_norm_eps=0.001 but hf_model has 1e-05"):
+        load_hf_gpt2_weights(GPT(GPTConfig(n_head=4, layer_norm_eps=1e-3, **sizes)), hf)
+    ours = load_hf_gpt2_weights(GPT(GPTConfig(n_head=4, **sizes)), hf).eval()
+    idx = torch.randint(0, 50, (1, 8))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(idx).logits, hf(idx).logits, rtol=0, atol=1e-5)
+
+
+def test_changed_config_and_foreign_kv_cache_are_named():
+    config = GPTConfig(vocab_size=20, block_size=8, n_layer=1, n_head=2, d_model=8)
+    config.n_head = 3  # a dataclass field changed after construction: 8 is not divisible by 3
+    with pytest.raises(ValueError, match="GPTConfig: d_model=8 must be divisible by n_head=3"):
+        GPT(config)
+    config.n_head = 2
+    model = GPT(config)
+    idx = torch.zeros(1, 1, dtype=torch.long)
+    past = model(idx, use_cache=True).past_key_values
+    doubles = [(k.double(), v.double()) for k, v in past]
+    # not scaled_dot_product_attention's 'k and q must have the same dtype'
+    with pytest.raises(TypeError, match=r"GPT.forward: past_key_values\[0\] and the model's parameters must have the "
+                                        "same dtype, got torch.float64 and torch.float32"):
+        model(idx, past_key_values=doubles)
+    with pytest.raises(TypeError, match="CausalSelfAttention: past and x must have the same dtype"):
+        model.h[0].attn(torch.zeros(1, 1, 8), past=doubles[0])
+    with pytest.raises(ValueError, match=r"past_key_values\[0\] must hold keys and values of shape "
+                                         r"\('batch', 2, 'P', 4\), got \(1,\)"):
+        model(idx, past_key_values=[(torch.zeros(1), torch.zeros(1))])
+    assert model(idx, past_key_values=past).logits.shape == (1, 1, 20)

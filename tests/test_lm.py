@@ -353,3 +353,29 @@ def test_bad_input_reaches_no_embedding_and_no_plausible_answer(vocab):
 
     with pytest.raises(ValueError, match=r"mean_nll: model must return logits of shape \(3, vocab_size=17\)"):
         mean_nll(WrongVocab(), vocab.encode("abc"))
+
+
+def test_sample_checks_what_the_model_returns():
+    class Logits(torch.nn.Module):
+        context_size, vocab_size = 1, 5
+
+        def __init__(self, logits):
+            super().__init__()
+            self.logits = logits
+
+        def forward(self, contexts):
+            return self.logits.expand(contexts.shape[0], -1)
+
+    gen = torch.Generator().manual_seed(0)
+    # four logits for a vocabulary of five: ids would be drawn from the wrong table, silently
+    with pytest.raises(ValueError, match=r"sample: model must return logits of shape \(1, vocab_size=5\), got"):
+        sample(Logits(torch.zeros(1, 4)), torch.tensor([1]), 2, generator=gen)
+    # the only id the model allows is banned: torch.multinomial's 'probability tensor contains inf, nan'
+    only_two = torch.tensor([[-math.inf, -math.inf, 0.0, -math.inf, -math.inf]])
+    with pytest.raises(ValueError, match="sample: the model gives every id outside banned_ids zero probability "
+                                         "after 1 ids"):
+        sample(Logits(only_two), torch.tensor([1]), 2, generator=gen, banned_ids=[2])
+    assert sample(Logits(only_two), torch.tensor([1]), 2, generator=gen).tolist() == [1, 2, 2]
+    if torch.cuda.is_available():
+        with pytest.raises(ValueError, match="sample: generator must be a CPU torch.Generator, got one on cuda"):
+            sample(Logits(torch.zeros(1, 5)), torch.tensor([1]), 2, generator=torch.Generator("cuda"))

@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 import torch
 
@@ -38,3 +39,33 @@ def test_bad_input():
         synthesize_many([{"text": "one", "speed": 3}])
     with pytest.raises(TypeError, match="sequence of dicts"):
         synthesize_many("one")
+
+
+def test_bad_input_is_named_not_spoken():
+    # a NUL ends espeak-ng's C string: the rest of the text would silently go unspoken
+    with pytest.raises(ValueError, match="synthesize: text must not contain a NUL"):
+        synthesize("one\x00two")
+    # an unknown variant is ignored by espeak-ng (the base voice speaks instead)
+    with pytest.raises(ValueError, match="synthesize: voice 'en\\+zz' names an unknown variant 'zz'"):
+        synthesize("one", voice="en+zz")
+    with pytest.raises(ValueError, match="synthesize: voice must be a non-empty string, got ' '"):
+        synthesize("one", voice=" ")
+    with pytest.raises(ValueError, match=r"synthesize: pitch must be an int in \[0, 100\], got nan"):
+        synthesize("one", pitch=float("nan"))
+    with pytest.raises(ValueError, match=r"synthesize: rate must be an int in \[80, 450\], got 160.0"):
+        synthesize("one", rate=160.0)
+    # synthesize_many names itself and the request
+    with pytest.raises(ValueError, match="synthesize_many: sample_rate must be a positive int, got -1"):
+        synthesize_many([{"text": "one"}], sample_rate=-1)
+    with pytest.raises(ValueError, match=r"synthesize_many: requests\[1\]: voice must be a non-empty string"):
+        synthesize_many([{"text": "one"}, {"text": "two", "voice": None}])
+    with pytest.raises(ValueError, match=r"synthesize_many: requests\[0\] has unknown keys \[1\]"):
+        synthesize_many([{"text": "one", 1: 2}])
+    with pytest.raises(RuntimeError, match="synthesize_many: the espeak-ng worker failed.*does not know the voice"):
+        synthesize_many([{"text": "one", "voice": "no-such-voice"}])
+
+
+def test_numpy_integers_and_other_espeak_variants_are_accepted():
+    wave = synthesize("one", voice="en+Andy", rate=np.int64(160), sample_rate=np.int64(16000))
+    assert wave.dtype == torch.float32 and wave.numel() > 1000
+    assert torch.equal(synthesize("one", voice="m1"), synthesize("one", voice="en+m1"))
