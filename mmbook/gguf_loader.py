@@ -297,7 +297,7 @@ def load_smollm2(rope_pairing: str = "half", *, cache: bool = True, **overrides:
         scalars = {k: v for k, v in contents.metadata.items()
                    if isinstance(v, _METADATA_SCALARS) or (isinstance(v, list) and len(v) < 64)}
         blob = {"metadata": json.dumps(scalars), "tokenizer": json.dumps(_tokenizer_metadata(contents.metadata)),
-                "tensors": {k: torch.from_numpy(v) for k, v in contents.tensors.items()},
+                "tensors": {k: torch.tensor(v) for k, v in contents.tensors.items()},
                 "tensor_types": dict(contents.tensor_types)}
         if cache:
             save_tensors(file, key, blob)
