@@ -32,7 +32,7 @@ WIDGET_REPR = re.compile(r"^[A-Z]\w*\((children|value|description|layout)=")
 STALE_BAR = re.compile(r"(?<![0-9])0/[0-9]+ \[")
 # Stored before make regen kept widget state and fit's bar ended as text: `make regen NB=...` fixes them, and then
 # this list must shrink (the marks are strict, so a fixed notebook fails here until its entry is removed).
-STORED_BEFORE_WIDGET_STATE = {"00_how_to_use_this_book", "15_multimodal_assistant"}
+STORED_BEFORE_WIDGET_STATE: set[str] = set()
 
 
 def lab_run_all(cells: list[dict]) -> tuple[int | None, list[int]]:
