@@ -239,6 +239,8 @@ class Decoder(nn.Module):
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
+        if self.embed_tokens.weight.is_meta:  # built to receive weights (load_smollm2): no values to initialise
+            return
         self.apply(self._init_weights)
         residual_std = 0.02 / math.sqrt(2 * config.n_layer)
         for block in self.layers:

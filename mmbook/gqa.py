@@ -58,7 +58,9 @@ def attention_mask(q_len: int, k_len: int, window: int | None = None,
     The queries are the *last* ``q_len`` of the ``k_len`` positions (with a KV cache of ``P = k_len - q_len``
     earlier positions, query ``i`` sits at position ``P + i``). Query at position ``p`` sees keys
     ``j <= p``, and with a ``window`` only ``p - window < j``: its ``window`` most recent keys, itself included
-    (``transformers``' and Mistral's convention).
+    (``transformers``' and Mistral's convention). With ``q_len == k_len`` and no window it equals
+    :func:`mmbook.attention.causal_mask`; that function stays for chapter 6's square case, while this one also
+    covers the rectangular masks of a KV cache and the window.
     """
     fn = "attention_mask"
     q_len = positive_int("q_len", q_len, fn)
