@@ -111,7 +111,8 @@ class SparseMoE(nn.Module):
 
     ``gate`` is the :class:`TopKRouter`, ``experts`` a ``ModuleList`` of ``num_experts`` SwiGLU networks of
     hidden size ``d_ff``. ``capacity_factor=None`` (the default, as in ``transformers``) never drops a token;
-    otherwise each expert takes at most :func:`expert_capacity` routing slots, earlier tokens first.
+    otherwise each expert takes at most :func:`expert_capacity` routing slots, earlier tokens first (a token's
+    second choice can take a slot ahead of a later token's first choice; Switch/GShard fill first choices first).
     """
 
     def __init__(self, d_model: int, d_ff: int, num_experts: int, top_k: int, norm_topk_prob: bool = True,
@@ -164,7 +165,8 @@ def load_balancing_loss(router_logits: torch.Tensor | Sequence[torch.Tensor], to
     ``router_logits`` is ``(tokens, num_experts)`` or a sequence of them (one per MoE layer, concatenated).
     ``f_e`` is the number of routing slots (``tokens * top_k`` in all) that chose expert ``e``, divided by the
     number of tokens, so ``sum_e f_e = top_k``; ``P_e`` is the mean softmax probability of expert ``e``. A
-    perfectly uniform router gives ``top_k``; everything on one expert gives ``E * top_k`` at most.
+    perfectly uniform router gives ``top_k``; since every ``f_e <= 1`` and the ``P_e`` sum to 1, the loss is at
+    most ``E``, reached when the router puts all its probability on one expert.
     """
     fn = "load_balancing_loss"
     if isinstance(router_logits, torch.Tensor):
