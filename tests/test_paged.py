@@ -1,0 +1,73 @@
+import pytest
+import torch
+
+import mmbook
+from mmbook.decoder import Decoder, DecoderConfig
+from mmbook.paged import PagedKVCache, continuous_batching_generate, paged_forward
+
+
+def _model(**kw):
+    mmbook.set_seed(0)
+    cfg = dict(vocab_size=40, n_layer=2, n_head=4, n_kv_head=2, d_model=32, max_seq_len=64)
+    return Decoder(DecoderConfig(**{**cfg, **kw})).double().eval()
+
+
+def test_block_table_and_free():
+    c = PagedKVCache(1, 1, 2, block_size=4, num_blocks=3)
+    c.add_sequence(7)
+    slots = c.reserve(7, 6)
+    assert c.block_tables[7] == [0, 1] and slots.tolist() == [0, 1, 2, 3, 4, 5]
+    c.add_sequence(8)
+    assert c.reserve(8, 1).tolist() == [8]
+    with pytest.raises(MemoryError):
+        c.reserve(7, 3)
+    assert c.lengths[7] == 6  # nothing taken by the failed call
+    c.free(7)
+    assert c.free_blocks == [0, 1] and c.blocks_in_use() == 1
+
+
+def test_paged_forward_equals_contiguous_cache():
+    m = _model()
+    ids = torch.randint(0, 40, (1, 11), generator=mmbook.torch_generator(1))
+    ref = m(ids).logits[0]
+    cache = PagedKVCache(2, 2, 8, block_size=4, num_blocks=8, dtype=torch.float64)
+    cache.add_sequence(0)
+    out = [paged_forward(m, [ids[0, :5].tolist()], [0], cache)[0]]
+    for t in range(5, 11):
+        out.append(paged_forward(m, [[int(ids[0, t])]], [0], cache)[0])
+    torch.testing.assert_close(torch.stack(out), ref[4:], rtol=0, atol=1e-10)
+    k, _ = cache.gather(1, 0)
+    _, past = m(ids, use_cache=True)[:3:2]
+    torch.testing.assert_close(k, past[1][0][0], rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("kw", [{}, {"positional": "learned"}, {"qk_norm": True}])
+def test_continuous_batching_same_tokens_as_alone(kw):
+    m = _model(**kw)
+    gen = mmbook.torch_generator(2)
+    prompts = [torch.randint(0, 40, (n,), generator=gen).tolist() for n in (3, 9, 1, 6, 4)]
+    limits = [5, 2, 7, 3, 4]
+    res = continuous_batching_generate(m, prompts, limits, max_batch=2, block_size=4, num_blocks=16)
+    for p, n, got in zip(prompts, limits, res.tokens, strict=True):
+        alone = m.generate(torch.tensor([p]), n)[0, len(p):].tolist()
+        assert got == alone
+    assert res.steps < sum(limits)
+
+
+def test_bad_input():
+    m = _model()
+    with pytest.raises(ValueError, match="block_size"):
+        PagedKVCache(1, 1, 2, block_size=0, num_blocks=3)
+    c = PagedKVCache(2, 2, 8, 4, 4, dtype=torch.float64)
+    with pytest.raises(KeyError, match="no sequence 3"):
+        c.reserve(3, 1)
+    with pytest.raises(ValueError, match="one non-empty token list"):
+        paged_forward(m, [[]], [0], c)
+    with pytest.raises(ValueError, match="prompts"):
+        continuous_batching_generate(m, [], 3)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        continuous_batching_generate(m, [[1], [2]], [3])
+    with pytest.raises(ValueError, match="token"):
+        continuous_batching_generate(m, [[1, 99]], 3)
+    with pytest.raises(TypeError, match="model"):
+        continuous_batching_generate("gpt", [[1]], 3)

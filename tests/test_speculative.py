@@ -1,0 +1,102 @@
+import pytest
+import torch
+
+import mmbook
+from mmbook.decoder import Decoder, DecoderConfig
+from mmbook.speculative import (
+    acceptance_probability,
+    exact_output_distribution,
+    layer_skip_draft,
+    residual_distribution,
+    speculative_generate,
+    speculative_step,
+)
+
+
+def _table(seed, v=3):
+    logits = torch.randn(v, v, dtype=torch.float64, generator=mmbook.torch_generator(seed)) * 1.5
+    return torch.softmax(logits, -1)
+
+
+def test_one_step_distribution_is_target():
+    p = torch.tensor([0.5, 0.3, 0.2], dtype=torch.float64)
+    q = torch.tensor([0.2, 0.2, 0.6], dtype=torch.float64)
+    out = exact_output_distribution(lambda c: p, lambda c: q, (), k=1, n=1)
+    torch.testing.assert_close(torch.tensor([out[(y,)] for y in range(3)], dtype=torch.float64), p,
+                               rtol=0, atol=1e-15)
+    assert abs(float(acceptance_probability(p, q)) - 0.6) < 1e-15
+    torch.testing.assert_close(residual_distribution(p, q), torch.tensor([0.75, 0.25, 0.0], dtype=torch.float64))
+
+
+def test_chained_rounds_equal_target_joint():
+    tp, tq = _table(0), _table(1)
+    target, draft = (lambda c: tp[c[-1]]), (lambda c: tq[c[-1]])
+    out = exact_output_distribution(target, draft, (0,), k=2, n=3)
+    for seq, prob in out.items():
+        ref, prev = 1.0, 0
+        for t in seq:
+            ref *= float(tp[prev, t])
+            prev = t
+        assert abs(prob - ref) < 1e-14
+    assert abs(sum(out.values()) - 1) < 1e-14
+
+
+def test_step_frequencies():
+    p = torch.tensor([0.5, 0.3, 0.2], dtype=torch.float64)
+    q = torch.tensor([0.2, 0.2, 0.6], dtype=torch.float64)
+    gen = mmbook.torch_generator(3)
+    counts = torch.zeros(3)
+    for _ in range(3000):
+        x = int(torch.multinomial(q, 1, generator=gen))
+        counts[speculative_step(p, q, x, gen)[1]] += 1
+    assert (counts / 3000 - p).abs().max() < 0.04
+
+
+def _decoder():
+    mmbook.set_seed(0)
+    return Decoder(DecoderConfig(vocab_size=30, n_layer=4, n_head=2, d_model=32)).eval()
+
+
+@pytest.mark.parametrize("k", [1, 3, 5])
+def test_greedy_speculative_equals_target_greedy(k):
+    m = _decoder()
+    draft = layer_skip_draft(m, [0, 2])
+    idx = torch.tensor([[1, 5, 7]])
+    res = speculative_generate(m, draft, idx, 12, k)
+    assert torch.equal(res.tokens, m.generate(idx, 12))
+    assert res.rounds <= 12 and 0 <= res.accepted <= res.proposed
+    same = speculative_generate(m, layer_skip_draft(m, [0, 1, 2, 3]), idx, 12, k)
+    assert same.accepted == same.proposed and torch.equal(same.tokens, res.tokens)
+
+
+def test_layer_skip_draft_shares_weights():
+    m = _decoder()
+    d = layer_skip_draft(m, [1, 3])
+    assert d.config.n_layer == 2 and m.config.n_layer == 4 and d.layers[0] is m.layers[1]
+    assert d.lm_head.weight is m.lm_head.weight
+
+
+def test_sampling_runs():
+    m = _decoder()
+    res = speculative_generate(m, layer_skip_draft(m, [0]), torch.tensor([[1]]), 8, 3, temperature=1.0,
+                               generator=mmbook.torch_generator(4))
+    assert res.tokens.shape == (1, 9)
+
+
+def test_bad_input():
+    p = torch.tensor([0.5, 0.5], dtype=torch.float64)
+    with pytest.raises(ValueError, match="probability distribution"):
+        speculative_step(p, torch.tensor([0.7, 0.7], dtype=torch.float64), 0, mmbook.torch_generator(0))
+    with pytest.raises(ValueError, match="probability 0"):
+        speculative_step(p, torch.tensor([1.0, 0.0], dtype=torch.float64), 1, mmbook.torch_generator(0))
+    with pytest.raises(ValueError, match="draft_token"):
+        speculative_step(p, p, 2, mmbook.torch_generator(0))
+    m = _decoder()
+    with pytest.raises(ValueError, match="keep"):
+        layer_skip_draft(m, [2, 1])
+    with pytest.raises(ValueError, match="idx"):
+        speculative_generate(m, m, torch.tensor([[1], [2]]), 3)
+    with pytest.raises(TypeError, match="generator"):
+        speculative_generate(m, m, torch.tensor([[1]]), 3, temperature=1.0)
+    with pytest.raises(ValueError, match="k"):
+        exact_output_distribution(lambda c: p, lambda c: p, (), k=0, n=1)
