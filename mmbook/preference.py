@@ -1,0 +1,149 @@
+"""Learning from preferences (chapter 19): the Bradley-Terry loss, a small reward model, the KL-regularised
+optimum and Direct Preference Optimisation (DPO).
+
+Notation: a prompt :math:`x`, responses :math:`y`, a reward :math:`r(x, y)`, a reference policy
+:math:`\\pi_{ref}` and a strength :math:`\\beta > 0` of the KL penalty. The objective
+:math:`\\max_\\pi E_{y\\sim\\pi}[r] - \\beta\\,KL(\\pi\\,\\|\\,\\pi_{ref})` has the optimum
+:math:`\\pi^*(y|x) \\propto \\pi_{ref}(y|x) \\exp(r(x,y)/\\beta)` (:func:`kl_optimal_policy`); DPO
+(:func:`dpo_loss`) fits the policy directly to preference pairs with the Bradley-Terry loss
+(:func:`bradley_terry_loss`) of the implicit reward :math:`\\beta \\log \\pi/\\pi_{ref}`.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mmbook.checks import check_float_tensor, check_ids, check_instance, check_number, check_tensor, positive_int
+
+__all__ = ["DPOOutput", "RewardModel", "bradley_terry_loss", "dpo_loss", "kl_optimal_policy", "sequence_logprob",
+           "token_logprobs"]
+
+
+def _same_shape(fn: str, **tensors: torch.Tensor) -> None:
+    names = list(tensors)
+    first = tensors[names[0]]
+    for name in names[1:]:
+        if tensors[name].shape != first.shape:
+            raise ValueError(f"{fn}: {name} must have the shape of {names[0]} {tuple(first.shape)}, "
+                             f"got {tuple(tensors[name].shape)}")
+
+
+def bradley_terry_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor) -> torch.Tensor:
+    """Mean of ``-log sigmoid(r_chosen - r_rejected)`` over pairs ``(batch,)``: the negative log-likelihood of
+    the observed preferences under the Bradley-Terry model ``P(chosen > rejected) = sigmoid(r_c - r_r)``."""
+    fn = "bradley_terry_loss"
+    check_float_tensor("r_chosen", r_chosen, fn, 1, "(batch,)", nonempty=True)
+    check_float_tensor("r_rejected", r_rejected, fn, 1, "(batch,)", nonempty=True)
+    _same_shape(fn, r_chosen=r_chosen, r_rejected=r_rejected)
+    return -F.logsigmoid(r_chosen - r_rejected).mean()
+
+
+class RewardModel(nn.Module):
+    """A small reward model: mean-pooled token embeddings, a two-layer MLP, one scalar per response.
+
+    ``forward(ids, mask)``: ``ids`` ``(batch, T)`` int64 token ids, ``mask`` ``(batch, T)`` bool (True on the
+    response's tokens, at least one per row) -> rewards ``(batch,)``.
+    """
+
+    def __init__(self, vocab_size: int, d_model: int = 32, hidden: int = 64) -> None:
+        super().__init__()
+        fn = "RewardModel"
+        self.vocab_size = positive_int("vocab_size", vocab_size, fn)
+        self.embed = nn.Embedding(vocab_size, positive_int("d_model", d_model, fn))
+        self.head = nn.Sequential(nn.Linear(d_model, positive_int("hidden", hidden, fn)), nn.GELU(),
+                                  nn.Linear(hidden, 1))
+
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        fn = "RewardModel.forward"
+        check_ids("ids", ids, fn, self.vocab_size, 2, "(batch, T)")
+        check_tensor("mask", mask, fn, "bool", 2, "(batch, T)")
+        _same_shape(fn, ids=ids, mask=mask)
+        if not bool(mask.any(dim=1).all()):
+            raise ValueError(f"{fn}: every row of mask must mark at least one token")
+        m = mask.to(self.embed.weight.dtype).unsqueeze(-1)  # (batch, T, 1)
+        pooled = (self.embed(ids) * m).sum(1) / m.sum(1)  # (batch, d_model)
+        return self.head(pooled).squeeze(-1)
+
+
+def kl_optimal_policy(ref_logprobs: torch.Tensor, rewards: torch.Tensor, beta: float) -> torch.Tensor:
+    """Log-probabilities of ``pi*(y) = pi_ref(y) exp(r(y)/beta) / Z`` over an enumerated set of responses.
+
+    ``ref_logprobs`` and ``rewards``: ``(..., n_responses)``, the last dimension enumerating every response of
+    one prompt (``ref_logprobs`` normalised over it). Returns ``(..., n_responses)``, normalised.
+    """
+    fn = "kl_optimal_policy"
+    check_float_tensor("ref_logprobs", ref_logprobs, fn, min_ndim=1, nonempty=True)
+    check_float_tensor("rewards", rewards, fn, min_ndim=1, nonempty=True, finite=True)
+    _same_shape(fn, ref_logprobs=ref_logprobs, rewards=rewards)
+    beta = check_number("beta", beta, fn, 0.0, low_open=True)
+    total = torch.logsumexp(ref_logprobs, dim=-1)
+    if not torch.allclose(total, torch.zeros_like(total), atol=1e-5):
+        raise ValueError(f"{fn}: ref_logprobs must be normalised over the last dimension (logsumexp 0), "
+                         f"got logsumexp up to {float(total.abs().max()):.3g} away from 0")
+    return torch.log_softmax(ref_logprobs + rewards / beta, dim=-1)
+
+
+class DPOOutput(NamedTuple):
+    """``loss``: the mean DPO loss; ``losses``: per pair ``(batch,)``; ``chosen_rewards`` / ``rejected_rewards``:
+    the implicit rewards ``beta (log pi - log pi_ref)`` ``(batch,)``, detached."""
+
+    loss: torch.Tensor
+    losses: torch.Tensor
+    chosen_rewards: torch.Tensor
+    rejected_rewards: torch.Tensor
+
+
+def dpo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Tensor,
+             ref_chosen_logps: torch.Tensor, ref_rejected_logps: torch.Tensor, beta: float = 0.1) -> DPOOutput:
+    """The DPO loss ``-log sigmoid(beta [(log pi(y_w) - log pi_ref(y_w)) - (log pi(y_l) - log pi_ref(y_l))])``.
+
+    All four inputs are sequence log-probabilities ``(batch,)`` (see :func:`sequence_logprob`) of the chosen
+    (``y_w``) and rejected (``y_l``) responses under the policy and the frozen reference.
+    """
+    fn = "dpo_loss"
+    tensors = {"policy_chosen_logps": policy_chosen_logps, "policy_rejected_logps": policy_rejected_logps,
+               "ref_chosen_logps": ref_chosen_logps, "ref_rejected_logps": ref_rejected_logps}
+    for name, t in tensors.items():
+        check_float_tensor(name, t, fn, 1, "(batch,)", nonempty=True)
+    _same_shape(fn, **tensors)
+    beta = check_number("beta", beta, fn, 0.0, low_open=True)
+    chosen = beta * (policy_chosen_logps - ref_chosen_logps)
+    rejected = beta * (policy_rejected_logps - ref_rejected_logps)
+    losses = -F.logsigmoid(chosen - rejected)
+    return DPOOutput(losses.mean(), losses, chosen.detach(), rejected.detach())
+
+
+def token_logprobs(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """``log p(ids[:, t] | ids[:, :t])`` for ``t = 1 .. T-1`` under a causal LM: ``(batch, T)`` -> ``(batch, T-1)``.
+
+    ``model(ids)`` must return an object with ``.logits`` ``(batch, T, vocab)`` (chapter 7's GPT, chapter 17's
+    Decoder).
+    """
+    fn = "token_logprobs"
+    check_instance("model", model, fn, nn.Module, "a torch.nn.Module")
+    check_tensor("ids", ids, fn, "int", 2, "(batch, T)")
+    if ids.shape[1] < 2:
+        raise ValueError(f"{fn}: ids must hold at least 2 positions (a prompt token and a response token), "
+                         f"got shape {tuple(ids.shape)}")
+    logits = model(ids).logits[:, :-1]
+    return torch.log_softmax(logits.float(), dim=-1).gather(-1, ids[:, 1:, None]).squeeze(-1)
+
+
+def sequence_logprob(model: nn.Module, ids: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
+    """``log pi(y | x)``: the sum of the response tokens' log-probabilities, ``(batch,)``.
+
+    ``ids`` ``(batch, T)`` holds prompt and response; ``response_mask`` ``(batch, T)`` bool is True on the response's
+    tokens (never on position 0, which has no prediction).
+    """
+    fn = "sequence_logprob"
+    check_tensor("response_mask", response_mask, fn, "bool", 2, "(batch, T)")
+    check_tensor("ids", ids, fn, "int", 2, "(batch, T)")
+    _same_shape(fn, ids=ids, response_mask=response_mask)
+    if bool(response_mask[:, 0].any()):
+        raise ValueError(f"{fn}: response_mask must be False at position 0 (the first token has no prediction)")
+    logp = token_logprobs(model, ids)
+    return (logp * response_mask[:, 1:].to(logp.dtype)).sum(-1)

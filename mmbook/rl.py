@@ -1,0 +1,373 @@
+"""Reinforcement learning for language models (chapter 19): REINFORCE, PPO's clipped objective, GRPO, and the
+evaluation of sampled answers (pass@k, majority vote), with a verifiable-reward task: adding numbers.
+
+The losses take per-token or per-sequence log-probabilities (:func:`mmbook.preference.token_logprobs`) so that
+they work with any causal LM. The arithmetic task writes every problem with fixed widths (``"07+35="`` ->
+``"042"``), so a batch of prompts needs no padding and an answer is exactly a fixed number of tokens; with a
+scratchpad the partial sums come first (``"07+35+88="`` -> ``"042,130"``) and the answer is the last field.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Hashable, Sequence
+
+import torch
+from torch import nn
+
+from mmbook.checks import (
+    check_bool,
+    check_float_tensor,
+    check_instance,
+    check_int,
+    check_number,
+    check_tensor,
+    positive_int,
+)
+from mmbook.core import torch_generator
+from mmbook.preference import token_logprobs
+
+__all__ = ["VOCAB", "addition_problems", "addition_reward", "decode", "encode", "format_answer", "format_prompt",
+           "generate_answers", "group_advantages", "grpo_loss", "grpo_train", "kl_k3", "majority_vote",
+           "pass_at_k", "ppo_clip_loss", "reinforce_loss", "sequence_kl", "train_answers"]
+
+VOCAB = "0123456789+=,"
+_INDEX = {ch: i for i, ch in enumerate(VOCAB)}
+
+
+# --- losses -----------------------------------------------------------------------------------------------
+
+def reinforce_loss(logps: torch.Tensor, rewards: torch.Tensor, baseline: float | torch.Tensor = 0.0) -> torch.Tensor:
+    """REINFORCE: ``-mean((r - b) log pi(y))`` over sampled responses ``(batch,)``; its gradient is an unbiased
+    estimate of ``-grad E[r]`` for any baseline ``b`` that does not depend on the sampled response."""
+    fn = "reinforce_loss"
+    check_float_tensor("logps", logps, fn, 1, "(batch,)", nonempty=True)
+    check_float_tensor("rewards", rewards, fn, 1, "(batch,)", finite=True)
+    if rewards.shape != logps.shape:
+        raise ValueError(f"{fn}: rewards must have the shape of logps {tuple(logps.shape)}, got {tuple(rewards.shape)}")
+    if isinstance(baseline, torch.Tensor):
+        check_float_tensor("baseline", baseline, fn, (0, 1), finite=True)
+    else:
+        baseline = check_number("baseline", baseline, fn)
+    return -((rewards - baseline).detach() * logps).mean()
+
+
+def _check_ratio_inputs(fn: str, logp_new: torch.Tensor, logp_old: torch.Tensor, advantages: torch.Tensor,
+                        clip_eps: float) -> float:
+    check_float_tensor("logp_new", logp_new, fn, min_ndim=1, nonempty=True)
+    check_float_tensor("logp_old", logp_old, fn, min_ndim=1)
+    if logp_old.shape != logp_new.shape:
+        raise ValueError(f"{fn}: logp_old must have the shape of logp_new {tuple(logp_new.shape)}, "
+                         f"got {tuple(logp_old.shape)}")
+    check_float_tensor("advantages", advantages, fn, 1, "(batch,)", finite=True)
+    if advantages.shape[0] != logp_new.shape[0]:
+        raise ValueError(f"{fn}: advantages must have one entry per row of logp_new ({logp_new.shape[0]}), "
+                         f"got {advantages.shape[0]}")
+    return check_number("clip_eps", clip_eps, fn, 0.0, 1.0, low_open=True, high_open=True)
+
+
+def _clipped(logp_new: torch.Tensor, logp_old: torch.Tensor, advantages: torch.Tensor, clip_eps: float) -> torch.Tensor:
+    a = advantages.detach().reshape(-1, *([1] * (logp_new.ndim - 1)))
+    ratio = torch.exp(logp_new - logp_old.detach())
+    return torch.minimum(ratio * a, ratio.clamp(1 - clip_eps, 1 + clip_eps) * a)
+
+
+def ppo_clip_loss(logp_new: torch.Tensor, logp_old: torch.Tensor, advantages: torch.Tensor,
+                  clip_eps: float = 0.2) -> torch.Tensor:
+    """PPO's clipped surrogate, negated: ``-mean(min(rho A, clip(rho, 1-eps, 1+eps) A))``, ``rho = pi/pi_old``.
+
+    ``logp_new`` / ``logp_old``: ``(batch,)`` (per response) or ``(batch, T)`` (per token, every token counted);
+    ``advantages``: ``(batch,)``.
+    """
+    clip_eps = _check_ratio_inputs("ppo_clip_loss", logp_new, logp_old, advantages, clip_eps)
+    return -_clipped(logp_new, logp_old, advantages, clip_eps).mean()
+
+
+def group_advantages(rewards: torch.Tensor, eps: float = 1e-6, scale: bool = True) -> torch.Tensor:
+    """GRPO's group-relative advantages: ``(r - mean_group) / (std_group + eps)`` for ``rewards``
+    ``(n_prompts, group)``; the sample standard deviation (``unbiased``), as in DeepSeekMath. ``scale=False``
+    only subtracts the mean (Dr. GRPO). A group whose rewards are all equal gets advantages 0."""
+    fn = "group_advantages"
+    check_float_tensor("rewards", rewards, fn, 2, "(n_prompts, group)", finite=True)
+    if rewards.shape[1] < 2:
+        raise ValueError(f"{fn}: a group needs at least 2 samples, got shape {tuple(rewards.shape)}")
+    eps = check_number("eps", eps, fn, 0.0, low_open=True)
+    check_bool("scale", scale, fn)
+    centred = rewards - rewards.mean(dim=1, keepdim=True)
+    return centred / (rewards.std(dim=1, keepdim=True) + eps) if scale else centred
+
+
+def kl_k3(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
+    """Schulman's ``k3`` estimator of ``KL(pi || pi_ref)`` from tokens sampled from ``pi``:
+    ``exp(ref - logp) - (ref - logp) - 1`` elementwise (unbiased, and never negative)."""
+    fn = "kl_k3"
+    check_float_tensor("logp", logp, fn, min_ndim=1)
+    check_float_tensor("ref_logp", ref_logp, fn, min_ndim=1)
+    if logp.shape != ref_logp.shape:
+        raise ValueError(f"{fn}: ref_logp must have the shape of logp {tuple(logp.shape)}, got {tuple(ref_logp.shape)}")
+    d = ref_logp - logp
+    return torch.exp(d) - d - 1
+
+
+def grpo_loss(logp_new: torch.Tensor, logp_old: torch.Tensor, ref_logp: torch.Tensor, advantages: torch.Tensor,
+              mask: torch.Tensor, clip_eps: float = 0.2, beta: float = 0.04) -> tuple[torch.Tensor, torch.Tensor]:
+    """GRPO (DeepSeekMath): per token, PPO's clipped term with the response's group advantage minus
+    ``beta`` times the ``k3`` KL estimate to the reference; averaged over each response's tokens, then over
+    responses; negated. Returns ``(loss, mean k3 KL per token)``.
+
+    ``logp_new``, ``logp_old``, ``ref_logp``: ``(batch, T)`` token log-probabilities; ``advantages`` ``(batch,)``;
+    ``mask`` ``(batch, T)`` bool, True on response tokens (at least one per row).
+    """
+    fn = "grpo_loss"
+    clip_eps = _check_ratio_inputs(fn, logp_new, logp_old, advantages, clip_eps)
+    check_float_tensor("ref_logp", ref_logp, fn, 2, "(batch, T)")
+    check_tensor("mask", mask, fn, "bool", 2, "(batch, T)")
+    if logp_new.ndim != 2 or ref_logp.shape != logp_new.shape or mask.shape != logp_new.shape:
+        raise ValueError(f"{fn}: logp_new, ref_logp and mask must share one (batch, T) shape, got "
+                         f"{tuple(logp_new.shape)}, {tuple(ref_logp.shape)}, {tuple(mask.shape)}")
+    if not bool(mask.any(dim=1).all()):
+        raise ValueError(f"{fn}: every row of mask must mark at least one response token")
+    beta = check_number("beta", beta, fn, 0.0)
+    m = mask.to(logp_new.dtype)
+    kl = kl_k3(logp_new, ref_logp.detach())
+    per_token = _clipped(logp_new, logp_old, advantages, clip_eps) - beta * kl
+    per_seq = (per_token * m).sum(1) / m.sum(1)
+    return -per_seq.mean(), ((kl * m).sum() / m.sum()).detach()
+
+
+# --- evaluation of samples ----------------------------------------------------------------------------------
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """The unbiased estimator of pass@k from ``n`` samples of which ``c`` are correct (Chen et al., 2021):
+    ``1 - C(n - c, k) / C(n, k)``, the chance that ``k`` of the ``n`` drawn without replacement hold a correct one."""
+    fn = "pass_at_k"
+    n = positive_int("n", n, fn)
+    c = check_int("c", c, fn, 0, n)
+    k = check_int("k", k, fn, 1, n)
+    if n - c < k:
+        return 1.0
+    return 1.0 - math.prod(1.0 - k / i for i in range(n - c + 1, n + 1))
+
+
+def majority_vote(answers: Sequence[Hashable]) -> Hashable:
+    """The most frequent answer; a tie goes to the answer that appeared first (deterministic, no set order)."""
+    fn = "majority_vote"
+    if isinstance(answers, (str, bytes)) or not isinstance(answers, Sequence):
+        raise TypeError(f"{fn}: answers must be a sequence (list or tuple) of answers, got {type(answers).__name__}")
+    if len(answers) == 0:
+        raise ValueError(f"{fn}: answers must not be empty")
+    counts: dict[Hashable, int] = {}
+    for a in answers:
+        counts[a] = counts.get(a, 0) + 1
+    best = max(counts.values())
+    return next(a for a in answers if counts[a] == best)
+
+
+# --- the arithmetic task ------------------------------------------------------------------------------------
+
+def encode(text: str) -> list[int]:
+    """Token ids of ``text`` over :data:`VOCAB` (digits, ``+``, ``=``, ``,``)."""
+    if not isinstance(text, str):
+        raise TypeError(f"encode: text must be a str, got {type(text).__name__}")
+    bad = sorted({ch for ch in text if ch not in _INDEX})
+    if bad:
+        raise ValueError(f"encode: text may contain only {VOCAB!r}, got {bad}")
+    return [_INDEX[ch] for ch in text]
+
+
+def decode(ids: Sequence[int] | torch.Tensor) -> str:
+    """The text of token ids over :data:`VOCAB`."""
+    values = ids.tolist() if isinstance(ids, torch.Tensor) else list(ids)
+    if any(not isinstance(i, int) or not 0 <= i < len(VOCAB) for i in values):
+        raise ValueError(f"decode: ids must be ints in [0, {len(VOCAB)}), got {values}")
+    return "".join(VOCAB[i] for i in values)
+
+
+def addition_problems(n: int, n_terms: int = 2, digits: int = 2, seed: int = 0,
+                      exclude: set[tuple[int, ...]] | None = None) -> list[tuple[int, ...]]:
+    """``n`` distinct problems, each a tuple of ``n_terms`` numbers of at most ``digits`` digits, drawn with a
+    seeded generator (through :func:`mmbook.torch_generator`); problems in ``exclude`` are never drawn."""
+    fn = "addition_problems"
+    n = positive_int("n", n, fn)
+    n_terms = check_int("n_terms", n_terms, fn, 2, 9)
+    digits = check_int("digits", digits, fn, 1, 6)
+    exclude = set() if exclude is None else exclude
+    if not isinstance(exclude, set):
+        raise TypeError(f"{fn}: exclude must be a set of tuples or None, got {type(exclude).__name__}")
+    space = 10 ** (digits * n_terms)
+    if n > space - len(exclude):
+        raise ValueError(f"{fn}: cannot draw {n} distinct problems from {space} minus {len(exclude)} excluded")
+    gen = torch_generator(seed)
+    out: list[tuple[int, ...]] = []
+    seen = set(exclude)
+    while len(out) < n:
+        for row in torch.randint(0, 10 ** digits, (2 * n, n_terms), generator=gen).tolist():
+            t = tuple(row)
+            if t not in seen:
+                seen.add(t)
+                out.append(t)
+                if len(out) == n:
+                    break
+    return out
+
+
+def format_prompt(terms: Sequence[int], digits: int = 2) -> str:
+    """``"07+35="``: every term zero-padded to ``digits``."""
+    if not terms or any(not isinstance(t, int) or not 0 <= t < 10 ** digits for t in terms):
+        raise ValueError(f"format_prompt: terms must be ints in [0, {10 ** digits}), got {terms}")
+    return "+".join(f"{t:0{digits}d}" for t in terms) + "="
+
+
+def format_answer(terms: Sequence[int], digits: int = 2, scratchpad: bool = False) -> str:
+    """The target: the sum zero-padded to a fixed width; with ``scratchpad`` every partial sum first, joined by
+    commas (``07+35+88`` -> ``"042,130"``). Width: enough digits for the largest possible sum of ``terms``."""
+    format_prompt(terms, digits)
+    check_bool("scratchpad", scratchpad, "format_answer")
+    width = len(str(len(terms) * (10 ** digits - 1)))
+    partial, total = [], terms[0]
+    for t in terms[1:]:
+        total += t
+        partial.append(f"{total:0{width}d}")
+    return ",".join(partial) if scratchpad else partial[-1]
+
+
+def addition_reward(texts: Sequence[str], problems: Sequence[Sequence[int]]) -> torch.Tensor:
+    """1.0 where the last comma-separated field of a generated answer is the problem's sum as an integer, else
+    0.0: a verifiable reward, ``(len(texts),)`` float32."""
+    if len(texts) != len(problems):
+        raise ValueError(f"addition_reward: got {len(texts)} texts for {len(problems)} problems")
+    out = []
+    for text, terms in zip(texts, problems, strict=True):
+        field = text.split(",")[-1]
+        out.append(1.0 if field.isdigit() and int(field) == sum(terms) else 0.0)
+    return torch.tensor(out)
+
+
+# --- training and sampling ----------------------------------------------------------------------------------
+
+def _device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def train_answers(model: nn.Module, prompts: torch.Tensor, answers: torch.Tensor, *, steps: int, batch_size: int,
+                  lr: float, seed: int = 0, weight_decay: float = 0.0) -> list[float]:
+    """Supervised training on (prompt, answer) pairs with the loss on the answer tokens only.
+
+    ``prompts`` ``(N, P)`` and ``answers`` ``(N, A)`` int64 ids; AdamW with a 10% linear warm-up and a cosine decay
+    to 0; batches drawn with a seeded generator. Returns the loss of every step; leaves the model in train mode.
+    """
+    fn = "train_answers"
+    check_instance("model", model, fn, nn.Module, "a torch.nn.Module")
+    check_tensor("prompts", prompts, fn, "int", 2, "(N, P)")
+    check_tensor("answers", answers, fn, "int", 2, "(N, A)")
+    if prompts.shape[0] != answers.shape[0]:
+        raise ValueError(f"{fn}: prompts and answers must have as many rows, "
+                         f"got {prompts.shape[0]} and {answers.shape[0]}")
+    steps = positive_int("steps", steps, fn)
+    batch_size = positive_int("batch_size", batch_size, fn)
+    lr = check_number("lr", lr, fn, 0.0, low_open=True)
+    device = _device(model)
+    seqs = torch.cat([prompts, answers], dim=1).long()
+    targets = seqs.clone()
+    targets[:, :prompts.shape[1]] = -100  # no loss on the prompt
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=weight_decay)
+    warm = max(1, steps // 10)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min((s + 1) / warm, 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))))
+    gen = torch_generator(seed)
+    losses = []
+    model.train()
+    for _ in range(steps):
+        idx = torch.randint(0, seqs.shape[0], (batch_size,), generator=gen)
+        x, y = seqs[idx].to(device), targets[idx].to(device)
+        loss = model(x[:, :-1], y[:, 1:]).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        losses.append(loss.item())
+    return losses
+
+
+def generate_answers(model: nn.Module, prompts: torch.Tensor, n_new: int, temperature: float = 0.0,
+                     generator: torch.Generator | None = None) -> list[str]:
+    """The ``n_new`` tokens that ``model.generate`` appends to each prompt ``(N, P)``, as text (greedy at
+    ``temperature=0``, else sampled with ``generator``)."""
+    fn = "generate_answers"
+    check_tensor("prompts", prompts, fn, "int", 2, "(N, P)")
+    n_new = positive_int("n_new", n_new, fn)
+    out = model.generate(prompts.to(_device(model)), n_new, temperature=temperature, generator=generator)
+    return [decode(row) for row in out[:, prompts.shape[1]:].cpu()]
+
+
+@torch.no_grad()
+def sequence_kl(policy: nn.Module, ref: nn.Module, ids: torch.Tensor, n_response: int) -> torch.Tensor:
+    """Exact ``KL(pi(.|prefix) || pi_ref(.|prefix))`` summed over the last ``n_response`` positions of each
+    sequence ``ids`` ``(N, T)`` (the full next-token distributions, not a sampled estimate): ``(N,)``. With
+    ``ids`` sampled from ``pi`` its mean estimates the sequence-level KL of the two policies."""
+    fn = "sequence_kl"
+    check_tensor("ids", ids, fn, "int", 2, "(N, T)")
+    n_response = check_int("n_response", n_response, fn, 1, ids.shape[1] - 1)
+    lp = torch.log_softmax(policy(ids).logits[:, -n_response - 1:-1].float(), -1)
+    lr = torch.log_softmax(ref(ids).logits[:, -n_response - 1:-1].float(), -1)
+    return (lp.exp() * (lp - lr)).sum(-1).sum(-1)
+
+
+def grpo_train(policy: nn.Module, ref: nn.Module, problems: Sequence[Sequence[int]], *, steps: int,
+               n_prompts: int, group: int, n_new: int, lr: float, beta: float = 0.04, clip_eps: float = 0.2,
+               temperature: float = 1.0, seed: int = 0, digits: int = 2,
+               evaluate: Callable[[nn.Module], float] | None = None, eval_every: int = 10) -> dict[str, list[float]]:
+    """GRPO with the verifiable reward :func:`addition_reward`: each step draws ``n_prompts`` problems, samples
+    ``group`` answers of ``n_new`` tokens per problem, and takes one AdamW step on :func:`grpo_loss` (on-policy,
+    so ``logp_old`` is the detached current policy and the ratio is 1 at the step). ``ref`` stays frozen.
+
+    Returns ``{"reward": mean sampled reward per step, "kl": mean k3 KL per token per step, "eval_step": [...],
+    "eval": evaluate(policy) at step 0 and every ``eval_every`` steps and at the end}``.
+    """
+    fn = "grpo_train"
+    check_instance("policy", policy, fn, nn.Module, "a torch.nn.Module")
+    check_instance("ref", ref, fn, nn.Module, "a torch.nn.Module")
+    steps = positive_int("steps", steps, fn)
+    n_prompts = positive_int("n_prompts", n_prompts, fn)
+    group = check_int("group", group, fn, 2)
+    n_new = positive_int("n_new", n_new, fn)
+    lr = check_number("lr", lr, fn, 0.0, low_open=True)
+    temperature = check_number("temperature", temperature, fn, 0.0, low_open=True)
+    eval_every = positive_int("eval_every", eval_every, fn)
+    if len(problems) < n_prompts:
+        raise ValueError(f"{fn}: need at least n_prompts={n_prompts} problems, got {len(problems)}")
+    device = _device(policy)
+    prompts_all = torch.tensor([encode(format_prompt(p, digits)) for p in problems])
+    opt = torch.optim.AdamW(policy.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
+    gen = torch_generator(seed)
+    ref.eval()
+    for p in ref.parameters():
+        p.requires_grad_(False)
+    hist: dict[str, list[float]] = {"reward": [], "kl": [], "eval_step": [], "eval": []}
+    for step in range(steps + 1):
+        if evaluate is not None and (step % eval_every == 0 or step == steps):
+            hist["eval_step"].append(step)
+            hist["eval"].append(float(evaluate(policy)))
+        if step == steps:
+            break
+        pick = torch.randint(0, len(problems), (n_prompts,), generator=gen)
+        batch = prompts_all[pick].repeat_interleave(group, dim=0).to(device)
+        seqs = policy.generate(batch, n_new, temperature=temperature, generator=gen)
+        texts = [decode(row) for row in seqs[:, batch.shape[1]:].cpu()]
+        rewards = addition_reward(texts, [problems[i] for i in pick.tolist() for _ in range(group)])
+        adv = group_advantages(rewards.view(n_prompts, group)).reshape(-1).to(device)
+        policy.train()
+        logp = token_logprobs(policy, seqs)[:, -n_new:]
+        with torch.no_grad():
+            ref_logp = token_logprobs(ref, seqs)[:, -n_new:]
+        mask = torch.ones_like(logp, dtype=torch.bool)
+        loss, kl = grpo_loss(logp, logp.detach(), ref_logp, adv, mask, clip_eps, beta)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
+        opt.step()
+        hist["reward"].append(float(rewards.mean()))
+        hist["kl"].append(float(kl))
+    return hist
+

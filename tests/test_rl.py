@@ -1,0 +1,141 @@
+"""Unit tests of mmbook.rl (REINFORCE, PPO clip, GRPO, pass@k, majority vote, the arithmetic task)."""
+
+import math
+
+import pytest
+import torch
+
+import mmbook
+from mmbook.decoder import Decoder, DecoderConfig
+from mmbook.rl import (
+    addition_problems,
+    addition_reward,
+    decode,
+    encode,
+    format_answer,
+    format_prompt,
+    generate_answers,
+    group_advantages,
+    grpo_loss,
+    grpo_train,
+    kl_k3,
+    majority_vote,
+    pass_at_k,
+    ppo_clip_loss,
+    reinforce_loss,
+    sequence_kl,
+    train_answers,
+)
+
+
+def test_reinforce_loss_weights_log_probs_by_centred_rewards():
+    logps = torch.tensor([-1.0, -2.0], requires_grad=True)
+    loss = reinforce_loss(logps, torch.tensor([1.0, 0.0]), baseline=0.5)
+    loss.backward()
+    torch.testing.assert_close(logps.grad, torch.tensor([-0.25, 0.25]))
+    with pytest.raises(ValueError, match="rewards"):
+        reinforce_loss(logps, torch.zeros(3))
+
+
+def test_ppo_clip_loss_clips_only_in_the_direction_of_the_advantage():
+    old = torch.zeros(4)
+    new = torch.log(torch.tensor([1.5, 0.5, 1.5, 0.5])).requires_grad_(True)
+    adv = torch.tensor([1.0, 1.0, -1.0, -1.0])
+    loss = ppo_clip_loss(new, old, adv, 0.2)
+    # terms: min(1.5, 1.2)=1.2; min(0.5, 0.8)=0.5; min(-1.5, -1.2)=-1.5; min(-0.5, -0.8)=-0.8
+    assert abs(loss.item() + (1.2 + 0.5 - 1.5 - 0.8) / 4) < 1e-6
+    loss.backward()
+    assert new.grad[0] == 0 and new.grad[3] == 0 and new.grad[1] != 0 and new.grad[2] != 0
+    with pytest.raises(ValueError, match="clip_eps"):
+        ppo_clip_loss(new, old, adv, 1.5)
+    with pytest.raises(ValueError, match="advantages"):
+        ppo_clip_loss(new, old, adv[:3], 0.2)
+
+
+def test_group_advantages_and_kl_k3():
+    r = torch.tensor([[1.0, 0.0, 0.0, 1.0], [1.0, 1.0, 1.0, 1.0]])
+    a = group_advantages(r)
+    assert torch.allclose(a[1], torch.zeros(4)) and torch.allclose(a[0].mean(), torch.tensor(0.0))
+    assert torch.allclose(a[0], (r[0] - 0.5) / (r[0].std() + 1e-6))
+    assert torch.equal(group_advantages(r, scale=False)[0], r[0] - 0.5)
+    with pytest.raises(ValueError, match="at least 2"):
+        group_advantages(torch.zeros(3, 1))
+    lp, rp = torch.tensor([-1.0, -2.0]), torch.tensor([-1.5, -1.0])
+    k3 = kl_k3(lp, rp)
+    assert (k3 >= 0).all() and kl_k3(lp, lp).abs().max() == 0
+    with pytest.raises(ValueError, match="ref_logp"):
+        kl_k3(lp, rp[:1])
+
+
+def test_grpo_loss_reduces_to_the_policy_gradient_on_policy():
+    mmbook.set_seed(0)
+    logp = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
+    adv = torch.tensor([1.0, -0.5, 0.0], dtype=torch.float64)
+    mask = torch.tensor([[True] * 4, [True, True, False, False], [True] * 4])
+    loss, kl = grpo_loss(logp, logp.detach(), logp.detach(), adv, mask, 0.2, 0.1)
+    assert kl.item() == 0
+    loss.backward()
+    m = mask.double()
+    torch.testing.assert_close(logp.grad, -(adv[:, None] * m / m.sum(1, keepdim=True)) / 3)
+    with pytest.raises(ValueError, match="mask"):
+        grpo_loss(logp, logp.detach(), logp.detach(), adv, torch.zeros_like(mask), 0.2, 0.1)
+    with pytest.raises(ValueError, match="beta"):
+        grpo_loss(logp, logp.detach(), logp.detach(), adv, mask, 0.2, -1.0)
+
+
+def test_pass_at_k_is_the_exact_combinatorial_probability():
+    assert pass_at_k(10, 0, 3) == 0.0 and pass_at_k(10, 10, 1) == 1.0 and pass_at_k(5, 3, 3) == 1.0
+    assert abs(pass_at_k(10, 3, 1) - 0.3) < 1e-12
+    assert abs(pass_at_k(10, 3, 4) - (1 - math.comb(7, 4) / math.comb(10, 4))) < 1e-12
+    with pytest.raises(ValueError, match="c"):
+        pass_at_k(5, 6, 1)
+    with pytest.raises(ValueError, match="k"):
+        pass_at_k(5, 2, 6)
+
+
+def test_majority_vote_breaks_ties_by_first_appearance():
+    assert majority_vote(["3", "5", "5", "3", "7"]) == "3"
+    assert majority_vote([1, 2, 2]) == 2
+    with pytest.raises(ValueError, match="empty"):
+        majority_vote([])
+    with pytest.raises(TypeError, match="sequence"):
+        majority_vote("355")
+
+
+def test_arithmetic_task_formats_and_rewards():
+    assert format_prompt((7, 35)) == "07+35=" and format_answer((7, 35)) == "042"
+    assert format_answer((7, 35, 88), scratchpad=True) == "042,130" and format_answer((7, 35, 88)) == "130"
+    assert decode(encode("12+3=,")) == "12+3=,"
+    assert addition_reward(["042", "043", "1,042", "0a2"], [(7, 35)] * 4).tolist() == [1.0, 0.0, 1.0, 0.0]
+    test = addition_problems(50, seed=1)
+    train = addition_problems(100, seed=2, exclude=set(test))
+    assert len(set(test)) == 50 and not set(test) & set(train) and test == addition_problems(50, seed=1)
+    with pytest.raises(ValueError, match="text"):
+        encode("1-2")
+    with pytest.raises(ValueError, match="cannot draw"):
+        addition_problems(101, n_terms=2, digits=1)
+    with pytest.raises(ValueError, match="problems"):
+        addition_reward(["1"], [])
+
+
+def test_training_helpers_run_and_reject_bad_input():
+    mmbook.set_seed(0)
+    model = Decoder(DecoderConfig(vocab_size=13, max_seq_len=12, n_layer=1, n_head=2, d_model=16))
+    probs = addition_problems(40, seed=3)
+    prompts = torch.tensor([encode(format_prompt(p)) for p in probs])
+    answers = torch.tensor([encode(format_answer(p)) for p in probs])
+    losses = train_answers(model, prompts, answers, steps=30, batch_size=16, lr=1e-2, seed=1)
+    assert losses[-1] < losses[0]
+    texts = generate_answers(model, prompts[:5], 3)
+    assert len(texts) == 5 and all(len(t) == 3 for t in texts)
+    import copy
+    ref = copy.deepcopy(model)
+    hist = grpo_train(model, ref, probs, steps=2, n_prompts=4, group=3, n_new=3, lr=1e-4, seed=4,
+                      evaluate=lambda m: 0.5, eval_every=1)
+    assert len(hist["reward"]) == 2 and hist["eval_step"] == [0, 1, 2]
+    seqs = torch.cat([prompts[:4], answers[:4]], 1)
+    assert sequence_kl(ref, ref, seqs, 3).abs().max() < 1e-6
+    with pytest.raises(ValueError, match="answers"):
+        train_answers(model, prompts, answers[:3], steps=1, batch_size=2, lr=1e-3)
+    with pytest.raises(ValueError, match="group"):
+        grpo_train(model, ref, probs, steps=1, n_prompts=2, group=1, n_new=3, lr=1e-4)
