@@ -30,6 +30,7 @@ __all__ = [
     "perplexity",
     "perplexity_from_logits",
     "random_windows",
+    "sliding_windows",
     "sample",
 ]
 
@@ -120,6 +121,25 @@ def make_windows(
     padded = torch.cat([torch.full((context_size,), pad_id, dtype=torch.long), ids])
     positions = torch.arange(ids.numel()).unsqueeze(1) + torch.arange(context_size).unsqueeze(0)
     return padded[positions], ids.clone()
+
+
+def sliding_windows(ids: torch.Tensor, seq_len: int, stride: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every training window of a token stream at a fixed stride, for next-token prediction.
+
+    ``ids`` has shape ``(seq,)``. Window ``w`` starts at ``s = w * stride`` and holds ``inputs[w] = ids[s : s +
+    seq_len]`` and ``targets[w] = ids[s + 1 : s + seq_len + 1]``; windows are taken while the targets fit, so there
+    are ``(seq - seq_len - 1) // stride + 1`` of them, each of shape ``(seq_len,)``. ``stride == seq_len`` makes
+    every token a target exactly once (but the last few, which do not fill a window); a smaller stride overlaps
+    windows, so more tokens are predicted with a long context. Both tensors stay on ``ids``' device.
+    """
+    fn = "sliding_windows"
+    ids = check_int_tensor("ids", ids, fn, 1).long()
+    check_int("seq_len", seq_len, fn, 1)
+    check_int("stride", stride, fn, 1)
+    if ids.numel() < seq_len + 1:
+        raise ValueError(f"{fn}: ids must hold at least seq_len + 1 = {seq_len + 1} tokens, got {ids.numel()}")
+    windows = ids.unfold(0, seq_len + 1, stride)  # (n_windows, seq_len + 1)
+    return windows[:, :-1].clone(), windows[:, 1:].clone()
 
 
 def random_windows(

@@ -8,7 +8,11 @@ most frequent pair first, with incremental pair-count updates so that a thousand
 book's corpus take seconds.
 
 Text is first cut into pieces by a GPT-2-style regular expression (:data:`GPT2_SPLIT_PATTERN`),
-and merges never cross a piece boundary.
+and merges never cross a piece boundary. *Special tokens* (``<|endoftext|>``, ``<|im_start|>`` ...) are cut out
+of the text before that, matched longest first, never merged with their neighbours, and get ids of their own
+after the merges. :meth:`BPETokenizer.encode_iterable` encodes a stream of text chunks (a file, line by line) in
+bounded memory, and :meth:`BPETokenizer.from_merges` rebuilds a production byte-level vocabulary from its merge
+list.
 
 :func:`wordpiece_tokenize` is BERT's WordPiece encoding of one word: greedy longest-match-first
 with ``##`` marking pieces that continue a word.
@@ -16,11 +20,13 @@ with ``##`` marking pieces that continue a word.
 
 from __future__ import annotations
 
+import functools
 import heapq
 import json
 import re
+import unicodedata
 from collections import Counter, defaultdict
-from collections.abc import Collection, Iterable, Sequence
+from collections.abc import Collection, Iterable, Iterator, Sequence
 from itertools import pairwise
 from pathlib import Path
 
@@ -90,6 +96,12 @@ def merge_pair(ids: Sequence[int], pair: tuple[int, int], new_id: int) -> list[i
     return out
 
 
+# One numeric character (Unicode categories Nd, Nl, No: '7', '²', '½', 'Ⅻ'), kept by re.split as a part of its own,
+# as the `tokenizers` library's Digits(individual_digits=True) cuts them.
+@functools.cache
+def _digit_regex() -> re.Pattern[str]:
+    return re.compile("([" + "".join(re.escape(chr(c)) for c in range(0x110000)
+                                     if unicodedata.category(chr(c)) in ("Nd", "Nl", "No")) + "])")
 _check_int = check_int  # the name the shown BPETokenizer.train uses
 _BOOK_PATTERNS = (GPT2_SPLIT_PATTERN, None)
 
@@ -103,12 +115,32 @@ class BPETokenizer:
 
     ``pattern`` is the pre-tokenization regular expression (Python ``re`` syntax; default
     :data:`GPT2_SPLIT_PATTERN`); ``None`` treats each text as a single piece, so merges may cross
-    word boundaries (slow to train on long texts).
+    word boundaries (slow to train on long texts). ``split_digits=True`` first cuts every numeric
+    character (Unicode categories Nd, Nl, No) into a piece of its own and applies ``pattern`` to the
+    text between: SmolLM2's rule, so that numbers are read digit by digit.
+
+    ``special_tokens`` is a sequence of distinct non-empty strings. They get the ids
+    ``256 + len(merges) + k`` in the order given (after every merge, as GPT-2's ``<|endoftext|>`` is id
+    50256), are cut out of every text before pre-tokenization -- the longest first where two could
+    match at one position -- and are never part of a merge: training ignores their text, and a merge
+    can never cross one.
     """
 
-    def __init__(self, pattern: str | None = GPT2_SPLIT_PATTERN) -> None:
+    def __init__(self, pattern: str | None = GPT2_SPLIT_PATTERN, *, special_tokens: Sequence[str] = (),
+                 split_digits: bool = False) -> None:
         if pattern is not None and not isinstance(pattern, str):
             raise TypeError(f"BPETokenizer: pattern must be a str or None, got {type(pattern).__name__}")
+        check_bool("split_digits", split_digits, "BPETokenizer")
+        if isinstance(special_tokens, str) or not isinstance(special_tokens, Sequence):
+            raise TypeError("BPETokenizer: special_tokens must be a sequence of str (a list or tuple), "
+                            f"got {type(special_tokens).__name__}")
+        for k, token in enumerate(special_tokens):
+            if not isinstance(token, str) or not token:
+                raise ValueError(f"BPETokenizer: special_tokens[{k}] must be a non-empty str, got {token!r}")
+            _check_utf8(token, f"BPETokenizer: special_tokens[{k}]")
+        if len(set(special_tokens)) != len(special_tokens):
+            dup = next(t for t in special_tokens if list(special_tokens).count(t) > 1)
+            raise ValueError(f"BPETokenizer: special_tokens must be distinct, {dup!r} appears twice")
         if pattern is not None:
             try:
                 compiled = re.compile(pattern)
@@ -118,6 +150,11 @@ class BPETokenizer:
                 raise ValueError(f"BPETokenizer: pattern must not match the empty string, got {pattern!r}")
         self.pattern = pattern
         self._regex = None if pattern is None else re.compile(pattern)
+        self.split_digits = split_digits
+        self.special_tokens: tuple[str, ...] = tuple(special_tokens)
+        # Longest first: where "<|im_start|>" and "<|im_start|>x" could both match, the longer one wins.
+        ordered = sorted(self.special_tokens, key=lambda t: (-len(t), t))
+        self._special_regex = re.compile("(" + "|".join(map(re.escape, ordered)) + ")") if ordered else None
         self.merges: list[tuple[int, int]] = []
         self.merge_counts: list[int] = []
         self._set_merges([], [])
@@ -130,12 +167,19 @@ class BPETokenizer:
         tokens = [bytes([b]) for b in range(256)]
         for a, b in self.merges:
             tokens.append(tokens[a] + tokens[b])
+        self._special_ids = {token: 256 + len(self.merges) + k for k, token in enumerate(self.special_tokens)}
+        tokens.extend(token.encode("utf-8") for token in self.special_tokens)
         self._tokens = tokens
 
     @property
     def vocab_size(self) -> int:
-        """Number of tokens: 256 bytes plus one per merge."""
-        return 256 + len(self.merges)
+        """Number of tokens: 256 bytes, one per merge, one per special token."""
+        return 256 + len(self.merges) + len(self.special_tokens)
+
+    @property
+    def special_ids(self) -> dict[str, int]:
+        """A fresh dict ``{special token: id}``."""
+        return dict(self._special_ids)
 
     def __len__(self) -> int:
         return self.vocab_size
@@ -146,16 +190,39 @@ class BPETokenizer:
         return dict(enumerate(self._tokens))
 
     def __repr__(self) -> str:
-        return f"BPETokenizer(vocab_size={self.vocab_size}, pattern={'None' if self.pattern is None else 'custom'})"
+        extra = f", special_tokens={len(self.special_tokens)}" if self.special_tokens else ""
+        return (f"BPETokenizer(vocab_size={self.vocab_size}, "
+                f"pattern={'None' if self.pattern is None else 'custom'}{extra})")
 
     # ------------------------------------------------------------- splitting
     def pre_tokenize(self, text: str) -> list[str]:
         """Cut ``text`` into the pieces that merges never cross; ``"".join(pieces) == text``."""
         if not isinstance(text, str):
             raise TypeError(f"pre_tokenize: text must be a str, got {type(text).__name__}")
+        return [piece for part, special in self._split_special(text)
+                for piece in ([part] if special else self._pieces(part))]
+
+    def _pieces(self, text: str) -> list[str]:
+        """Pre-tokenize ordinary text (no special tokens in it)."""
+        if self.split_digits:
+            out: list[str] = []
+            digit = _digit_regex()
+            for part in digit.split(text):
+                if len(part) == 1 and digit.fullmatch(part):
+                    out.append(part)
+                elif part:
+                    out.extend([part] if self._regex is None else self._regex.findall(part))
+            return out
         if self._regex is None:
             return [text] if text else []
         return self._regex.findall(text)
+
+    def _split_special(self, text: str) -> list[tuple[str, bool]]:
+        """``text`` cut into ``(part, is_special)``: the special tokens and the ordinary text between them."""
+        if self._special_regex is None:
+            return [(text, False)] if text else []
+        parts = self._special_regex.split(text)  # with one capturing group, odd positions are the matches
+        return [(part, k % 2 == 1) for k, part in enumerate(parts) if part]
 
     # --------------------------------------------------------------- training
     def train(self, text: str | Iterable[str], vocab_size: int) -> BPETokenizer:
@@ -183,7 +250,9 @@ class BPETokenizer:
         piece_counts: Counter[str] = Counter()
         for position, doc in enumerate(documents):
             _check_utf8(doc, f"train: document {position}" if len(documents) > 1 else "train: text")
-            piece_counts.update(self.pre_tokenize(doc))
+            for part, special in self._split_special(doc):
+                if not special:  # a special token's text is never merged
+                    piece_counts.update(self._pieces(part))
         distinct = sorted(piece_counts)  # a fixed order, independent of hashing
         words = [list(piece.encode("utf-8")) for piece in distinct]
         freqs = [piece_counts[piece] for piece in distinct]
@@ -231,12 +300,16 @@ class BPETokenizer:
     def truncated(self, vocab_size: int) -> BPETokenizer:
         """A new tokenizer with only the first ``vocab_size - 256`` merges.
 
-        Training is greedy and sequential, so this equals training with ``vocab_size`` directly.
+        Training is greedy and sequential, so this equals training with ``vocab_size`` directly. Special
+        tokens are kept (after the remaining merges); ``vocab_size`` counts bytes and merges only.
         """
         _check_int("vocab_size", vocab_size, "truncated")
         if not 256 <= vocab_size <= self.vocab_size:
             raise ValueError(f"truncated: vocab_size must be in [256, {self.vocab_size}], got {vocab_size}")
-        out = BPETokenizer(self.pattern)
+        if vocab_size > 256 + len(self.merges):
+            raise ValueError(f"truncated: vocab_size counts merges only here; it must be at most "
+                             f"{256 + len(self.merges)}, got {vocab_size}")
+        out = BPETokenizer(self.pattern, special_tokens=self.special_tokens, split_digits=self.split_digits)
         n = vocab_size - 256
         out._set_merges(self.merges[:n], self.merge_counts[:n])
         return out
@@ -256,20 +329,104 @@ class BPETokenizer:
     def encode(self, text: str) -> list[int]:
         """Token ids of ``text``: a list of ints in ``[0, vocab_size)``.
 
-        Within each pre-tokenized piece, the earliest-learned merge among adjacent pairs is
-        applied repeatedly, which reproduces the segmentation training arrived at.
+        Special tokens in ``text`` become their own ids. Within each pre-tokenized piece of the text between
+        them, the earliest-learned merge among adjacent pairs is applied repeatedly, which reproduces the
+        segmentation training arrived at.
         """
         if not isinstance(text, str):
             raise TypeError(f"encode: text must be a str, got {type(text).__name__}")
         _check_utf8(text, "encode: text")
-        cache: dict[str, list[int]] = {}
+        return self._encode_checked(text, {})
+
+    def _encode_checked(self, text: str, cache: dict[str, list[int]]) -> list[int]:
         out: list[int] = []
-        for piece in self.pre_tokenize(text):
-            ids = cache.get(piece)
-            if ids is None:
-                ids = cache[piece] = self._encode_piece(piece.encode("utf-8"))
-            out.extend(ids)
+        for part, special in self._split_special(text):
+            if special:
+                out.append(self._special_ids[part])
+                continue
+            for piece in self._pieces(part):
+                ids = cache.get(piece)
+                if ids is None:
+                    ids = cache[piece] = self._encode_piece(piece.encode("utf-8"))
+                out.extend(ids)
         return out
+
+    def encode_iterable(self, chunks: Iterable[str]) -> Iterator[int]:
+        """Token ids of the concatenation of ``chunks`` (e.g. an open text file), produced lazily.
+
+        The ids equal ``encode("".join(chunks))``, but memory stays bounded by a chunk plus the longest piece:
+        everything up to the start of the buffer's last piece is final once more text follows (a piece is
+        decided by the text up to its end and one character of look-ahead), so it is encoded and yielded; the
+        last piece, and a buffer end that could still grow into a special token, wait for the next chunk.
+        (With ``pattern=None`` the whole text is one piece and is held until the end.)
+        """
+        if isinstance(chunks, str):
+            raise TypeError("encode_iterable: chunks must be an iterable of str (a file or a list), not a single "
+                            "str; use encode for one string")
+        if not isinstance(chunks, Iterable):
+            raise TypeError(f"encode_iterable: chunks must be an iterable of str, got {type(chunks).__name__}")
+        return self._encode_stream(chunks)
+
+    def _encode_stream(self, chunks: Iterable[str]) -> Iterator[int]:
+        cache: dict[str, list[int]] = {}
+        buffer = ""
+        longest_special = max((len(t) for t in self.special_tokens), default=0)
+        for position, chunk in enumerate(chunks):
+            if not isinstance(chunk, str):
+                raise TypeError(f"encode_iterable: chunk {position} must be a str, got {type(chunk).__name__}")
+            _check_utf8(chunk, f"encode_iterable: chunk {position}")
+            buffer += chunk
+            # Hold back a tail that may still be the start of a special token ...
+            hold = 0
+            for k in range(min(longest_special - 1, len(buffer)), 0, -1):
+                if any(t.startswith(buffer[-k:]) for t in self.special_tokens):
+                    hold = k
+                    break
+            ready = buffer[:-hold] if hold else buffer
+            # ... and the last ordinary piece, which more text could extend.
+            parts = self._split_special(ready)
+            if parts and not parts[-1][1]:
+                pieces = self._pieces(parts[-1][0])
+                keep = len(pieces[-1]) if pieces else 0
+                cut = len(ready) - keep
+            else:
+                cut = len(ready)
+            if cut > 0:
+                yield from self._encode_checked(buffer[:cut], cache)
+                buffer = buffer[cut:]
+        if buffer:
+            yield from self._encode_checked(buffer, cache)
+
+    @classmethod
+    def from_merges(cls, merges: Sequence[tuple[bytes, bytes]], pattern: str | None = GPT2_SPLIT_PATTERN, *,
+                    special_tokens: Sequence[str] = (), split_digits: bool = False) -> BPETokenizer:
+        """A tokenizer from a production vocabulary's merge list, given as pairs of token bytes in rank order.
+
+        Merge ``r`` joins the tokens whose bytes are ``merges[r][0]`` and ``merges[r][1]``; both must be single
+        bytes or the result of an earlier merge. Our id of merge ``r`` is ``256 + r``; mapping ids to the
+        production vocabulary's own ids goes through the token bytes (:meth:`token_bytes`).
+        """
+        fn = "from_merges"
+        if isinstance(merges, (str, bytes)) or not isinstance(merges, Sequence):
+            raise TypeError(f"{fn}: merges must be a sequence of (bytes, bytes) pairs, got {type(merges).__name__}")
+        ids = {bytes([b]): b for b in range(256)}
+        pairs: list[tuple[int, int]] = []
+        for rank, pair in enumerate(merges):
+            if not (isinstance(pair, tuple) and len(pair) == 2 and all(isinstance(x, bytes) for x in pair)):
+                raise TypeError(f"{fn}: merges[{rank}] must be a (bytes, bytes) pair, got {pair!r}")
+            left, right = pair
+            if left not in ids or right not in ids:
+                missing = left if left not in ids else right
+                raise ValueError(f"{fn}: merges[{rank}] uses {missing!r}, which is neither a byte nor made by an "
+                                 "earlier merge")
+            if left + right in ids:
+                raise ValueError(f"{fn}: merges[{rank}] makes {left + right!r} a second time; one id per token "
+                                 "is all this tokenizer can represent")
+            pairs.append((ids[left], ids[right]))
+            ids[left + right] = 256 + rank
+        tokenizer = cls(pattern, special_tokens=special_tokens, split_digits=split_digits)
+        tokenizer._set_merges(pairs, [0] * len(pairs))
+        return tokenizer
 
     def _check_ids(self, ids: object, fn: str) -> list[int]:
         if hasattr(ids, "tolist") and not isinstance(ids, list):
@@ -316,6 +473,8 @@ class BPETokenizer:
             "pattern": self.pattern,
             "merges": [list(pair) for pair in self.merges],
             "merge_counts": self.merge_counts,
+            "special_tokens": list(self.special_tokens),
+            "split_digits": self.split_digits,
         }
         Path(path).write_text(json.dumps(state), encoding="utf-8")
 
@@ -362,7 +521,16 @@ class BPETokenizer:
                 "a regular expression from a file can make encode run for ever. "
                 "Pass trust_pattern=True if you wrote the file yourself"
             )
-        tokenizer = cls(pattern)
+        special = state.get("special_tokens", [])
+        if not isinstance(special, list):
+            raise ValueError(f"load: 'special_tokens' must be a list of str, got {type(special).__name__}")
+        split_digits = state.get("split_digits", False)
+        if not isinstance(split_digits, bool):
+            raise ValueError(f"load: 'split_digits' must be true or false, got {split_digits!r}")
+        try:
+            tokenizer = cls(pattern, special_tokens=special, split_digits=split_digits)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"load: {Path(path).name}: {err}") from None
         tokenizer._set_merges(pairs, [int(c) for c in counts])
         return tokenizer
 

@@ -293,3 +293,131 @@ def test_merge_pair_and_wordpiece_name_nonsense():
         wordpiece_tokenize("zz", {"a"}, unk_token=3)
     with pytest.raises(TypeError, match="wordpiece_tokenize: prefix must be a str, got int"):
         wordpiece_tokenize("ab", {"a"}, prefix=3)
+
+
+# ------------------------------------------------------------------ special tokens, streams, production merges
+SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|im_start|>system"]
+
+
+def test_special_tokens_are_cut_out_longest_first_and_never_merged(docs):
+    text = "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nhi<|endoftext|>"
+    tok = BPETokenizer(special_tokens=SPECIAL).train(docs + [text * 50], 256 + 200)
+    assert tok.vocab_size == 256 + 200 + len(SPECIAL)
+    ids = tok.special_ids
+    assert list(ids.values()) == list(range(456, 460))  # after every merge, in the order given
+    enc = tok.encode(text)
+    # the longest special token wins at a position where a shorter one also matches
+    assert enc[0] == ids["<|im_start|>system"]
+    assert ids["<|im_start|>"] in enc and enc.count(ids["<|im_end|>"]) == 1 and enc[-1] == ids["<|endoftext|>"]
+    assert tok.decode(enc) == text
+    # no learned token contains any part of a special token's text that only the special token supplies
+    assert not any(b"<|" in tok.token_bytes(256 + r) or b"|>" in tok.token_bytes(256 + r) for r in range(200))
+    # text around a special token encodes as if the special token were a boundary
+    left, right = "hello world", " again"
+    assert tok.encode(left + "<|endoftext|>" + right) == tok.encode(left) + [ids["<|endoftext|>"]] + tok.encode(right)
+    # without special tokens the same string is ordinary text
+    plain = BPETokenizer().train(docs, 256 + 200)
+    assert all(i < 456 for i in plain.encode(text)) and plain.decode(plain.encode(text)) == text
+
+
+def test_special_tokens_survive_save_load_and_truncation(docs, tmp_path: Path):
+    tok = BPETokenizer(special_tokens=SPECIAL[:2], split_digits=True).train(docs, 256 + 50)
+    path = tmp_path / "t.json"
+    tok.save(path)
+    back = BPETokenizer.load(path)
+    assert back.special_tokens == tok.special_tokens and back.split_digits and back.merges == tok.merges
+    text = "<|im_start|>x 2024 <|endoftext|>"
+    assert back.encode(text) == tok.encode(text)
+    short = tok.truncated(256 + 10)
+    assert short.special_ids == {"<|endoftext|>": 266, "<|im_start|>": 267}
+
+
+def test_merge_ties_go_to_the_smallest_pair():
+    # "ab" and "cd" occur equally often, as do "ba" and "dc" inside the pieces: the smallest ids win each tie.
+    tok = BPETokenizer(pattern=None).train(["abcd", "cdab", "dcba", "badc"], 256 + 1)
+    counts = Counter(p for w in ["abcd", "cdab", "dcba", "badc"] for p in pairwise(w.encode()))
+    best = max(counts.values())
+    tied = sorted(p for p, c in counts.items() if c == best)
+    assert len(tied) > 1 and tok.merges == [tied[0]]
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_encode_iterable_equals_encode_for_any_chunking(docs, seed):
+    tok = BPETokenizer(special_tokens=SPECIAL, split_digits=seed % 2 == 1).train(docs, 256 + 150)
+    rng = random.Random(seed)
+    text = "".join(docs[:3]) + "<|im_start|>system  \n\n x² 2024 <|im_end|>" + MIXED + "   <|endoftext|>  tail  "
+    cuts = sorted(rng.sample(range(1, len(text)), 300))
+    chunks = [text[a:b] for a, b in zip([0, *cuts], [*cuts, len(text)], strict=True)]
+    assert list(tok.encode_iterable(iter(chunks))) == tok.encode(text)
+    # one character at a time, through a special token and a run of spaces
+    small = "a  <|im_start|>system b   \n<|im_end|>"
+    assert list(tok.encode_iterable(list(small))) == tok.encode(small)
+
+
+def test_split_digits_and_from_merges_match_the_tokenizers_library(trained, docs):
+    merges_bytes = [(trained.token_bytes(a), trained.token_bytes(b)) for a, b in trained.merges]
+    rebuilt = BPETokenizer.from_merges(merges_bytes, split_digits=True, special_tokens=["<|endoftext|>"])
+    b2u = bytes_to_unicode()
+    vocab = {"".join(b2u[b] for b in rebuilt.token_bytes(i)): i for i in range(rebuilt.vocab_size - 1)}
+    merges = [("".join(b2u[b] for b in a), "".join(b2u[b] for b in b_)) for a, b_ in merges_bytes]
+    lib = Tokenizer(models.BPE(vocab=vocab, merges=merges))
+    lib.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                                 pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
+    for text in [MIXED, "x²½ 12 Ⅻ ٣ a  1 2", *docs[:4]]:
+        assert rebuilt.encode(text) == lib.encode(text).ids, text[:40]
+
+
+def test_smollm2_tokenizer_reproduced_exactly(docs):
+    from mmbook.gguf_loader import gguf_tokenizer, read_gguf, smollm2_gguf_path
+
+    meta = read_gguf(smollm2_gguf_path(), dequantize=False).metadata
+    u2b = {c: b for b, c in bytes_to_unicode().items()}
+    tokens, types = meta["tokenizer.ggml.tokens"], meta["tokenizer.ggml.token_type"]
+    special = [t for t, k in zip(tokens, types, strict=True) if k == 3]
+    merges = [tuple(bytes(u2b[c] for c in side) for side in m.split(" ", 1)) for m in meta["tokenizer.ggml.merges"]]
+    ours = BPETokenizer.from_merges(merges, special_tokens=special, split_digits=True)
+    file_id = {(t.encode() if k == 3 else bytes(u2b[c] for c in t)): i for i, (t, k) in enumerate(zip(tokens, types,
+                                                                                                        strict=True))}
+    ref = gguf_tokenizer(meta)
+    text = "<|im_start|>user\nWhat is 12+30?<|im_end|>\n" + "\n\n".join(docs[:6]) + MIXED
+    assert [file_id[ours.token_bytes(i)] for i in ours.encode(text)] == ref.encode(text).ids
+
+
+def test_new_tokenizer_arguments_name_nonsense(trained):
+    with pytest.raises(TypeError, match="special_tokens must be a sequence"):
+        BPETokenizer(special_tokens="<|endoftext|>")
+    with pytest.raises(ValueError, match=r"special_tokens\[1\] must be a non-empty str"):
+        BPETokenizer(special_tokens=["<a>", ""])
+    with pytest.raises(ValueError, match="must be distinct"):
+        BPETokenizer(special_tokens=["<a>", "<a>"])
+    with pytest.raises(TypeError, match="split_digits"):
+        BPETokenizer(split_digits="yes")
+    with pytest.raises(TypeError, match="not a single str"):
+        trained.encode_iterable("text")
+    with pytest.raises(TypeError, match="chunk 1 must be a str"):
+        list(trained.encode_iterable(["a", 3]))
+    with pytest.raises(ValueError, match="lone surrogate"):
+        list(trained.encode_iterable(["a", "\ud800"]))
+    with pytest.raises(ValueError, match=r"merges\[1\] uses b'xy'"):
+        BPETokenizer.from_merges([(b"a", b"b"), (b"xy", b"c")])
+    with pytest.raises(ValueError, match="a second time"):
+        BPETokenizer.from_merges([(b"a", b"b"), (b"b", b"c"), (b"a", b"bc"), (b"ab", b"c")])
+    with pytest.raises(TypeError, match=r"merges\[0\] must be a \(bytes, bytes\) pair"):
+        BPETokenizer.from_merges([("a", "b")])
+    with pytest.raises(ValueError, match="counts merges only"):
+        BPETokenizer(special_tokens=["<a>"]).train(["abab"], 257).truncated(258)
+
+
+def test_sliding_windows():
+    from mmbook.lm import sliding_windows
+
+    ids = torch.arange(20)
+    x, y = sliding_windows(ids, 6, 4)
+    assert x.shape == y.shape == ((20 - 6 - 1) // 4 + 1, 6)
+    assert x[:, 0].tolist() == [0, 4, 8, 12] and torch.equal(y, x + 1) and int(y.max()) <= 19
+    x, y = sliding_windows(ids, 19, 1)  # exactly one window fits
+    assert x.shape == (1, 19) and y[0, -1] == 19
+    with pytest.raises(ValueError, match="at least seq_len \\+ 1 = 21"):
+        sliding_windows(ids, 20, 1)
+    with pytest.raises(ValueError, match="stride"):
+        sliding_windows(ids, 4, 0)
