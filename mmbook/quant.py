@@ -28,7 +28,7 @@ from torch import nn
 from mmbook.checks import check_choice, check_float_tensor, check_instance, check_int, check_int_tensor
 
 __all__ = ["SCHEMES", "Int8Linear", "QuantizedTensor", "bits_per_weight", "dequantize", "error_bound",
-           "fake_quantize", "int8_linear_reference", "quantize", "quantize_decoder"]
+           "fake_quantize", "int8_linear_reference", "int8_weight_only", "quantize", "quantize_decoder"]
 
 SCHEMES = ("absmax", "zeropoint")
 
@@ -228,3 +228,19 @@ def quantize_decoder(model: nn.Module, bits: int, scheme: str = "absmax", granul
             w.copy_(fake_quantize(w.float(), bits, scheme, granularity, group_size).to(w.dtype))
             count += w.numel()
     return count
+
+
+def int8_weight_only(model: nn.Module, skip: tuple[str, ...] = ("lm_head", "embed_tokens")) -> int:
+    """Replace, in place, every ``nn.Linear`` of ``model`` (except names containing one of ``skip``) by an
+    :class:`Int8Linear`. Returns the number of layers replaced."""
+    fn = "int8_weight_only"
+    check_instance("model", model, fn, nn.Module, "a torch.nn.Module")
+    if not isinstance(skip, tuple) or not all(isinstance(s, str) for s in skip):
+        raise TypeError(f"{fn}: skip must be a tuple of strings, got {skip!r}")
+    targets = [(name, m) for name, m in model.named_modules()
+               if isinstance(m, nn.Linear) and not any(s in name for s in skip)]
+    for name, linear in targets:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, Int8Linear.from_linear(linear))
+    return len(targets)

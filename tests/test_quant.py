@@ -11,6 +11,7 @@ from mmbook.quant import (
     error_bound,
     fake_quantize,
     int8_linear_reference,
+    int8_weight_only,
     quantize,
     quantize_decoder,
 )
@@ -99,3 +100,17 @@ def test_bad_input():
     with pytest.raises(ValueError, match="do not fit"):
         int8_linear_reference(torch.zeros(2, 3, dtype=torch.long), 1.0, torch.zeros(4, 5, dtype=torch.int8),
                               torch.ones(4))
+
+
+def test_int8_weight_only_matches_fake_quantization():
+    mmbook.set_seed(0)
+    m = Decoder(DecoderConfig(vocab_size=32, n_layer=2, d_model=32, n_head=2, d_ff=64)).eval()
+    ref = Decoder(m.config).eval()
+    ref.load_state_dict(m.state_dict())
+    quantize_decoder(ref, 8, "absmax", "channel", None)
+    assert int8_weight_only(m) == 2 * 7
+    assert isinstance(m.layers[0].self_attn.q_proj, Int8Linear) and isinstance(m.lm_head, nn.Linear)
+    x = torch.randint(0, 32, (2, 9), generator=mmbook.torch_generator(5))
+    torch.testing.assert_close(m(x).logits, ref(x).logits, rtol=1e-5, atol=1e-5)
+    with pytest.raises(TypeError, match="skip"):
+        int8_weight_only(m, skip="lm_head")
