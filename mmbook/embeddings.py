@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import re
+import unicodedata
 from collections import Counter
 from collections.abc import Iterable, Sequence
 
@@ -53,7 +54,7 @@ __all__ = [
     "train_skipgram",
 ]
 
-_WORD = re.compile(r"[a-z_][a-z0-9_]*")
+_WORD = re.compile(r"[^\W\d]\w*")  # a letter (any script) or "_", then letters, digits and "_"
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -65,11 +66,13 @@ def tokenize(text: str) -> list[str]:
     """Lower-case ``text`` and return its words: runs of letters, digits and ``_`` that start with a letter or ``_``.
 
     ``"Use list.append(x)!"`` gives ``["use", "list", "append", "x"]``; punctuation and bare numbers are dropped,
-    identifiers such as ``__init__`` stay whole.
+    identifiers such as ``__init__`` stay whole. Letters are those of any script (``"naïve café Straße"`` gives
+    ``["naïve", "café", "straße"]``); the text is put in Unicode normal form NFC first, so an accent typed as a
+    combining mark (``"cafe\u0301"``) joins its letter instead of splitting the word.
     """
     if not isinstance(text, str):
         raise TypeError(f"tokenize: text must be a str, got {type(text).__name__}")
-    return _WORD.findall(text.lower())
+    return _WORD.findall(unicodedata.normalize("NFC", text).lower())
 
 
 class Vocabulary:

@@ -36,6 +36,12 @@ def toy_vocab():
     return Vocabulary(["a", "b", "c", "d"], [10, 5, 5, 1])
 
 
+def test_tokenize_keeps_non_ascii_words_whole():
+    assert tokenize("naïve café Straße Ünïcode 東京 ñandú") == ["naïve", "café", "straße", "ünïcode", "東京", "ñandú"]
+    assert tokenize("cafe\u0301 au lait") == ["café", "au", "lait"]  # a combining accent joins its letter (NFC)
+    assert tokenize("x² 3rd _x9") == ["x²", "rd", "_x9"]
+
+
 def test_tokenize():
     assert tokenize("Use list.append(x) in __init__, 3.14 or x2!") == [
         "use", "list", "append", "x", "in", "__init__", "or", "x2"]
