@@ -71,24 +71,40 @@ def evaluate(
     device: torch.device | str | None = None,
     forward: ForwardFn | None = None,
 ) -> dict[str, float]:
-    """Mean loss and metrics over a loader, weighted by batch size, without gradients."""
+    """Mean loss and metrics over a loader, without gradients.
+
+    The loss is the mean of the batch losses weighted by batch size, which is the mean over all examples for a loss
+    that is a mean over its batch. Each metric is computed **once**, on the outputs and targets of the whole loader
+    concatenated along dimension 0: a mean of per-batch values would be right for accuracy but wrong for metrics
+    that are not means over examples (F1, AUC, a median).
+    """
     device, forward, metrics = _check_loop("evaluate", model, loader, "loader", loss_fn, metrics, device, forward)
-    totals = {"loss": 0.0, **{name: 0.0 for name in metrics}}
-    count = 0
+    total_loss, count = 0.0, 0
+    all_outputs: list[torch.Tensor] = []
+    all_targets: list[torch.Tensor] = []
     was_training = model.training
     model.eval()
     with torch.no_grad():
         for batch in loader:
             outputs, target = forward(model, batch, device)
             n = int(target.shape[0])
-            totals["loss"] += loss_fn(outputs, target).item() * n
-            for name, fn in metrics.items():
-                totals[name] += float(fn(outputs, target)) * n
+            total_loss += loss_fn(outputs, target).item() * n
+            if metrics:
+                if not (isinstance(outputs, torch.Tensor) and isinstance(target, torch.Tensor)):
+                    raise TypeError("evaluate: with metrics, forward must return (outputs, target) tensors, got "
+                                    f"({type(outputs).__name__}, {type(target).__name__})")
+                all_outputs.append(outputs.detach())
+                all_targets.append(target.detach())
             count += n
     model.train(was_training)
     if count == 0:
         raise ValueError("evaluate: loader produced no batches")
-    return {name: value / count for name, value in totals.items()}
+    results = {"loss": total_loss / count}
+    if metrics:
+        outputs, target = torch.cat(all_outputs), torch.cat(all_targets)
+        for name, fn in metrics.items():
+            results[name] = float(fn(outputs, target))
+    return results
 
 
 def _check_loop(fn: str, model: object, loader: object, loader_name: str, loss_fn: object, metrics: object,

@@ -172,3 +172,27 @@ def test_plot_history_names_bad_arguments():
     with pytest.raises(TypeError, match="plot_history: ax must be a matplotlib Axes or None, got int"):
         plot_history(history, ax=3)
     plt.close("all")
+
+
+def test_evaluate_computes_metrics_on_the_whole_set_not_per_batch():
+    # A fixed "model" whose scores are its input; F1 of the positive class is not a mean over examples.
+    scores = torch.tensor([[0.0, 1.0], [1.0, 0.0], [0.0, 1.0], [0.0, 1.0], [1.0, 0.0], [1.0, 0.0]])
+    labels = torch.tensor([1, 1, 0, 1, 0, 0])
+
+    def f1(outputs: torch.Tensor, target: torch.Tensor) -> float:
+        pred = outputs.argmax(dim=1)
+        tp = int(((pred == 1) & (target == 1)).sum())
+        fp, fn = int(((pred == 1) & (target == 0)).sum()), int(((pred == 0) & (target == 1)).sum())
+        return 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 1.0
+
+    loader = DataLoader(TensorDataset(scores, labels), batch_size=2)
+    result = evaluate(nn.Identity(), loader, nn.functional.cross_entropy, metrics={"f1": f1, "acc": accuracy},
+                      device="cpu")
+    whole_f1 = f1(scores, labels)  # tp=2, fp=1, fn=1 -> 2/3
+    per_batch = sum(f1(scores[i:i + 2], labels[i:i + 2]) for i in range(0, 6, 2)) / 3  # (2/3 + 2/3 + 1) / 3 = 7/9
+    assert abs(result["f1"] - whole_f1) < 1e-12 and abs(per_batch - whole_f1) > 0.1
+    assert abs(result["acc"] - 4 / 6) < 1e-6  # accuracy is a float32 mean
+    assert abs(result["loss"] - float(nn.functional.cross_entropy(scores, labels))) < 1e-6
+    with pytest.raises(TypeError, match="forward must return"):
+        evaluate(nn.Identity(), loader, lambda o, t: o[0].sum(), metrics={"f1": f1},
+                 forward=lambda m, b, d: ((b[0],), b[1]), device="cpu")
