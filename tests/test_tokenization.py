@@ -87,9 +87,9 @@ def test_round_trip_on_random_unicode(trained, docs):
     assert len(trained.encode(docs[1])) < 0.5 * len(docs[1].encode("utf-8"))  # merges do compress
 
 
-def _naive_bpe(text: str, n_merges: int) -> list[tuple[int, int]]:
+def _naive_bpe(text: str, n_merges: int, pattern: str | None = GPT2_SPLIT_PATTERN) -> list[tuple[int, int]]:
     """Reference: recount every pair after every merge (no incremental updates)."""
-    words = Counter(re.findall(GPT2_SPLIT_PATTERN, text))
+    words = Counter(re.findall(pattern, text) if pattern is not None else [text])
     seqs = {w: list(w.encode("utf-8")) for w in words}
     merges = []
     for k in range(n_merges):
@@ -122,6 +122,18 @@ def test_training_matches_naive_reference(docs):
     assert ours.merge_counts == sorted(ours.merge_counts, reverse=True)  # counts never increase
     tiny = BPETokenizer().train("ab ab", 1000)  # runs out of pairs: 'ab', then ' ab'
     assert tiny.vocab_size == 258 and tiny.encode("ab ab") == [256, 257]
+
+
+def test_adjacent_occurrences_update_counts_piece_by_piece():
+    # x a b a b y: merging (a, b) -> z must remove (b, a) once and add (z, z), which an occurrence-by-occurrence
+    # update gets wrong. The pieces below make (z, z) and (b, a) decide later merges.
+    text = "xababy xababy xababy abab abab qbar qbar"
+    ours = BPETokenizer(pattern=None).train(text, 256 + 12)
+    assert ours.merges == _naive_bpe(text, 12, pattern=None)
+    assert ours.merges[0] == (ord("a"), ord("b"))
+    z = 256
+    assert (z, z) in ours.merges  # the pair the adjacent occurrences create
+    assert ours.merge_counts[ours.merges.index((z, z))] == 5
 
 
 def test_encode_matches_tokenizers_bpe_model(trained, docs):
