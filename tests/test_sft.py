@@ -1,0 +1,195 @@
+"""Unit tests of mmbook.sft (chat tokenization with an assistant-only mask, packing, the instruction set)."""
+
+import pytest
+import torch
+
+import mmbook
+from mmbook.chat import chatml_prompt
+from mmbook.decoder import Decoder, DecoderConfig
+from mmbook.sft import (
+    TASKS,
+    ChatByteTokenizer,
+    PackedBatch,
+    chat_segments,
+    document_mask,
+    evaluate_instructions,
+    format_ok,
+    instruction_dataset,
+    make_words,
+    pack_examples,
+    packed_forward,
+    packed_hidden,
+    sft_targets,
+    tokenize_chat,
+    train_sft,
+)
+
+TOK = ChatByteTokenizer()
+CHAT = [{"role": "user", "content": "Capitals: abc"}, {"role": "assistant", "content": "Answer: ABC"}]
+
+
+def _model(vocab=258, seed=0):
+    mmbook.set_seed(seed)
+    return Decoder(DecoderConfig(vocab_size=vocab, max_seq_len=64, n_layer=2, n_head=2, n_kv_head=1, d_model=16))
+
+
+def test_byte_tokenizer_round_trip_and_special_ids():
+    text = chatml_prompt(CHAT, False, default_system=None)
+    ids = TOK.encode(text)
+    assert ids[0] == 256 and ids.count(257) == 2 and ids.count(256) == 2 and max(ids) == 257
+    assert TOK.decode(ids) == text and TOK.decode(torch.tensor(ids)) == text
+    with pytest.raises(TypeError, match="text"):
+        TOK.encode(b"bytes")
+    with pytest.raises(ValueError, match="ids"):
+        TOK.decode([258])
+    with pytest.raises(ValueError, match="ids"):
+        TOK.decode([-1])
+
+
+def test_segments_add_up_and_mask_covers_only_answers():
+    for system in (None, "Be brief."):
+        for gen in (True, False):
+            segs = chat_segments(CHAT, gen, system)
+            assert "".join(s for s, _ in segs) == chatml_prompt(CHAT, gen, system)
+    ids, mask = tokenize_chat(CHAT, TOK.encode)
+    assert ids.dtype == torch.long and mask.dtype == torch.bool and ids.shape == mask.shape
+    assert TOK.decode(ids[mask]) == "Answer: ABC<|im_end|>"
+    assert ids.tolist() == TOK.encode(chatml_prompt(CHAT, False, None))
+    with pytest.raises(TypeError, match="encode"):
+        tokenize_chat(CHAT, "not a function")
+    with pytest.raises(ValueError, match="encode must return"):
+        tokenize_chat(CHAT, lambda s: [-1])
+    with pytest.raises(ValueError, match="messages"):
+        tokenize_chat([{"role": "robot", "content": "x"}], TOK.encode)
+
+
+def test_sft_targets_shift_and_ignore():
+    ids = torch.tensor([5, 6, 7, 8])
+    mask = torch.tensor([False, False, True, True])
+    assert sft_targets(ids, mask).tolist() == [-100, 7, 8, -100]
+    assert sft_targets(ids[None], mask[None]).tolist() == [[-100, 7, 8, -100]]
+    with pytest.raises(ValueError, match="mask"):
+        sft_targets(ids, mask[:3])
+    with pytest.raises(ValueError, match="mask"):
+        sft_targets(ids, mask.long())
+    with pytest.raises(TypeError, match="ids"):
+        sft_targets(ids.float(), mask)
+
+
+def test_masked_positions_get_zero_gradient():
+    model = _model()
+    ids, mask = tokenize_chat(CHAT, TOK.encode)
+    emb = model.embed_tokens(ids[None]).detach().requires_grad_(True)
+    # gradient of the loss with respect to the logits is zero wherever the target is -100
+    logits = model.lm_head(model.norm(emb)).detach().requires_grad_(True)
+    targets = sft_targets(ids, mask)
+    loss = torch.nn.functional.cross_entropy(logits[0], targets, ignore_index=-100)
+    loss.backward()
+    assert torch.equal(logits.grad[0][targets == -100], torch.zeros_like(logits.grad[0][targets == -100]))
+    assert bool((logits.grad[0][targets != -100].abs().sum(-1) > 0).all())
+
+
+def test_pack_examples_layout():
+    convs = instruction_dataset(["first", "last"], ["abc", "hello"])
+    ex = [tokenize_chat(c, TOK.encode) for c in convs]
+    lengths = [e[0].numel() for e in ex]
+    seq_len = lengths[0] + lengths[1] + 1
+    batch = pack_examples(ex, seq_len, pad_id=0)
+    assert isinstance(batch, PackedBatch) and batch.ids.shape[1] == seq_len
+    assert batch.doc_ids[0, : lengths[0]].eq(0).all()
+    assert batch.doc_ids[0, lengths[0]: lengths[0] + lengths[1]].eq(1).all()
+    assert batch.positions[0, lengths[0]] == 0 and batch.doc_ids[0, -1] == -1 and batch.targets[0, -1] == -100
+    assert torch.equal(batch.ids[0, : lengths[0]], ex[0][0])
+    with pytest.raises(ValueError, match="seq_len"):
+        pack_examples(ex, 5)
+    with pytest.raises(TypeError, match="examples"):
+        pack_examples([], 10)
+    with pytest.raises(ValueError, match="seq_len"):
+        pack_examples(ex, 0)
+
+
+def test_document_mask_is_block_diagonal_and_causal():
+    m = document_mask(torch.tensor([[0, 0, 1, 1, -1]]))
+    expected = torch.tensor([[1, 0, 0, 0, 0], [1, 1, 0, 0, 0], [0, 0, 1, 0, 0], [0, 0, 1, 1, 0], [0, 0, 0, 0, 1]])
+    assert torch.equal(m[0], expected.bool())
+    with pytest.raises(ValueError, match="doc_ids"):
+        document_mask(torch.tensor([0, 1]))
+
+
+def test_packed_forward_equals_separate_runs(one_thread):
+    model = _model().double()
+    convs = instruction_dataset(["upper", "double", "first"], ["abc", "wxyz"])
+    ex = [tokenize_chat(c, TOK.encode) for c in convs]
+    batch = pack_examples(ex, 100)
+    out = packed_forward(model, batch.ids, batch.positions, batch.doc_ids, batch.targets)
+    for r in range(batch.ids.shape[0]):
+        for d in range(int(batch.doc_ids[r].max()) + 1):
+            sel = batch.doc_ids[r] == d
+            alone = model(batch.ids[r][sel][None]).logits
+            torch.testing.assert_close(out.logits[r][sel][None], alone, rtol=0, atol=1e-10)
+    total = sum(int((sft_targets(i, m) != -100).sum()) for i, m in ex)
+    assert total == int((batch.targets != -100).sum())
+    with pytest.raises(ValueError, match="positions"):
+        packed_forward(model, batch.ids, batch.positions[:, :3], batch.doc_ids)
+    with pytest.raises(ValueError, match="positions must be >= 0"):
+        packed_forward(model, batch.ids, batch.positions - 1, batch.doc_ids)
+    with pytest.raises(TypeError, match="model"):
+        packed_forward(torch.nn.Linear(2, 2), batch.ids, batch.positions, batch.doc_ids)
+
+
+def test_words_and_dataset():
+    w = make_words(50, seed=1)
+    assert len(set(w)) == 50 and all(3 <= len(x) <= 6 and x.isalpha() for x in w)
+    assert make_words(50, seed=1) == w
+    convs = instruction_dataset(["reverse"], ["abc"])
+    assert convs == [[{"role": "user", "content": "Reverse: abc"}, {"role": "assistant", "content": "Answer: cba"}]]
+    assert all(format_ok(f"Answer: {fn('hello')}<|im_end|>") for _, fn in TASKS.values())
+    assert not format_ok("Answer: abc") and not format_ok("abc<|im_end|>") and not format_ok("Answer:  a<|im_end|>")
+    with pytest.raises(ValueError, match="tasks"):
+        instruction_dataset(["nope"], ["abc"])
+    with pytest.raises(ValueError, match="words"):
+        instruction_dataset(["first"], ["Abc"])
+    with pytest.raises(ValueError, match="distinct"):
+        make_words(20000, seed=0, min_len=3, max_len=3)
+    with pytest.raises(TypeError, match="response"):
+        format_ok(3)
+
+
+def test_train_sft_learns_and_evaluate(one_thread):
+    model = _model()
+    convs = instruction_dataset(["first"], make_words(30, seed=2))
+    batch = pack_examples([tokenize_chat(c, TOK.encode) for c in convs], 64)
+    em0, fmt0, _ = evaluate_instructions(model, TOK, convs[:4], max_new_tokens=12)
+    losses = train_sft(model, batch, steps=60, batch_size=4, lr=1e-2, seed=1)
+    assert len(losses) == 60 and losses[-1] < losses[0] - 1.0
+    em, fmt, responses = evaluate_instructions(model, TOK, convs[:4], max_new_tokens=12)
+    assert fmt0 == 0.0 and 0.0 <= em <= fmt <= 1.0 and len(responses) == 4
+    with pytest.raises(ValueError, match="trainable"):
+        for p in model.parameters():
+            p.requires_grad_(False)
+        train_sft(model, batch, steps=1, batch_size=1, lr=1e-3)
+    with pytest.raises(TypeError, match="batch"):
+        train_sft(model, (1, 2), steps=1, batch_size=1, lr=1e-3)
+    with pytest.raises(ValueError, match="conversations"):
+        evaluate_instructions(model, TOK, [])
+
+
+def test_packed_forward_from_a_middle_layer_and_target_logits(one_thread):
+    model = _model().double()
+    convs = instruction_dataset(["upper", "double"], ["abc", "wxyz"])
+    batch = pack_examples([tokenize_chat(c, TOK.encode) for c in convs], 100)
+    full = packed_forward(model, batch.ids, batch.positions, batch.doc_ids, batch.targets)
+    hidden = packed_hidden(model, batch.ids, batch.positions, batch.doc_ids, 1)
+    tail = packed_forward(model, batch.ids, batch.positions, batch.doc_ids, batch.targets, start_layer=1,
+                          hidden=hidden, all_logits=False)
+    keep = batch.targets != -100
+    torch.testing.assert_close(tail.logits, full.logits[keep], rtol=0, atol=1e-12)
+    torch.testing.assert_close(tail.loss, full.loss, rtol=0, atol=1e-12)
+    with pytest.raises(ValueError, match="hidden must have shape"):
+        packed_forward(model, batch.ids, batch.positions, batch.doc_ids, start_layer=1, hidden=hidden[:, :3])
+    with pytest.raises(ValueError, match="needs targets"):
+        packed_forward(model, batch.ids, batch.positions, batch.doc_ids, all_logits=False)
+    with pytest.raises(ValueError, match="n_layers"):
+        packed_hidden(model, batch.ids, batch.positions, batch.doc_ids, 3)
+    with pytest.raises(ValueError, match="frozen"):
+        train_sft(model, batch, steps=1, batch_size=1, lr=1e-3, start_layer=1)
