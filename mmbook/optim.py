@@ -5,6 +5,8 @@
 including :func:`mmbook.train.fit`. Each ``step`` is the textbook equation, one parameter
 tensor at a time, with the conventions of ``torch.optim`` (chapter 3 checks them step for step
 against it). :class:`EarlyStopping` watches a validation metric and keeps the best weights.
+:func:`weight_decay_groups` splits a model's parameters into the matrices that weight decay should shrink and the
+biases and normalisation gains that it should leave alone.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from torch import nn
 
 from mmbook.checks import check_bool, check_instance, check_number, positive_int
 
-__all__ = ["SGD", "Adam", "AdamW", "EarlyStopping"]
+__all__ = ["SGD", "Adam", "AdamW", "EarlyStopping", "weight_decay_groups"]
 
 Params = Iterable[torch.Tensor] | Iterable[dict[str, Any]]
 
@@ -185,6 +187,27 @@ class AdamW(Adam):
     ) -> None:
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                          decoupled_weight_decay=True)
+
+
+def weight_decay_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Two optimizer parameter groups: tensors with 2 or more dimensions decay, the others do not.
+
+    Weight decay pulls a parameter towards 0. For a weight matrix or an embedding table that is a pull towards a
+    simpler function (smaller weights, smaller logits). For a bias or a LayerNorm/RMSNorm gain it is not: a gain of
+    0 silences its features (the neutral value is 1), and a bias only shifts, so decaying them adds a bias towards
+    a worse model without regularising anything (GPT-2, nanoGPT and LLaMA-style recipes all exclude them). Returns
+    ``[{"params": matrices, "weight_decay": weight_decay}, {"params": vectors, "weight_decay": 0.0}]`` for any
+    ``torch.optim`` optimizer; parameters with ``requires_grad=False`` are left out, a shared parameter is listed
+    once.
+    """
+    fn = "weight_decay_groups"
+    check_instance("model", model, fn, nn.Module, "an nn.Module")
+    weight_decay = check_number("weight_decay", weight_decay, fn, 0.0)
+    params = [p for p in model.parameters() if p.requires_grad]  # model.parameters() already skips duplicates
+    if not params:
+        raise ValueError(f"{fn}: model has no trainable parameters")
+    return [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
 
 
 class EarlyStopping:

@@ -139,3 +139,33 @@ def test_bad_settings_are_named():
         AdamW(w, eps=math.inf)
     with pytest.raises(TypeError, match="EarlyStopping: patience must be an int, got float"):
         EarlyStopping(2.5)
+
+
+def test_weight_decay_groups_decay_matrices_only():
+    from mmbook.gpt import GPT, GPTConfig
+    from mmbook.optim import weight_decay_groups
+
+    model = GPT(GPTConfig(vocab_size=50, block_size=8, n_layer=2, n_head=2, d_model=16))
+    decay, no_decay = weight_decay_groups(model, 0.1)
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert all(p.dim() >= 2 for p in decay["params"]) and all(p.dim() < 2 for p in no_decay["params"])
+    no_decay_names = [names[id(p)] for p in no_decay["params"]]
+    assert any("ln" in n for n in no_decay_names) and any("bias" in n for n in no_decay_names)
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+    # AdamW with the groups leaves a gain untouched when its gradient is zero, and shrinks a matrix
+    gain = next(p for p in no_decay["params"] if p.dim() == 1)
+    matrix = decay["params"][0]
+    before_gain, before_matrix = gain.detach().clone(), matrix.detach().clone()
+    opt = torch.optim.AdamW(weight_decay_groups(model, 0.5), lr=0.1)
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    assert torch.equal(gain, before_gain) and torch.allclose(matrix, before_matrix * (1 - 0.1 * 0.5))
+    with pytest.raises(TypeError, match="model must be an nn.Module"):
+        weight_decay_groups([matrix], 0.1)
+    with pytest.raises(ValueError, match="weight_decay"):
+        weight_decay_groups(model, -1.0)
+    frozen = torch.nn.Linear(2, 2).requires_grad_(False)
+    with pytest.raises(ValueError, match="no trainable parameters"):
+        weight_decay_groups(frozen, 0.1)
