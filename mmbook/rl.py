@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Hashable, Sequence
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -27,7 +28,8 @@ from mmbook.checks import (
 from mmbook.core import torch_generator
 from mmbook.preference import token_logprobs
 
-__all__ = ["VOCAB", "addition_problems", "addition_reward", "decode", "encode", "format_answer", "format_prompt",
+__all__ = ["VOCAB", "TrainHistory", "addition_problems", "addition_reward", "decode", "encode", "format_answer",
+           "format_prompt",
            "generate_answers", "group_advantages", "grpo_loss", "grpo_train", "kl_k3", "majority_vote",
            "pass_at_k", "ppo_clip_loss", "reinforce_loss", "sequence_kl", "train_answers"]
 
@@ -249,12 +251,22 @@ def _device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
+class TrainHistory(NamedTuple):
+    """``losses``: the loss of every step; ``eval_steps`` / ``evals``: when ``evaluate`` ran and what it returned."""
+
+    losses: list[float]
+    eval_steps: list[int]
+    evals: list[Any]
+
+
 def train_answers(model: nn.Module, prompts: torch.Tensor, answers: torch.Tensor, *, steps: int, batch_size: int,
-                  lr: float, seed: int = 0, weight_decay: float = 0.0) -> list[float]:
+                  lr: float, seed: int = 0, weight_decay: float = 0.0,
+                  evaluate: Callable[[nn.Module], Any] | None = None, eval_every: int = 100) -> TrainHistory:
     """Supervised training on (prompt, answer) pairs with the loss on the answer tokens only.
 
     ``prompts`` ``(N, P)`` and ``answers`` ``(N, A)`` int64 ids; AdamW with a 10% linear warm-up and a cosine decay
-    to 0; batches drawn with a seeded generator. Returns the loss of every step; leaves the model in train mode.
+    to 0; batches drawn with a seeded generator. ``evaluate(model)`` runs every ``eval_every`` steps and after the
+    last. Leaves the model in train mode.
     """
     fn = "train_answers"
     check_instance("model", model, fn, nn.Module, "a torch.nn.Module")
@@ -266,6 +278,7 @@ def train_answers(model: nn.Module, prompts: torch.Tensor, answers: torch.Tensor
     steps = positive_int("steps", steps, fn)
     batch_size = positive_int("batch_size", batch_size, fn)
     lr = check_number("lr", lr, fn, 0.0, low_open=True)
+    eval_every = positive_int("eval_every", eval_every, fn)
     device = _device(model)
     seqs = torch.cat([prompts, answers], dim=1).long()
     targets = seqs.clone()
@@ -275,9 +288,11 @@ def train_answers(model: nn.Module, prompts: torch.Tensor, answers: torch.Tensor
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min((s + 1) / warm, 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))))
     gen = torch_generator(seed)
-    losses = []
+    losses: list[float] = []
+    eval_steps: list[int] = []
+    evals: list[Any] = []
     model.train()
-    for _ in range(steps):
+    for step in range(1, steps + 1):
         idx = torch.randint(0, seqs.shape[0], (batch_size,), generator=gen)
         x, y = seqs[idx].to(device), targets[idx].to(device)
         loss = model(x[:, :-1], y[:, 1:]).loss
@@ -287,7 +302,11 @@ def train_answers(model: nn.Module, prompts: torch.Tensor, answers: torch.Tensor
         opt.step()
         sched.step()
         losses.append(loss.item())
-    return losses
+        if evaluate is not None and (step % eval_every == 0 or step == steps):
+            eval_steps.append(step)
+            evals.append(evaluate(model))
+            model.train()
+    return TrainHistory(losses, eval_steps, evals)
 
 
 def generate_answers(model: nn.Module, prompts: torch.Tensor, n_new: int, temperature: float = 0.0,
@@ -316,11 +335,13 @@ def sequence_kl(policy: nn.Module, ref: nn.Module, ids: torch.Tensor, n_response
 
 def grpo_train(policy: nn.Module, ref: nn.Module, problems: Sequence[Sequence[int]], *, steps: int,
                n_prompts: int, group: int, n_new: int, lr: float, beta: float = 0.04, clip_eps: float = 0.2,
-               temperature: float = 1.0, seed: int = 0, digits: int = 2,
-               evaluate: Callable[[nn.Module], float] | None = None, eval_every: int = 10) -> dict[str, list[float]]:
+               temperature: float = 1.0, seed: int = 0, digits: int = 2, warmup: int = 10,
+               evaluate: Callable[[nn.Module], Any] | None = None, eval_every: int = 10) -> dict[str, list[Any]]:
     """GRPO with the verifiable reward :func:`addition_reward`: each step draws ``n_prompts`` problems, samples
     ``group`` answers of ``n_new`` tokens per problem, and takes one AdamW step on :func:`grpo_loss` (on-policy,
-    so ``logp_old`` is the detached current policy and the ratio is 1 at the step). ``ref`` stays frozen.
+    so ``logp_old`` is the detached current policy and the ratio is 1 at the step); the learning rate rises
+    linearly over ``warmup`` steps (Adam's first steps move every weight by about ``lr`` whatever the size of its
+    noisy gradient). ``ref`` stays frozen.
 
     Returns ``{"reward": mean sampled reward per step, "kl": mean k3 KL per token per step, "eval_step": [...],
     "eval": evaluate(policy) at step 0 and every ``eval_every`` steps and at the end}``.
@@ -339,16 +360,18 @@ def grpo_train(policy: nn.Module, ref: nn.Module, problems: Sequence[Sequence[in
         raise ValueError(f"{fn}: need at least n_prompts={n_prompts} problems, got {len(problems)}")
     device = _device(policy)
     prompts_all = torch.tensor([encode(format_prompt(p, digits)) for p in problems])
-    opt = torch.optim.AdamW(policy.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
+    warmup = positive_int("warmup", warmup, fn)
+    opt = torch.optim.AdamW(policy.parameters(), lr=lr, betas=(0.9, 0.99), weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup))
     gen = torch_generator(seed)
     ref.eval()
     for p in ref.parameters():
         p.requires_grad_(False)
-    hist: dict[str, list[float]] = {"reward": [], "kl": [], "eval_step": [], "eval": []}
+    hist: dict[str, list[Any]] = {"reward": [], "kl": [], "eval_step": [], "eval": []}
     for step in range(steps + 1):
         if evaluate is not None and (step % eval_every == 0 or step == steps):
             hist["eval_step"].append(step)
-            hist["eval"].append(float(evaluate(policy)))
+            hist["eval"].append(evaluate(policy))
         if step == steps:
             break
         pick = torch.randint(0, len(problems), (n_prompts,), generator=gen)
@@ -367,6 +390,7 @@ def grpo_train(policy: nn.Module, ref: nn.Module, problems: Sequence[Sequence[in
         loss.backward()
         nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
         opt.step()
+        sched.step()
         hist["reward"].append(float(rewards.mean()))
         hist["kl"].append(float(kl))
     return hist

@@ -124,8 +124,9 @@ def test_training_helpers_run_and_reject_bad_input():
     probs = addition_problems(40, seed=3)
     prompts = torch.tensor([encode(format_prompt(p)) for p in probs])
     answers = torch.tensor([encode(format_answer(p)) for p in probs])
-    losses = train_answers(model, prompts, answers, steps=30, batch_size=16, lr=1e-2, seed=1)
-    assert losses[-1] < losses[0]
+    hist = train_answers(model, prompts, answers, steps=30, batch_size=16, lr=1e-2, seed=1,
+                         evaluate=lambda m: 1.0, eval_every=20)
+    assert hist.losses[-1] < hist.losses[0] and hist.eval_steps == [20, 30] and hist.evals == [1.0, 1.0]
     texts = generate_answers(model, prompts[:5], 3)
     assert len(texts) == 5 and all(len(t) == 3 for t in texts)
     import copy
