@@ -586,7 +586,14 @@ def train_vlm(model: VisionLanguageModel, images: torch.Tensor | None, examples:
 # ----------------------------------------------------------------------------- the chapter's recipe
 @dataclass(frozen=True)
 class ShapesVLMRecipe:
-    """The settings of :func:`train_shapes_vlm` (the cache key includes all of them)."""
+    """The settings of :func:`train_shapes_vlm` (the cache key includes all of them).
+
+    Measured over seed shifts 0-4 and perturbed numerics: with 3 encoder epochs the probe loss ended at
+    0.04-0.05 and one run in six could not tell the shapes apart in stage 2 (shape questions 0.52 right, VQA
+    exact match 0.61, caption BLEU 0.54, against 0.65-0.78 and 0.73-0.78 for the others); 6 encoder epochs
+    (probe loss below 0.01) rescue that run. 9 stage-2 epochs instead of 6 made BLEU agree closely (0.79-0.82) but
+    not VQA (0.67-0.86: whether the "is there a ...?" questions are learned depends on the seed).
+    """
 
     train_scenes: int = 2000
     data_seed: int = 1
@@ -595,7 +602,7 @@ class ShapesVLMRecipe:
     n_head: int = 4
     d_vision: int = 64
     block_size: int = 96
-    encoder_epochs: int = 3
+    encoder_epochs: int = 6
     lm_epochs: int = 2
     align_epochs: int = 2
     full_epochs: int = 6
