@@ -147,8 +147,9 @@ def random_windows(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """A batch of random training windows from a token stream, for next-token prediction.
 
-    ``ids`` has shape ``(seq,)``. Draws ``batch_size`` start positions uniformly from
-    ``[0, seq - seq_len - 1)`` with ``generator`` and returns ``inputs`` ``(batch_size, seq_len)``,
+    ``ids`` has shape ``(seq,)``. Draws ``batch_size`` start positions uniformly from the ``seq - seq_len``
+    valid ones, ``[0, seq - seq_len - 1]`` (the last window's target is the stream's last token), with
+    ``generator`` and returns ``inputs`` ``(batch_size, seq_len)``,
     ``ids[s : s + seq_len]``, and ``targets`` ``(batch_size, seq_len)``, the same windows shifted by one
     token. Both stay on ``ids``' device.
     """
@@ -156,11 +157,11 @@ def random_windows(
     ids = check_int_tensor("ids", ids, fn, 1).long()
     check_int("batch_size", batch_size, fn, 1)
     check_int("seq_len", seq_len, fn, 1)
-    if ids.numel() < seq_len + 2:
-        raise ValueError(f"{fn}: ids must hold at least seq_len + 2 = {seq_len + 2} tokens, got {ids.numel()}")
+    if ids.numel() < seq_len + 1:
+        raise ValueError(f"{fn}: ids must hold at least seq_len + 1 = {seq_len + 1} tokens, got {ids.numel()}")
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"{fn}: generator must be a torch.Generator or None, got {type(generator).__name__}")
-    starts = torch.randint(ids.numel() - seq_len - 1, (batch_size,), generator=generator).tolist()
+    starts = torch.randint(ids.numel() - seq_len, (batch_size,), generator=generator).tolist()
     inputs = torch.stack([ids[s:s + seq_len] for s in starts])
     targets = torch.stack([ids[s + 1:s + seq_len + 1] for s in starts])
     return inputs, targets

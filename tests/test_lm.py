@@ -303,7 +303,8 @@ def test_random_windows_are_shifted_slices_of_the_stream():
     starts = x[:, 0] - 100
     assert torch.equal(x, 100 + starts[:, None] + torch.arange(5))  # contiguous windows ...
     assert torch.equal(y, x + 1)  # ... and the targets are the next tokens
-    assert set(starts.tolist()) == set(range(20 - 5 - 1))  # every allowed start is drawn, none beyond
+    assert set(starts.tolist()) == set(range(20 - 5))  # every valid start is drawn (the last: 14), none beyond
+    assert int(y.max()) == 119  # the stream's last token is a target
     again = random_windows(ids, 500, 5, torch.Generator().manual_seed(0))
     assert torch.equal(again[0], x) and torch.equal(again[1], y)
 
@@ -317,7 +318,9 @@ def test_random_windows_rejects_bad_input():
     with pytest.raises(ValueError, match="batch_size"):
         random_windows(ids, 0, 2)
     with pytest.raises(ValueError, match="at least seq_len"):
-        random_windows(ids, 2, 9)
+        random_windows(ids, 2, 10)
+    x, y = random_windows(ids, 3, 9)  # exactly one window fits: ids[0:9] -> ids[1:10]
+    assert torch.equal(x[0], ids[:9]) and torch.equal(y[0], ids[1:])
     with pytest.raises(TypeError, match="generator"):
         random_windows(ids, 2, 2, generator=0)
 
