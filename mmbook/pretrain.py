@@ -19,6 +19,7 @@ from torch import nn
 from mmbook.checks import check_instance, check_int_tensor, check_number, positive_int
 from mmbook.core import torch_generator
 from mmbook.lm import random_windows
+from mmbook.optim import weight_decay_groups
 
 __all__ = ["TrainResult", "evaluate_lm", "train_lm"]
 
@@ -42,7 +43,8 @@ def train_lm(model: nn.Module, ids: torch.Tensor, *, steps: int, batch_size: int
     Each step draws ``batch_size`` windows of ``seq_len + 1`` tokens (inputs and targets shifted by one) with
     a generator seeded by ``seed`` (through :func:`mmbook.torch_generator`). The learning rate rises linearly
     over ``warmup`` steps, then follows a cosine from ``lr`` down to ``0.1 lr``; betas ``(0.9, 0.95)``; the
-    gradient norm is clipped to ``clip``. The model is left in train mode on its device.
+    gradient norm is clipped to ``clip``. Weight decay applies to matrices and embeddings only, not to biases or
+    normalisation gains (:func:`mmbook.optim.weight_decay_groups`). The model is left in train mode on its device.
     """
     fn = "train_lm"
     check_instance("model", model, fn, nn.Module, "a torch.nn.Module")
@@ -55,7 +57,7 @@ def train_lm(model: nn.Module, ids: torch.Tensor, *, steps: int, batch_size: int
     weight_decay = check_number("weight_decay", weight_decay, fn, 0.0)
     clip = check_number("clip", clip, fn, 0.0, low_open=True)
     device = _model_device(model)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=weight_decay)
+    optimizer = torch.optim.AdamW(weight_decay_groups(model, weight_decay), lr=lr, betas=(0.9, 0.95))
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min((s + 1) / warmup, 0.1 + 0.45 * (1 + math.cos(math.pi * s / steps))))
     generator = torch_generator(seed)
