@@ -37,6 +37,7 @@ __all__ = [
     "check_module_input",
     "check_number",
     "check_probability",
+    "check_same_shape",
     "check_tensor",
     "describe",
     "positive_int",
@@ -253,6 +254,17 @@ def check_like(name: str, x: torch.Tensor, fn: str, like_name: str, like: torch.
         raise TypeError(f"{fn}: {name} and {like_name} must have the same dtype, got {x.dtype} and {like.dtype}")
     if x.device != like.device:
         raise ValueError(f"{fn}: {name} and {like_name} must be on the same device, got {x.device} and {like.device}")
+
+
+def check_same_shape(fn: str, **tensors: torch.Tensor) -> None:
+    """Every tensor passed by keyword has the shape of the first one; the message names both (the argument
+    names are the keywords): ``check_same_shape("f", logp=logp, ref_logp=ref_logp)``."""
+    names = list(tensors)
+    first = tensors[names[0]]
+    for name in names[1:]:
+        if tensors[name].shape != first.shape:
+            raise ValueError(f"{fn}: {name} must have the shape of {names[0]} {tuple(first.shape)}, "
+                             f"got {tuple(tensors[name].shape)}")
 
 
 def _first_parameter(module: nn.Module) -> torch.Tensor | None:

@@ -17,19 +17,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mmbook.checks import check_float_tensor, check_ids, check_instance, check_number, check_tensor, positive_int
+from mmbook.checks import (
+    check_float_tensor,
+    check_ids,
+    check_instance,
+    check_number,
+    check_same_shape,
+    check_tensor,
+    positive_int,
+)
 
 __all__ = ["DPOOutput", "RewardModel", "bradley_terry_loss", "dpo_loss", "kl_optimal_policy", "sequence_logprob",
            "token_logprobs"]
-
-
-def _same_shape(fn: str, **tensors: torch.Tensor) -> None:
-    names = list(tensors)
-    first = tensors[names[0]]
-    for name in names[1:]:
-        if tensors[name].shape != first.shape:
-            raise ValueError(f"{fn}: {name} must have the shape of {names[0]} {tuple(first.shape)}, "
-                             f"got {tuple(tensors[name].shape)}")
 
 
 def bradley_terry_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor) -> torch.Tensor:
@@ -38,7 +37,7 @@ def bradley_terry_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor) -> torc
     fn = "bradley_terry_loss"
     check_float_tensor("r_chosen", r_chosen, fn, 1, "(batch,)", nonempty=True)
     check_float_tensor("r_rejected", r_rejected, fn, 1, "(batch,)", nonempty=True)
-    _same_shape(fn, r_chosen=r_chosen, r_rejected=r_rejected)
+    check_same_shape(fn, r_chosen=r_chosen, r_rejected=r_rejected)
     return -F.logsigmoid(r_chosen - r_rejected).mean()
 
 
@@ -61,7 +60,7 @@ class RewardModel(nn.Module):
         fn = "RewardModel.forward"
         check_ids("ids", ids, fn, self.vocab_size, 2, "(batch, T)")
         check_tensor("mask", mask, fn, "bool", 2, "(batch, T)")
-        _same_shape(fn, ids=ids, mask=mask)
+        check_same_shape(fn, ids=ids, mask=mask)
         if not bool(mask.any(dim=1).all()):
             raise ValueError(f"{fn}: every row of mask must mark at least one token")
         m = mask.to(self.embed.weight.dtype).unsqueeze(-1)  # (batch, T, 1)
@@ -78,7 +77,7 @@ def kl_optimal_policy(ref_logprobs: torch.Tensor, rewards: torch.Tensor, beta: f
     fn = "kl_optimal_policy"
     check_float_tensor("ref_logprobs", ref_logprobs, fn, min_ndim=1, nonempty=True)
     check_float_tensor("rewards", rewards, fn, min_ndim=1, nonempty=True, finite=True)
-    _same_shape(fn, ref_logprobs=ref_logprobs, rewards=rewards)
+    check_same_shape(fn, ref_logprobs=ref_logprobs, rewards=rewards)
     beta = check_number("beta", beta, fn, 0.0, low_open=True)
     total = torch.logsumexp(ref_logprobs, dim=-1)
     if not torch.allclose(total, torch.zeros_like(total), atol=1e-5):
@@ -109,7 +108,7 @@ def dpo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Ten
                "ref_chosen_logps": ref_chosen_logps, "ref_rejected_logps": ref_rejected_logps}
     for name, t in tensors.items():
         check_float_tensor(name, t, fn, 1, "(batch,)", nonempty=True)
-    _same_shape(fn, **tensors)
+    check_same_shape(fn, **tensors)
     beta = check_number("beta", beta, fn, 0.0, low_open=True)
     chosen = beta * (policy_chosen_logps - ref_chosen_logps)
     rejected = beta * (policy_rejected_logps - ref_rejected_logps)
@@ -121,7 +120,7 @@ def token_logprobs(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
     """``log p(ids[:, t] | ids[:, :t])`` for ``t = 1 .. T-1`` under a causal LM: ``(batch, T)`` -> ``(batch, T-1)``.
 
     ``model(ids)`` must return an object with ``.logits`` ``(batch, T, vocab)`` (chapter 7's GPT, chapter 17's
-    Decoder).
+    Decoder). Half-precision logits are upcast to float32; float32 and float64 keep their dtype.
     """
     fn = "token_logprobs"
     check_instance("model", model, fn, nn.Module, "a torch.nn.Module")
@@ -130,7 +129,9 @@ def token_logprobs(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"{fn}: ids must hold at least 2 positions (a prompt token and a response token), "
                          f"got shape {tuple(ids.shape)}")
     logits = model(ids).logits[:, :-1]
-    return torch.log_softmax(logits.float(), dim=-1).gather(-1, ids[:, 1:, None]).squeeze(-1)
+    if logits.dtype in (torch.float16, torch.bfloat16):  # half-precision logits: the log-softmax in float32
+        logits = logits.float()
+    return torch.log_softmax(logits, dim=-1).gather(-1, ids[:, 1:, None]).squeeze(-1)
 
 
 def sequence_logprob(model: nn.Module, ids: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
@@ -142,7 +143,7 @@ def sequence_logprob(model: nn.Module, ids: torch.Tensor, response_mask: torch.T
     fn = "sequence_logprob"
     check_tensor("response_mask", response_mask, fn, "bool", 2, "(batch, T)")
     check_tensor("ids", ids, fn, "int", 2, "(batch, T)")
-    _same_shape(fn, ids=ids, response_mask=response_mask)
+    check_same_shape(fn, ids=ids, response_mask=response_mask)
     if bool(response_mask[:, 0].any()):
         raise ValueError(f"{fn}: response_mask must be False at position 0 (the first token has no prediction)")
     logp = token_logprobs(model, ids)

@@ -22,6 +22,7 @@ from mmbook.checks import (
     check_instance,
     check_int,
     check_number,
+    check_same_shape,
     check_tensor,
     positive_int,
 )
@@ -31,6 +32,7 @@ from mmbook.preference import token_logprobs
 __all__ = ["VOCAB", "TrainHistory", "addition_problems", "addition_reward", "decode", "encode", "format_answer",
            "format_prompt",
            "generate_answers", "group_advantages", "grpo_loss", "grpo_train", "kl_k3", "majority_vote",
+           "parity_answer", "parity_problems", "parity_prompt", "parity_reward",
            "pass_at_k", "ppo_clip_loss", "reinforce_loss", "sequence_kl", "train_answers"]
 
 VOCAB = "0123456789+=,"
@@ -45,8 +47,7 @@ def reinforce_loss(logps: torch.Tensor, rewards: torch.Tensor, baseline: float |
     fn = "reinforce_loss"
     check_float_tensor("logps", logps, fn, 1, "(batch,)", nonempty=True)
     check_float_tensor("rewards", rewards, fn, 1, "(batch,)", finite=True)
-    if rewards.shape != logps.shape:
-        raise ValueError(f"{fn}: rewards must have the shape of logps {tuple(logps.shape)}, got {tuple(rewards.shape)}")
+    check_same_shape(fn, logps=logps, rewards=rewards)
     if isinstance(baseline, torch.Tensor):
         check_float_tensor("baseline", baseline, fn, (0, 1), finite=True)
     else:
@@ -58,9 +59,7 @@ def _check_ratio_inputs(fn: str, logp_new: torch.Tensor, logp_old: torch.Tensor,
                         clip_eps: float) -> float:
     check_float_tensor("logp_new", logp_new, fn, min_ndim=1, nonempty=True)
     check_float_tensor("logp_old", logp_old, fn, min_ndim=1)
-    if logp_old.shape != logp_new.shape:
-        raise ValueError(f"{fn}: logp_old must have the shape of logp_new {tuple(logp_new.shape)}, "
-                         f"got {tuple(logp_old.shape)}")
+    check_same_shape(fn, logp_new=logp_new, logp_old=logp_old)
     check_float_tensor("advantages", advantages, fn, 1, "(batch,)", finite=True)
     if advantages.shape[0] != logp_new.shape[0]:
         raise ValueError(f"{fn}: advantages must have one entry per row of logp_new ({logp_new.shape[0]}), "
@@ -105,8 +104,7 @@ def kl_k3(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
     fn = "kl_k3"
     check_float_tensor("logp", logp, fn, min_ndim=1)
     check_float_tensor("ref_logp", ref_logp, fn, min_ndim=1)
-    if logp.shape != ref_logp.shape:
-        raise ValueError(f"{fn}: ref_logp must have the shape of logp {tuple(logp.shape)}, got {tuple(ref_logp.shape)}")
+    check_same_shape(fn, logp=logp, ref_logp=ref_logp)
     d = ref_logp - logp
     return torch.exp(d) - d - 1
 
@@ -124,9 +122,9 @@ def grpo_loss(logp_new: torch.Tensor, logp_old: torch.Tensor, ref_logp: torch.Te
     clip_eps = _check_ratio_inputs(fn, logp_new, logp_old, advantages, clip_eps)
     check_float_tensor("ref_logp", ref_logp, fn, 2, "(batch, T)")
     check_tensor("mask", mask, fn, "bool", 2, "(batch, T)")
-    if logp_new.ndim != 2 or ref_logp.shape != logp_new.shape or mask.shape != logp_new.shape:
-        raise ValueError(f"{fn}: logp_new, ref_logp and mask must share one (batch, T) shape, got "
-                         f"{tuple(logp_new.shape)}, {tuple(ref_logp.shape)}, {tuple(mask.shape)}")
+    if logp_new.ndim != 2:
+        raise ValueError(f"{fn}: logp_new must be (batch, T), got shape {tuple(logp_new.shape)}")
+    check_same_shape(fn, logp_new=logp_new, ref_logp=ref_logp, mask=mask)
     if not bool(mask.any(dim=1).all()):
         raise ValueError(f"{fn}: every row of mask must mark at least one response token")
     beta = check_number("beta", beta, fn, 0.0)
@@ -245,6 +243,43 @@ def addition_reward(texts: Sequence[str], problems: Sequence[Sequence[int]]) -> 
     return torch.tensor(out)
 
 
+def parity_problems(n_bits: int) -> list[tuple[int, ...]]:
+    """All ``2**n_bits`` bit strings of length ``n_bits`` (tuples of 0/1), in counting order."""
+    n_bits = check_int("n_bits", n_bits, "parity_problems", 1, 16)
+    return [tuple((i >> k) & 1 for k in range(n_bits)) for i in range(2 ** n_bits)]
+
+
+def _check_bits(bits: Sequence[int], fn: str) -> None:
+    if not isinstance(bits, (tuple, list)) or not bits or any(b not in (0, 1) or isinstance(b, bool) for b in bits):
+        raise ValueError(f"{fn}: bits must be a non-empty tuple or list of 0s and 1s, got {bits!r}")
+
+
+def parity_prompt(bits: Sequence[int]) -> str:
+    """``"0110="``: the bits, then ``=``."""
+    _check_bits(bits, "parity_prompt")
+    return "".join(map(str, bits)) + "="
+
+
+def parity_answer(bits: Sequence[int], scratchpad: bool = False) -> str:
+    """The parity (XOR) of ``bits`` as ``"0"`` or ``"1"``; with ``scratchpad`` the running parity after every bit
+    (``0110`` -> ``"0100"``), one XOR per written token, the answer last."""
+    _check_bits(bits, "parity_answer")
+    check_bool("scratchpad", scratchpad, "parity_answer")
+    running, out = 0, []
+    for b in bits:
+        running ^= b
+        out.append(str(running))
+    return "".join(out) if scratchpad else out[-1]
+
+
+def parity_reward(texts: Sequence[str], problems: Sequence[Sequence[int]]) -> torch.Tensor:
+    """1.0 where the last character of a generated answer is the parity of the problem's bits, else 0.0
+    (``(len(texts),)`` float32): a verifiable reward for answer-only and scratchpad answers alike."""
+    if len(texts) != len(problems):
+        raise ValueError(f"parity_reward: got {len(texts)} texts for {len(problems)} problems")
+    return torch.tensor([1.0 if t[-1:] == parity_answer(p) else 0.0 for t, p in zip(texts, problems, strict=True)])
+
+
 # --- training and sampling ----------------------------------------------------------------------------------
 
 def _device(model: nn.Module) -> torch.device:
@@ -320,6 +355,11 @@ def generate_answers(model: nn.Module, prompts: torch.Tensor, n_new: int, temper
     return [decode(row) for row in out[:, prompts.shape[1]:].cpu()]
 
 
+def _log_softmax_up(logits: torch.Tensor) -> torch.Tensor:
+    """Log-softmax over the last axis, half precision upcast to float32 (float32 and float64 keep their dtype)."""
+    return torch.log_softmax(logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits, -1)
+
+
 @torch.no_grad()
 def sequence_kl(policy: nn.Module, ref: nn.Module, ids: torch.Tensor, n_response: int) -> torch.Tensor:
     """Exact ``KL(pi(.|prefix) || pi_ref(.|prefix))`` summed over the last ``n_response`` positions of each
@@ -328,20 +368,25 @@ def sequence_kl(policy: nn.Module, ref: nn.Module, ids: torch.Tensor, n_response
     fn = "sequence_kl"
     check_tensor("ids", ids, fn, "int", 2, "(N, T)")
     n_response = check_int("n_response", n_response, fn, 1, ids.shape[1] - 1)
-    lp = torch.log_softmax(policy(ids).logits[:, -n_response - 1:-1].float(), -1)
-    lr = torch.log_softmax(ref(ids).logits[:, -n_response - 1:-1].float(), -1)
+    lp, lr = (_log_softmax_up(m(ids).logits[:, -n_response - 1:-1]) for m in (policy, ref))
     return (lp.exp() * (lp - lr)).sum(-1).sum(-1)
 
 
 def grpo_train(policy: nn.Module, ref: nn.Module, problems: Sequence[Sequence[int]], *, steps: int,
                n_prompts: int, group: int, n_new: int, lr: float, beta: float = 0.04, clip_eps: float = 0.2,
                temperature: float = 1.0, seed: int = 0, digits: int = 2, warmup: int = 10,
-               evaluate: Callable[[nn.Module], Any] | None = None, eval_every: int = 10) -> dict[str, list[Any]]:
-    """GRPO with the verifiable reward :func:`addition_reward`: each step draws ``n_prompts`` problems, samples
-    ``group`` answers of ``n_new`` tokens per problem, and takes one AdamW step on :func:`grpo_loss` (on-policy,
-    so ``logp_old`` is the detached current policy and the ratio is 1 at the step); the learning rate rises
-    linearly over ``warmup`` steps (Adam's first steps move every weight by about ``lr`` whatever the size of its
-    noisy gradient). ``ref`` stays frozen.
+               evaluate: Callable[[nn.Module], Any] | None = None, eval_every: int = 10,
+               prompt_fn: Callable[[Any], str] | None = None,
+               reward_fn: Callable[[Sequence[str], Sequence[Any]], torch.Tensor] | None = None) -> dict[str, list[Any]]:
+    """GRPO with a verifiable reward: each step draws ``n_prompts`` problems, samples ``group`` answers of
+    ``n_new`` tokens per problem at ``temperature``, and takes one AdamW step (betas 0.9 and 0.99, no weight
+    decay, gradient norm clipped to 1) on :func:`grpo_loss` (on-policy, so ``logp_old`` is the detached current
+    policy and the ratio is 1 at the step); the learning rate rises linearly over ``warmup`` steps (Adam's first
+    steps move every weight by about ``lr`` whatever the size of its noisy gradient). ``ref`` stays frozen.
+
+    ``prompt_fn(problem)`` writes a problem's prompt (default: :func:`format_prompt` with ``digits``; every prompt
+    must have the same length) and ``reward_fn(texts, problems)`` grades the sampled answers (default:
+    :func:`addition_reward`; for parity, :func:`parity_reward`).
 
     Returns ``{"reward": mean sampled reward per step, "kl": mean k3 KL per token per step, "eval_step": [...],
     "eval": evaluate(policy) at step 0 and every ``eval_every`` steps and at the end}``.
@@ -359,7 +404,13 @@ def grpo_train(policy: nn.Module, ref: nn.Module, problems: Sequence[Sequence[in
     if len(problems) < n_prompts:
         raise ValueError(f"{fn}: need at least n_prompts={n_prompts} problems, got {len(problems)}")
     device = _device(policy)
-    prompts_all = torch.tensor([encode(format_prompt(p, digits)) for p in problems])
+    prompt_fn = (lambda p: format_prompt(p, digits)) if prompt_fn is None else prompt_fn
+    reward_fn = addition_reward if reward_fn is None else reward_fn
+    encoded = [encode(prompt_fn(p)) for p in problems]
+    lengths = sorted({len(e) for e in encoded})
+    if len(lengths) != 1:
+        raise ValueError(f"{fn}: every prompt must have the same length, got lengths {lengths}")
+    prompts_all = torch.tensor(encoded)
     warmup = positive_int("warmup", warmup, fn)
     opt = torch.optim.AdamW(policy.parameters(), lr=lr, betas=(0.9, 0.99), weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup))
@@ -378,7 +429,7 @@ def grpo_train(policy: nn.Module, ref: nn.Module, problems: Sequence[Sequence[in
         batch = prompts_all[pick].repeat_interleave(group, dim=0).to(device)
         seqs = policy.generate(batch, n_new, temperature=temperature, generator=gen)
         texts = [decode(row) for row in seqs[:, batch.shape[1]:].cpu()]
-        rewards = addition_reward(texts, [problems[i] for i in pick.tolist() for _ in range(group)])
+        rewards = reward_fn(texts, [problems[i] for i in pick.tolist() for _ in range(group)]).to(torch.float32)
         adv = group_advantages(rewards.view(n_prompts, group)).reshape(-1).to(device)
         policy.train()
         logp = token_logprobs(policy, seqs)[:, -n_new:]

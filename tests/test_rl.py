@@ -7,6 +7,7 @@ import torch
 
 import mmbook
 from mmbook.decoder import Decoder, DecoderConfig
+from mmbook.preference import token_logprobs
 from mmbook.rl import (
     addition_problems,
     addition_reward,
@@ -19,6 +20,10 @@ from mmbook.rl import (
     grpo_loss,
     grpo_train,
     kl_k3,
+    parity_answer,
+    parity_problems,
+    parity_prompt,
+    parity_reward,
     majority_vote,
     pass_at_k,
     ppo_clip_loss,
@@ -140,3 +145,72 @@ def test_training_helpers_run_and_reject_bad_input():
         train_answers(model, prompts, answers[:3], steps=1, batch_size=2, lr=1e-3)
     with pytest.raises(ValueError, match="group"):
         grpo_train(model, ref, probs, steps=1, n_prompts=2, group=1, n_new=3, lr=1e-4)
+
+
+def test_bad_input_of_sampling_and_format_helpers():
+    model = Decoder(DecoderConfig(vocab_size=13, max_seq_len=12, n_layer=1, n_head=2, d_model=16))
+    ids = torch.tensor([encode("07+35=042")])
+    with pytest.raises(ValueError, match="n_response"):
+        sequence_kl(model, model, ids, ids.shape[1])
+    with pytest.raises(TypeError, match="ids"):
+        sequence_kl(model, model, ids.float(), 3)
+    with pytest.raises(TypeError, match="prompts"):
+        generate_answers(model, ids.float(), 3)
+    with pytest.raises(ValueError, match="n_new"):
+        generate_answers(model, ids, 0)
+    with pytest.raises(ValueError, match="ids"):
+        decode([0, 13])
+    with pytest.raises(ValueError, match="ids"):
+        decode([1.0])
+    with pytest.raises(ValueError, match="terms"):
+        format_answer((7, 100))
+    with pytest.raises(TypeError, match="scratchpad"):
+        format_answer((7, 35), scratchpad=1)
+
+
+def test_shape_mismatches_name_both_arguments():
+    lp = torch.zeros(4, 3, dtype=torch.float64)
+    with pytest.raises(ValueError, match="ref_logp must have the shape of logp"):
+        kl_k3(lp, lp[:, :2])
+    with pytest.raises(ValueError, match="mask must have the shape of logp_new"):
+        grpo_loss(lp, lp, lp, torch.zeros(4, dtype=torch.float64), torch.ones(4, 2, dtype=torch.bool))
+    with pytest.raises(ValueError, match="rewards must have the shape of logps"):
+        reinforce_loss(lp[:, 0], torch.zeros(3, dtype=torch.float64))
+
+
+def test_float64_models_keep_float64_log_probabilities():
+    mmbook.set_seed(0)
+    model = Decoder(DecoderConfig(vocab_size=13, max_seq_len=12, n_layer=1, n_head=2, d_model=16)).double()
+    ids = torch.tensor([encode("07+35=042")])
+    assert token_logprobs(model, ids).dtype == torch.float64
+    assert sequence_kl(model, model, ids, 3).dtype == torch.float64
+
+
+def test_parity_task_formats_rewards_and_rejects_bad_input():
+    probs = parity_problems(4)
+    assert len(probs) == 16 and len(set(probs)) == 16 and probs[5] == (1, 0, 1, 0)
+    assert parity_prompt((0, 1, 1, 0)) == "0110=" and parity_answer((0, 1, 1, 0)) == "0"
+    assert parity_answer((0, 1, 1, 0), scratchpad=True) == "0100" and parity_answer((1, 1, 1), True) == "101"
+    assert all(parity_answer(p, True)[-1] == parity_answer(p) == str(sum(p) % 2) for p in probs)
+    assert parity_reward(["0100", "1", "0", ""], [(0, 1, 1, 0)] * 4).tolist() == [1.0, 0.0, 1.0, 0.0]
+    with pytest.raises(ValueError, match="bits"):
+        parity_prompt((0, 2))
+    with pytest.raises(ValueError, match="bits"):
+        parity_answer(())
+    with pytest.raises(ValueError, match="n_bits"):
+        parity_problems(0)
+    with pytest.raises(ValueError, match="problems"):
+        parity_reward(["1"], [])
+
+
+def test_grpo_train_takes_a_reward_and_a_prompt_function():
+    mmbook.set_seed(0)
+    model = Decoder(DecoderConfig(vocab_size=13, max_seq_len=12, n_layer=1, n_head=2, d_model=16))
+    import copy
+    ref = copy.deepcopy(model)
+    hist = grpo_train(model, ref, parity_problems(4), steps=2, n_prompts=4, group=3, n_new=4, lr=1e-4, seed=4,
+                      prompt_fn=parity_prompt, reward_fn=parity_reward)
+    assert len(hist["reward"]) == 2 and all(0.0 <= r <= 1.0 for r in hist["reward"])
+    with pytest.raises(ValueError, match="same length"):
+        grpo_train(model, ref, [(0, 1), (0, 1, 1)], steps=1, n_prompts=1, group=2, n_new=2, lr=1e-4,
+                   prompt_fn=parity_prompt, reward_fn=parity_reward)
