@@ -432,7 +432,7 @@ def train_sft(model: nn.Module, batch: PackedBatch, *, steps: int, batch_size: i
     them for full fine-tuning, the adapters after :func:`mmbook.lora.apply_lora`). Warm-up then cosine decay to
     ``0.1 lr``, as :func:`mmbook.pretrain.train_lm`. With ``start_layer = k`` the first ``k`` blocks must be
     frozen: their output (:func:`packed_hidden`) is computed once for all rows and the steps run the rest.
-    Returns the loss of every step.
+    Returns the loss of every step; the model is left in eval mode.
     """
     fn = "train_sft"
     check_instance("model", model, fn, Decoder, "a mmbook Decoder")
@@ -477,6 +477,7 @@ def train_sft(model: nn.Module, batch: PackedBatch, *, steps: int, batch_size: i
         optimizer.step()
         schedule.step()
         losses.append(loss.item())
+    model.eval()
     return losses
 
 
@@ -497,6 +498,8 @@ def corpus_chat_stream(tokenizer: ChatByteTokenizer | None = None) -> torch.Tens
 #: The chapter's small base model and its pretraining recipe (2 layers, d = 64: chapter 17's ablation size).
 BASE_CONFIG = {"vocab_size": 258, "max_seq_len": 128, "n_layer": 2, "n_head": 4, "d_model": 64,
                "kernel": "torch", "fused": True}
+# Bumped whenever mmbook.pretrain.train_lm's loop changes, so that a cached base trained by older code is not reused.
+BASE_VERSION = "train_lm 2: weight decay on matrices only; random_windows draws every valid start"
 BASE_RECIPE = {"steps": 200, "batch_size": 16, "seq_len": 64, "lr": 3e-3, "warmup": 20, "train_fraction": 0.9}
 
 
@@ -518,7 +521,8 @@ def pretrained_chat_base(seed: int = 0) -> tuple[Decoder, torch.Tensor, torch.Te
     cut = int(BASE_RECIPE["train_fraction"] * data.numel())
     train_ids, val_ids = data[:cut], data[cut:]
     config = DecoderConfig(**BASE_CONFIG)
-    key = {"config": BASE_CONFIG, "recipe": BASE_RECIPE, "seed": seed, "tokens": int(data.numel())}
+    key = {"config": BASE_CONFIG, "recipe": BASE_RECIPE, "version": BASE_VERSION, "seed": seed,
+           "tokens": int(data.numel())}
     path = cache_path("chat_base", key, ".pt")
     set_seed(seed)
     model = Decoder(config)

@@ -162,6 +162,7 @@ def test_train_sft_learns_and_evaluate(one_thread):
     em0, fmt0, _ = evaluate_instructions(model, TOK, convs[:4], max_new_tokens=12)
     losses = train_sft(model, batch, steps=60, batch_size=4, lr=1e-2, seed=1)
     assert len(losses) == 60 and losses[-1] < losses[0] - 1.0
+    assert not model.training  # left in eval mode
     em, fmt, responses = evaluate_instructions(model, TOK, convs[:4], max_new_tokens=12)
     assert fmt0 == 0.0 and 0.0 <= em <= fmt <= 1.0 and len(responses) == 4
     with pytest.raises(ValueError, match="trainable"):
@@ -193,3 +194,12 @@ def test_packed_forward_from_a_middle_layer_and_target_logits(one_thread):
         packed_hidden(model, batch.ids, batch.positions, batch.doc_ids, 3)
     with pytest.raises(ValueError, match="frozen"):
         train_sft(model, batch, steps=1, batch_size=1, lr=1e-3, start_layer=1)
+
+
+def test_base_cache_key_carries_a_training_code_version():
+    import inspect
+
+    import mmbook.sft as sft
+
+    assert isinstance(sft.BASE_VERSION, str) and sft.BASE_VERSION
+    assert '"version": BASE_VERSION' in inspect.getsource(sft.pretrained_chat_base)
