@@ -114,7 +114,15 @@ def apply_lora(model: nn.Module, targets: Sequence[str], r: int, alpha: float, *
         raise TypeError(f"{fn}: targets must be a non-empty list of module names such as ['q_proj', 'v_proj'], "
                         f"got {targets!r}")
     r = positive_int("r", r, fn)
-    keep = None if layers is None else {int(i) for i in layers}
+    alpha = check_number("alpha", alpha, fn, 0.0, low_open=True)
+    if layers is None:
+        keep = None
+    else:
+        if isinstance(layers, (str, bytes)) or not isinstance(layers, Iterable):
+            raise TypeError(f"{fn}: layers must be an iterable of block indices, got {type(layers).__name__}")
+        keep = set(layers)
+        if not keep or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in keep):
+            raise ValueError(f"{fn}: layers must be non-negative block indices, got {sorted(keep, key=repr)!r:.80}")
     if any(isinstance(m, LoRALinear) for m in model.modules()):
         raise ValueError(f"{fn}: model already has LoRA adapters")
     found = []
@@ -130,6 +138,11 @@ def apply_lora(model: nn.Module, targets: Sequence[str], r: int, alpha: float, *
     if missing:
         raise ValueError(f"{fn}: no nn.Linear named {missing} in model"
                          f"{'' if keep is None else f' under layers {sorted(keep)}'}")
+    for name in found:  # validate everything before changing the model, so a bad call leaves it intact
+        module = model.get_submodule(name)
+        if r > min(module.in_features, module.out_features):
+            raise ValueError(f"{fn}: r={r} exceeds min(in_features, out_features) = "
+                             f"{min(module.in_features, module.out_features)} of {name}")
     for p in model.parameters():
         p.requires_grad_(False)
     for k, name in enumerate(found):

@@ -95,6 +95,19 @@ def test_apply_lora_bad_input():
         lora_state_dict(_decoder())
 
 
+def test_apply_lora_bad_call_leaves_the_model_intact():
+    for kwargs, error in (({"r": 2, "alpha": -1.0}, ValueError), ({"r": 10_000, "alpha": 4.0}, ValueError),
+                          ({"r": 2, "alpha": 4.0, "layers": [-1]}, ValueError),
+                          ({"r": 2, "alpha": 4.0, "layers": ["0"]}, ValueError),
+                          ({"r": 2, "alpha": 4.0, "layers": 0}, TypeError)):
+        model = _decoder()
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        with pytest.raises(error):
+            apply_lora(model, ["q_proj", "v_proj"], **kwargs)
+        assert all(p.requires_grad for p in model.parameters()), kwargs
+        assert not lora_layers(model) and model.state_dict().keys() == before.keys(), kwargs
+
+
 def test_training_memory_full_vs_lora():
     ids = torch.randint(50, (2, 7), generator=mmbook.torch_generator(0))
     results = {}
