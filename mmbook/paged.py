@@ -179,6 +179,14 @@ def paged_forward(model: Decoder, new_tokens: list[list[int]], seq_ids: list[int
         raise ValueError(f"{fn}: need one non-empty token list per sequence id, got {len(new_tokens)} lists for "
                          f"{len(seq_ids)} ids")
     device = model.embed_tokens.weight.device
+    if len(set(seq_ids)) != len(seq_ids):
+        raise ValueError(f"{fn}: seq_ids must be distinct, got {seq_ids}")
+    need = 0
+    for toks, s in zip(new_tokens, seq_ids, strict=True):
+        start = cache.lengths[cache._seq(s, fn)]
+        need += -(-(start + len(toks)) // cache.block_size) - len(cache.block_tables[s])
+    if need > len(cache.free_blocks):  # check all before reserving any, so that a failure takes nothing
+        raise MemoryError(f"{fn}: the batch needs {need} more blocks, {len(cache.free_blocks)} are free")
     b, t = len(new_tokens), max(len(x) for x in new_tokens)
     ids = torch.zeros(b, t, dtype=torch.long)
     positions = torch.full((b, t), -1, dtype=torch.long)
@@ -217,11 +225,13 @@ def paged_forward(model: Decoder, new_tokens: list[list[int]], seq_ids: list[int
 
 class BatchResult(NamedTuple):
     """What :func:`continuous_batching_generate` returns: the new tokens of each prompt (in prompt order), the
-    number of forward passes, and the largest number of blocks in use at once."""
+    number of forward passes, the largest number of blocks in use at once, and the schedule: for every step, the
+    prompt indices that ran in it (in batch order)."""
 
     tokens: list[list[int]]
     steps: int
     peak_blocks: int
+    schedule: tuple[tuple[int, ...], ...] = ()
 
 
 def continuous_batching_generate(model: Decoder, prompts: list[list[int]], max_new_tokens: int | list[int], *,
@@ -229,10 +239,12 @@ def continuous_batching_generate(model: Decoder, prompts: list[list[int]], max_n
                                  eos_token_id: int | None = None) -> BatchResult:
     """Greedy generation for many ragged prompts with continuous batching over a :class:`PagedKVCache`.
 
-    At every step, waiting prompts join while fewer than ``max_batch`` sequences run (their whole prompt is
-    their new input that step; the others bring one token), one :func:`paged_forward` runs, each sequence takes
-    its argmax, and a sequence that reached its ``max_new_tokens`` (a number, or one per prompt) or produced
-    ``eos_token_id`` leaves and frees its blocks.
+    At every step, waiting prompts join in order while fewer than ``max_batch`` sequences run *and* the free
+    blocks hold the prompt plus one spare block for every sequence already running (so that each can grow this
+    step); a prompt that does not fit waits for a sequence to leave. The joining prompt's whole prompt is its new
+    input that step; the others bring one token. One :func:`paged_forward` runs, each sequence takes its argmax,
+    and a sequence that reached its ``max_new_tokens`` (a number, or one per prompt) or produced ``eos_token_id``
+    leaves and frees its blocks. A prompt that cannot fit even in an empty pool raises ``MemoryError``.
     """
     fn = "continuous_batching_generate"
     model = _check_model(model, fn)
@@ -247,6 +259,8 @@ def continuous_batching_generate(model: Decoder, prompts: list[list[int]], max_n
     for i, m in enumerate(limits):
         check_int(f"max_new_tokens[{i}]", m, fn, 1)
     max_batch = positive_int("max_batch", max_batch, fn)
+    if eos_token_id is not None:
+        eos_token_id = check_int("eos_token_id", eos_token_id, fn, 0, model.config.vocab_size - 1)
     c = model.config
     cache = PagedKVCache(c.n_layer, c.kv_heads, c.attn_head_dim, block_size, num_blocks,
                          model.embed_tokens.weight.dtype, model.embed_tokens.weight.device)
@@ -255,16 +269,27 @@ def continuous_batching_generate(model: Decoder, prompts: list[list[int]], max_n
     pending: dict[int, list[int]] = {}
     out: list[list[int]] = [[] for _ in prompts]
     steps = peak = 0
+    schedule: list[tuple[int, ...]] = []
     was_training = model.training
     model.eval()
     try:
         while waiting or running:
+            planned = 0  # blocks the prompts admitted this step will take
             while waiting and len(running) < max_batch:
+                blocks = -(-len(prompts[waiting[0]]) // cache.block_size)
+                need = blocks + len(running)
+                if len(cache.free_blocks) - planned < need:
+                    if not running:
+                        raise MemoryError(f"{fn}: prompt {waiting[0]} needs {need} blocks of {cache.block_size}, "
+                                          f"the pool has {len(cache.free_blocks)}")
+                    break  # wait until a running sequence leaves
+                planned += blocks
                 s = waiting.pop(0)
                 cache.add_sequence(s)
                 running.append(s)
                 pending[s] = list(prompts[s])
             logits = paged_forward(model, [pending[s] for s in running], running, cache)
+            schedule.append(tuple(running))
             steps += 1
             peak = max(peak, cache.blocks_in_use())
             nxt = logits.argmax(-1).tolist()
@@ -276,4 +301,4 @@ def continuous_batching_generate(model: Decoder, prompts: list[list[int]], max_n
                     cache.free(s)
     finally:
         model.train(was_training)
-    return BatchResult(out, steps, peak)
+    return BatchResult(out, steps, peak, tuple(schedule))

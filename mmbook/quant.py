@@ -36,7 +36,8 @@ SCHEMES = ("absmax", "zeropoint")
 class QuantizedTensor(NamedTuple):
     """What :func:`quantize` returns for a weight of shape ``(out, in)``.
 
-    ``codes`` ``(out, n_groups, group)`` int16 (int8 range for ``bits <= 8``); ``scale`` and ``zero``
+    ``codes`` ``(out, n_groups, group)`` int16 (absmax: ``[-(2^(b-1) - 1), 2^(b-1) - 1]``; zero-point:
+    ``[0, 2^b - 1]``, so 8-bit zero-point codes are 0..255, outside int8); ``scale`` and ``zero``
     ``(out, n_groups, 1)`` (``zero`` is all zeros for absmax; per-tensor scales are repeated over rows and groups);
     ``shape`` the original shape; ``bits``; ``scheme``; ``group_size`` (``in`` for per-channel, ``None`` for one
     scale per tensor).
@@ -127,16 +128,19 @@ def fake_quantize(w: torch.Tensor, bits: int = 8, scheme: str = "absmax", granul
 
 
 def bits_per_weight(bits: int, group_size: int | None, n_in: int | None = None, scale_bits: int = 16,
-                    zero_point: bool = False, n_out: int | None = None) -> float:
+                    zero_point: bool = False, n_out: int | None = None, zero_bits: int | None = None) -> float:
     """Storage per weight: ``bits`` plus the group's scale (and zero point / minimum) spread over its weights.
 
     ``group_size=None`` means one scale for the tensor (give ``n_in`` and ``n_out``); per-channel is
-    ``group_size = n_in``. GGUF's Q4_1 is ``bits_per_weight(4, 32, zero_point=True) = 5.0``.
+    ``group_size = n_in``. With ``zero_point=True`` the group also stores a zero point of ``zero_bits`` bits:
+    by default ``scale_bits``, a float minimum as in GGUF's Q4_1 (``bits_per_weight(4, 32, zero_point=True) =
+    5.0``); an integer zero point as :func:`quantize` makes needs only ``zero_bits=bits``.
     """
     fn = "bits_per_weight"
     check_int("bits", bits, fn, 1, 32)
     check_int("scale_bits", scale_bits, fn, 0, 64)
-    extra = scale_bits * (2 if zero_point else 1)
+    zero_bits = scale_bits if zero_bits is None else check_int("zero_bits", zero_bits, fn, 0, 64)
+    extra = scale_bits + (zero_bits if zero_point else 0)
     if group_size is None:
         if n_in is None or n_out is None:
             raise ValueError(f"{fn}: one scale per tensor needs n_in and n_out")
@@ -203,6 +207,8 @@ def int8_linear_reference(x_int: torch.Tensor, x_scale: torch.Tensor | float, qw
                          f"{tuple(w_scale.shape)} do not fit (need (batch, in), (out, in), (out,))")
     acc = x_int.long() @ qweight.long().T  # exact integer sums
     xs = torch.as_tensor(x_scale, dtype=torch.float64)
+    if xs.ndim > 1 or (xs.ndim == 1 and xs.shape[0] != x_int.shape[0]):
+        raise ValueError(f"{fn}: x_scale must be a number or have shape ({x_int.shape[0]},), got {tuple(xs.shape)}")
     if xs.ndim == 1:
         xs = xs[:, None]
     return acc.double() * xs * w_scale.double()[None, :]

@@ -26,8 +26,8 @@ from torch import nn
 from mmbook.checks import check_float_tensor, check_instance, check_int, check_number, check_tensor
 from mmbook.decoder import Decoder
 
-__all__ = ["SpeculativeResult", "acceptance_probability", "exact_output_distribution", "layer_skip_draft",
-           "residual_distribution", "speculative_generate", "speculative_step"]
+__all__ = ["SpeculativeResult", "acceptance_probability", "exact_output_distribution", "expected_speedup",
+           "layer_skip_draft", "residual_distribution", "speculative_generate", "speculative_step"]
 
 
 def _check_dists(p: object, q: object, fn: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -49,6 +49,22 @@ def acceptance_probability(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     if p.shape != q.shape:
         raise ValueError(f"{fn}: p and q must have the same shape, got {tuple(p.shape)} and {tuple(q.shape)}")
     return torch.minimum(p, q).sum(-1)
+
+
+def expected_speedup(alpha: float, k: int, cost: float) -> float:
+    """Tokens per unit of target time of speculative decoding against plain decoding, for a constant ``alpha``.
+
+    A round emits ``1 + alpha + ... + alpha^k = (1 - alpha^(k+1)) / (1 - alpha)`` tokens on average and costs
+    ``k`` draft steps of ``cost`` target steps each plus one target pass over ``k + 1`` positions, taken to cost one
+    step (true while that pass stays memory-bound): ``speed-up = (1 - alpha^(k+1)) / ((1 - alpha) (k cost + 1))``.
+    ``alpha`` in ``[0, 1]`` (``alpha = 1`` gives ``(k + 1) / (k cost + 1)``), ``k >= 1``, ``cost >= 0``.
+    """
+    fn = "expected_speedup"
+    alpha = check_number("alpha", alpha, fn, 0.0, 1.0)
+    k = check_int("k", k, fn, 1)
+    cost = check_number("cost", cost, fn, 0.0)
+    tokens = float(k + 1) if alpha == 1.0 else (1 - alpha ** (k + 1)) / (1 - alpha)
+    return tokens / (k * cost + 1)
 
 
 def residual_distribution(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
@@ -134,8 +150,10 @@ def exact_output_distribution(target: Dist, draft: Dist, prefix: Sequence[int], 
 def layer_skip_draft(model: Decoder, keep: Sequence[int]) -> Decoder:
     """A draft model that runs only the layers ``keep`` of ``model`` (sharing, not copying, their weights).
 
-    The embedding, the final norm and the output layer are shared too; the draft costs about
-    ``len(keep) / n_layer`` of the target per token and needs no training.
+    The embedding, the final norm and the output layer are shared too, so per token the draft reads the kept
+    layers *and* the whole output layer: its cost is ``(bytes of the kept layers + output layer) / (bytes of all
+    layers + output layer)``, more than ``len(keep) / n_layer``. It needs no training. The draft's module dicts
+    are its own: replacing a submodule of the draft leaves ``model`` unchanged.
     """
     fn = "layer_skip_draft"
     check_instance("model", model, fn, Decoder, "a Decoder")
@@ -143,8 +161,9 @@ def layer_skip_draft(model: Decoder, keep: Sequence[int]) -> Decoder:
     if not keep or any(not isinstance(i, int) or not 0 <= i < model.config.n_layer for i in keep) \
             or keep != sorted(set(keep)):
         raise ValueError(f"{fn}: keep must be increasing layer indices in [0, {model.config.n_layer}), got {keep}")
-    draft = copy.copy(model)  # shallow: shares every parameter
-    draft._modules = dict(model._modules)
+    draft = copy.copy(model)  # shallow: shares every parameter tensor and submodule ...
+    for attr in ("_modules", "_parameters", "_buffers"):  # ... but not the dicts that hold them
+        setattr(draft, attr, dict(getattr(model, attr)))
     draft.layers = nn.ModuleList(model.layers[i] for i in keep)
     draft.config = copy.copy(model.config)
     draft.config.n_layer = len(keep)
@@ -189,7 +208,7 @@ def speculative_generate(target: Decoder, draft: Decoder, idx: torch.Tensor, max
     temperature = check_number("temperature", temperature, fn, 0.0)
     if temperature > 0:
         check_instance("generator", generator, fn, torch.Generator, "a torch.Generator (temperature > 0)")
-    was = (target.training, draft.training)
+    was = {m: m.training for m in (*target.modules(), *draft.modules())}  # the two may share layers
     target.eval()
     draft.eval()
     tokens = idx[0].tolist()
@@ -249,6 +268,6 @@ def speculative_generate(target: Decoder, draft: Decoder, idx: torch.Tensor, max
                           use_cache=True)
                 d_past = o.past_key_values
     finally:
-        target.train(was[0])
-        draft.train(was[1])
+        for m, mode in was.items():
+            m.training = mode
     return SpeculativeResult(torch.tensor([tokens], device=dev), rounds, proposed, accepted)

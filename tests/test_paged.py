@@ -71,3 +71,34 @@ def test_bad_input():
         continuous_batching_generate(m, [[1, 99]], 3)
     with pytest.raises(TypeError, match="model"):
         continuous_batching_generate("gpt", [[1]], 3)
+
+
+def test_schedule_staggered_and_admission_by_free_blocks():
+    m = _model()
+    gen = mmbook.torch_generator(5)
+    prompts = [torch.randint(0, 40, (n,), generator=gen).tolist() for n in (3, 5, 2, 4)]
+    limits = [2, 5, 3, 2]
+    res = continuous_batching_generate(m, prompts, limits, max_batch=2, block_size=4, num_blocks=16)
+    assert len(res.schedule) == res.steps and all(len(s) <= 2 for s in res.schedule)
+    assert res.schedule[0] == (0, 1) and res.schedule[2] == (1, 2)  # prompt 2 joins the step after 0 finished
+    for p, n, got in zip(prompts, limits, res.tokens, strict=True):
+        assert got == m.generate(torch.tensor([p]), n)[0, len(p):].tolist()
+    # a pool of 3 blocks of 4: prompt 1 (5 tokens, 2 blocks + 1 spare for prompt 0) waits instead of failing
+    small = continuous_batching_generate(m, prompts[:2], limits[:2], max_batch=2, block_size=4, num_blocks=3)
+    assert small.schedule[0] == (0,) and 1 in small.schedule[-1] and small.tokens == res.tokens[:2]
+    with pytest.raises(MemoryError, match="pool"):
+        continuous_batching_generate(m, [[1] * 9], 2, block_size=4, num_blocks=2)
+    with pytest.raises(ValueError, match="eos_token_id"):
+        continuous_batching_generate(m, [[1]], 2, eos_token_id=-1)
+
+
+def test_paged_forward_failure_takes_nothing():
+    m = _model()
+    cache = PagedKVCache(2, 2, 8, block_size=4, num_blocks=2, dtype=torch.float64)
+    cache.add_sequence(0)
+    cache.add_sequence(1)
+    with pytest.raises(MemoryError):
+        paged_forward(m, [[1, 2, 3], [1] * 5], [0, 1], cache)
+    assert cache.free_blocks == [0, 1] and cache.lengths == {0: 0, 1: 0}
+    with pytest.raises(ValueError, match="distinct"):
+        paged_forward(m, [[1], [2]], [0, 0], cache)

@@ -114,3 +114,11 @@ def test_int8_weight_only_matches_fake_quantization():
     torch.testing.assert_close(m(x).logits, ref(x).logits, rtol=1e-5, atol=1e-5)
     with pytest.raises(TypeError, match="skip"):
         int8_weight_only(m, skip="lm_head")
+
+
+def test_bits_per_weight_integer_zero_point_and_reference_scale_shape():
+    assert bits_per_weight(4, 32, zero_point=True, zero_bits=4) == 4 + 20 / 32
+    assert bits_per_weight(8, 576, scale_bits=32) == 8 + 32 / 576
+    with pytest.raises(ValueError, match="x_scale"):
+        int8_linear_reference(torch.zeros(2, 3, dtype=torch.long), torch.ones(3), torch.zeros(4, 3, dtype=torch.int8),
+                              torch.ones(4))

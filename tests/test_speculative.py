@@ -100,3 +100,38 @@ def test_bad_input():
         speculative_generate(m, m, torch.tensor([[1]]), 3, temperature=1.0)
     with pytest.raises(ValueError, match="k"):
         exact_output_distribution(lambda c: p, lambda c: p, (), k=0, n=1)
+
+
+def test_expected_speedup():
+    from mmbook.speculative import expected_speedup
+
+    assert expected_speedup(0.0, 3, 0.1) == pytest.approx(1 / 1.3)
+    assert expected_speedup(1.0, 3, 0.0) == 4.0
+    assert expected_speedup(0.5, 2, 0.25) == pytest.approx((1 + 0.5 + 0.25) / 1.5)
+    assert expected_speedup(0.8, 3, 0.3) == pytest.approx(sum(0.8**j for j in range(4)) / 1.9)
+    with pytest.raises(ValueError, match="alpha"):
+        expected_speedup(1.2, 2, 0.1)
+    with pytest.raises(ValueError, match="k"):
+        expected_speedup(0.5, 0, 0.1)
+    with pytest.raises(ValueError, match="cost"):
+        expected_speedup(0.5, 2, -0.1)
+
+
+def test_layer_skip_draft_leaves_target_alone():
+    m = _decoder()
+    d = layer_skip_draft(m, [0, 2])
+    d.extra = torch.nn.Linear(2, 2)  # a new submodule of the draft
+    assert "extra" not in m._modules and len(m.layers) == 4
+    m.train()
+    speculative_generate(m, d, torch.tensor([[1, 2]]), 3, 2)
+    assert all(mod.training for mod in m.modules())  # restored, shared layers included
+    m.eval()
+    speculative_generate(m, d, torch.tensor([[1, 2]]), 3, 2)
+    assert not any(mod.training for mod in m.modules())
+
+
+def test_vocab_mismatch():
+    m = _decoder()
+    other = Decoder(DecoderConfig(vocab_size=31, n_layer=1, n_head=2, d_model=32)).eval()
+    with pytest.raises(ValueError, match="vocabulary"):
+        speculative_generate(m, other, torch.tensor([[1]]), 3)
