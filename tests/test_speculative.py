@@ -135,3 +135,43 @@ def test_vocab_mismatch():
     other = Decoder(DecoderConfig(vocab_size=31, n_layer=1, n_head=2, d_model=32)).eval()
     with pytest.raises(ValueError, match="vocabulary"):
         speculative_generate(m, other, torch.tensor([[1]]), 3)
+
+
+def test_sampled_speculative_generate_has_the_target_distribution():
+    # A 5-token vocabulary and peaked logits: the first two sampled tokens (25 outcomes) must follow the target's
+    # joint p(a) p(b | a) - a chi-square goodness-of-fit test - and must be told apart from the draft's own joint.
+    from scipy.stats import chisquare
+
+    mmbook.set_seed(0)
+    target = Decoder(DecoderConfig(vocab_size=5, n_layer=2, n_head=2, d_model=16)).double().eval()
+    with torch.no_grad():
+        for p in target.parameters():
+            p.mul_(4.0)  # far from uniform, so the draft (layer 0 only) differs from the target
+    draft = layer_skip_draft(target, [0])
+    prompt = torch.tensor([[1, 3]])
+
+    def joint(model: Decoder) -> torch.Tensor:
+        with torch.no_grad():
+            first = torch.softmax(model(prompt).logits[0, -1], -1)
+            rows = [torch.softmax(model(torch.cat([prompt, torch.tensor([[a]])], 1)).logits[0, -1], -1)
+                    for a in range(5)]
+        return first[:, None] * torch.stack(rows)  # (a, b)
+
+    p_target, p_draft = joint(target), joint(draft)
+    assert (p_target - p_draft).abs().sum() > 0.2  # the control below has something to detect
+    gen = mmbook.torch_generator(11)
+    counts = torch.zeros(5, 5)
+    n = 200
+    for _ in range(n):
+        out = speculative_generate(target, draft, prompt, 2, 2, temperature=1.0, generator=gen).tokens[0, 2:4]
+        counts[out[0], out[1]] += 1
+    keep = p_target.flatten() * n >= 5  # cells with an expected count of at least 5
+    observed = counts.flatten()[keep].double()
+
+    def p_value(expected_probs: torch.Tensor) -> float:
+        expected = expected_probs.flatten()[keep] * n
+        expected = expected * observed.sum() / expected.sum()  # the cells kept carry the same total
+        return float(chisquare(observed.numpy(), expected.numpy()).pvalue)
+
+    assert p_value(p_target) > 1e-3  # the rule leaves the target's distribution (a false alarm at 0.1%)
+    assert p_value(p_draft) < 1e-6  # ... and the test has the power to reject the draft's
