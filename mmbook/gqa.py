@@ -189,6 +189,21 @@ class GroupedQueryAttention(nn.Module):
         y = self.o_proj(heads.transpose(1, 2).reshape(b, t, self.n_head * self.head_dim))
         return y, ((k, v) if use_cache else None)
 
+    def project(self, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Queries ``(B, h, T, hd)``, keys and values ``(B, h_kv, T, hd)`` of ``x`` ``(B, T, d_model)``: the
+        projections, QK-norm and RoPE of :meth:`forward`, at explicit ``positions`` (``(T,)`` or ``(B, T)``), for
+        callers that manage positions and the cache themselves (packed sequences, a paged KV cache)."""
+        b, t, _ = x.shape
+        q = self.q_proj(x).view(b, t, self.n_head, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(b, t, self.n_kv_head, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(b, t, self.n_kv_head, self.head_dim).transpose(1, 2)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if self.rope:
+            q = apply_rope(q, positions, self.rope_base, self.rope_pairing)
+            k = apply_rope(k, positions, self.rope_base, self.rope_pairing)
+        return q, k, v
+
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         t, s = q.shape[2], k.shape[2]
         if self.kernel == "flash":

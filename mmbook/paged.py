@@ -22,7 +22,6 @@ from mmbook.attention import scaled_dot_product_attention
 from mmbook.checks import check_float_tensor, check_instance, check_int, positive_int
 from mmbook.decoder import Decoder
 from mmbook.gqa import repeat_kv
-from mmbook.rope import apply_rope
 
 __all__ = ["BatchResult", "PagedKVCache", "continuous_batching_generate", "paged_attention", "paged_forward"]
 
@@ -204,15 +203,7 @@ def paged_forward(model: Decoder, new_tokens: list[list[int]], seq_ids: list[int
         x = x + model.embed_positions(rope_pos)
     for layer, block in enumerate(model.layers):
         attn = block.self_attn
-        hdn = block.input_layernorm(x)
-        q = attn.q_proj(hdn).view(b, t, attn.n_head, attn.head_dim).transpose(1, 2)
-        k = attn.k_proj(hdn).view(b, t, attn.n_kv_head, attn.head_dim).transpose(1, 2)
-        v = attn.v_proj(hdn).view(b, t, attn.n_kv_head, attn.head_dim).transpose(1, 2)
-        if attn.q_norm is not None:
-            q, k = attn.q_norm(q), attn.k_norm(k)
-        if attn.rope:
-            q = apply_rope(q, rope_pos, attn.rope_base, attn.rope_pairing)
-            k = apply_rope(k, rope_pos, attn.rope_base, attn.rope_pairing)
+        q, k, v = attn.project(block.input_layernorm(x), rope_pos)
         for i in range(b):
             n = len(new_tokens[i])
             cache.write(layer, slots[i].to(device), k[i, :, :n], v[i, :, :n])

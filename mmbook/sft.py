@@ -36,7 +36,6 @@ from mmbook.core import python_rng, torch_generator
 from mmbook.decoder import Decoder, DecoderOutput
 from mmbook.gqa import repeat_kv
 from mmbook.moe import SparseMoE
-from mmbook.rope import apply_rope
 
 __all__ = [
     "BASE_CONFIG",
@@ -273,14 +272,7 @@ def _blocks(model: Decoder, x: torch.Tensor, positions: torch.Tensor, allowed: t
     b, t, _ = x.shape
     for block in model.layers[start:stop]:
         attn = block.self_attn
-        h = block.input_layernorm(x)
-        q = attn.q_proj(h).view(b, t, attn.n_head, attn.head_dim).transpose(1, 2)
-        k = attn.k_proj(h).view(b, t, attn.n_kv_head, attn.head_dim).transpose(1, 2)
-        v = attn.v_proj(h).view(b, t, attn.n_kv_head, attn.head_dim).transpose(1, 2)
-        if attn.q_norm is not None:
-            q, k = attn.q_norm(q), attn.k_norm(k)
-        q = apply_rope(q, positions, attn.rope_base, attn.rope_pairing)
-        k = apply_rope(k, positions, attn.rope_base, attn.rope_pairing)
+        q, k, v = attn.project(block.input_layernorm(x), positions)
         heads = F.scaled_dot_product_attention(q, repeat_kv(k, attn.n_rep), repeat_kv(v, attn.n_rep),
                                                attn_mask=allowed)
         x = x + attn.o_proj(heads.transpose(1, 2).reshape(b, t, attn.n_head * attn.head_dim))

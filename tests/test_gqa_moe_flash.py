@@ -212,3 +212,13 @@ def test_flash_bad_input():
         online_softmax(torch.full((2, 3), -math.inf))
     with pytest.raises(TypeError, match="fn must be callable"):
         measure_peak_bytes(3)
+
+
+def test_project_gives_the_forward_pass_queries_keys_and_values():
+    mmbook.set_seed(0)
+    attn = GroupedQueryAttention(32, 4, 2, qk_norm=True).double().eval()
+    x = torch.randn(2, 5, 32, dtype=torch.float64)
+    q, k, v = attn.project(x, torch.arange(5))
+    heads = torch.nn.functional.scaled_dot_product_attention(q, repeat_kv(k, 2), repeat_kv(v, 2), is_causal=True)
+    y = attn.o_proj(heads.transpose(1, 2).reshape(2, 5, 32))
+    torch.testing.assert_close(y, attn(x)[0], rtol=0, atol=1e-12)  # float64, same operations in another order
