@@ -19,7 +19,7 @@ from typing import NamedTuple
 import torch
 
 from mmbook.attention import scaled_dot_product_attention
-from mmbook.checks import check_float_tensor, check_instance, check_int, positive_int
+from mmbook.checks import check_float_tensor, check_ids, check_instance, check_int, check_int_tensor, positive_int
 from mmbook.decoder import Decoder
 from mmbook.gqa import repeat_kv
 
@@ -86,9 +86,12 @@ class PagedKVCache:
         return blocks * self.block_size + pos % self.block_size
 
     def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Store ``k`` and ``v`` ``(n_kv_head, n, head_dim)`` at ``slots`` ``(n,)`` of ``layer``."""
+        """Store ``k`` and ``v`` ``(n_kv_head, n, head_dim)`` at ``slots`` ``(n,)`` of ``layer``. ``slots`` are
+        flat indices ``block * block_size + offset`` in ``[0, num_blocks * block_size)`` (as :meth:`reserve` returns
+        them); a negative or out-of-range slot raises ``ValueError`` instead of wrapping around."""
         fn = "PagedKVCache.write"
         check_int("layer", layer, fn, 0, self.k_blocks.shape[0] - 1)
+        check_ids("slots", slots, fn, self.num_blocks * self.block_size, 1, "(n,)")
         for name, t in (("k", k), ("v", v)):
             check_float_tensor(name, t, fn, 3, "(n_kv_head, n, head_dim)")
             if t.shape != (self.k_blocks.shape[2], slots.numel(), self.k_blocks.shape[4]):
@@ -132,8 +135,10 @@ def paged_attention(q: torch.Tensor, k_blocks: torch.Tensor, v_blocks: torch.Ten
     ``q`` ``(batch, n_head, T, head_dim)``; ``k_blocks``/``v_blocks`` ``(num_blocks, n_kv_head, block_size,
     head_dim)`` (one layer); ``block_tables`` ``(batch, max_blocks)``; ``lengths`` ``(batch,)`` cached positions
     per sequence (the new keys already written); ``q_positions`` ``(batch, T)`` the position of each query (a
-    query sees keys at positions ``<= `` its own and ``< length``; padded queries should carry position ``-1``
-    and get zeros). Returns ``(batch, n_head, T, head_dim)``.
+    query sees keys at positions ``<= `` its own and ``< length``; padded queries carry position ``-1`` and get
+    zeros). Block indices must lie in ``[0, num_blocks)``, lengths in ``[0, max_blocks * block_size]`` and query
+    positions in ``[-1, length)``, all integer tensors: anything else raises ``ValueError``/``TypeError`` naming the
+    argument (a negative block index would otherwise wrap around silently). Returns ``(batch, n_head, T, head_dim)``.
     """
     fn = "paged_attention"
     check_float_tensor("q", q, fn, 4, "(batch, n_head, T, head_dim)")
@@ -141,12 +146,23 @@ def paged_attention(q: torch.Tensor, k_blocks: torch.Tensor, v_blocks: torch.Ten
     if v_blocks.shape != k_blocks.shape:
         raise ValueError(f"{fn}: v_blocks {tuple(v_blocks.shape)} must have the shape of k_blocks")
     b, h, t, hd = q.shape
+    num_blocks, n_kv, block_size = k_blocks.shape[:3]
+    block_tables = check_ids("block_tables", block_tables, fn, num_blocks, 2, "(batch, max_blocks)")
+    lengths = check_int_tensor("lengths", lengths, fn, 1, "(batch,)")
+    q_positions = check_int_tensor("q_positions", q_positions, fn, 2, "(batch, T)")
     if block_tables.shape[0] != b or lengths.shape != (b,) or q_positions.shape != (b, t):
         raise ValueError(f"{fn}: block_tables {tuple(block_tables.shape)}, lengths {tuple(lengths.shape)} and "
                          f"q_positions {tuple(q_positions.shape)} must have batch {b} (and T = {t})")
-    n_kv = k_blocks.shape[1]
     if h % n_kv or k_blocks.shape[3] != hd:
         raise ValueError(f"{fn}: q {tuple(q.shape)} does not fit blocks {tuple(k_blocks.shape)}")
+    capacity = block_tables.shape[1] * block_size
+    if b and (int(lengths.min()) < 0 or int(lengths.max()) > capacity):
+        raise ValueError(f"{fn}: lengths must lie in [0, {capacity}] (max_blocks {block_tables.shape[1]} x block_size "
+                         f"{block_size}), got {lengths.tolist()}")
+    real = q_positions >= 0
+    if bool((q_positions < -1).any()) or bool((real & (q_positions >= lengths[:, None])).any()):
+        raise ValueError(f"{fn}: q_positions must be -1 (padding) or in [0, length) of their sequence "
+                         f"(lengths {lengths.tolist()}), got {q_positions.tolist()}")
     k = k_blocks[block_tables].transpose(1, 2).flatten(2, 3)  # (B, n_kv, max_blocks * bs, hd)
     v = v_blocks[block_tables].transpose(1, 2).flatten(2, 3)
     k_pos = torch.arange(k.shape[2], device=q.device)
@@ -230,12 +246,14 @@ def continuous_batching_generate(model: Decoder, prompts: list[list[int]], max_n
                                  eos_token_id: int | None = None) -> BatchResult:
     """Greedy generation for many ragged prompts with continuous batching over a :class:`PagedKVCache`.
 
-    At every step, waiting prompts join in order while fewer than ``max_batch`` sequences run *and* the free
-    blocks hold the prompt plus one spare block for every sequence already running (so that each can grow this
-    step); a prompt that does not fit waits for a sequence to leave. The joining prompt's whole prompt is its new
-    input that step; the others bring one token. One :func:`paged_forward` runs, each sequence takes its argmax,
-    and a sequence that reached its ``max_new_tokens`` (a number, or one per prompt) or produced ``eos_token_id``
-    leaves and frees its blocks. A prompt that cannot fit even in an empty pool raises ``MemoryError``.
+    At every step, waiting prompts join in order while fewer than ``max_batch`` sequences run *and* the pool can
+    hold the joining request's worst case: the blocks for its prompt plus ``max_new_tokens - 1`` generated tokens
+    (the last token is returned, never fed back), on top of the worst cases already admitted. So no running
+    sequence can run out of blocks mid-run, however the others grow; a request that does not fit waits for one to
+    leave. The joining prompt's whole prompt is its new input that step; the others bring one token. One
+    :func:`paged_forward` runs, each sequence takes its argmax, and a sequence that reached its ``max_new_tokens``
+    (a number, or one per prompt) or produced ``eos_token_id`` leaves and frees its blocks (and its reservation).
+    A request whose worst case exceeds the whole pool raises ``MemoryError`` before anything runs.
     """
     fn = "continuous_batching_generate"
     model = _check_model(model, fn)
@@ -255,27 +273,25 @@ def continuous_batching_generate(model: Decoder, prompts: list[list[int]], max_n
     c = model.config
     cache = PagedKVCache(c.n_layer, c.kv_heads, c.attn_head_dim, block_size, num_blocks,
                          model.embed_tokens.weight.dtype, model.embed_tokens.weight.device)
+    worst = [-(-(len(p) + m - 1) // cache.block_size) for p, m in zip(prompts, limits, strict=True)]
+    for i, w in enumerate(worst):
+        if w > cache.num_blocks:
+            raise MemoryError(f"{fn}: request {i} (prompt {len(prompts[i])} + max_new_tokens {limits[i]} tokens) "
+                              f"needs up to {w} blocks of {cache.block_size}, the pool has {cache.num_blocks}")
     waiting = list(range(len(prompts)))
     running: list[int] = []
     pending: dict[int, list[int]] = {}
     out: list[list[int]] = [[] for _ in prompts]
     steps = peak = 0
+    committed = 0  # worst-case blocks of the running sequences
     schedule: list[tuple[int, ...]] = []
     was_training = model.training
     model.eval()
     try:
         while waiting or running:
-            planned = 0  # blocks the prompts admitted this step will take
-            while waiting and len(running) < max_batch:
-                blocks = -(-len(prompts[waiting[0]]) // cache.block_size)
-                need = blocks + len(running)
-                if len(cache.free_blocks) - planned < need:
-                    if not running:
-                        raise MemoryError(f"{fn}: prompt {waiting[0]} needs {need} blocks of {cache.block_size}, "
-                                          f"the pool has {len(cache.free_blocks)}")
-                    break  # wait until a running sequence leaves
-                planned += blocks
+            while waiting and len(running) < max_batch and committed + worst[waiting[0]] <= cache.num_blocks:
                 s = waiting.pop(0)
+                committed += worst[s]
                 cache.add_sequence(s)
                 running.append(s)
                 pending[s] = list(prompts[s])
@@ -290,6 +306,7 @@ def continuous_batching_generate(model: Decoder, prompts: list[list[int]], max_n
                 if len(out[s]) >= limits[s] or (eos_token_id is not None and tok == eos_token_id):
                     running.remove(s)
                     cache.free(s)
+                    committed -= worst[s]
     finally:
         model.train(was_training)
     return BatchResult(out, steps, peak, tuple(schedule))

@@ -3,7 +3,7 @@ import torch
 
 import mmbook
 from mmbook.decoder import Decoder, DecoderConfig
-from mmbook.paged import PagedKVCache, continuous_batching_generate, paged_forward
+from mmbook.paged import PagedKVCache, continuous_batching_generate, paged_attention, paged_forward
 
 
 def _model(**kw):
@@ -102,3 +102,72 @@ def test_paged_forward_failure_takes_nothing():
     assert cache.free_blocks == [0, 1] and cache.lengths == {0: 0, 1: 0}
     with pytest.raises(ValueError, match="distinct"):
         paged_forward(m, [[1], [2]], [0, 0], cache)
+
+
+def test_pool_too_small_for_all_at_once_finishes_every_request():
+    # 3-token prompts with 8 new tokens need up to ceil(10 / 4) = 3 blocks of 4 each; a pool of 4 blocks holds one
+    # such request's worst case at a time. Admitting by the prompt's blocks alone would let two in (1 block each)
+    # and run out of blocks when they grow; admission by the worst case serialises them and never fails.
+    m = _model()
+    gen = mmbook.torch_generator(7)
+    prompts = [torch.randint(0, 40, (3,), generator=gen).tolist() for _ in range(3)]
+    res = continuous_batching_generate(m, prompts, 8, max_batch=3, block_size=4, num_blocks=4)
+    assert all(len(s) == 1 for s in res.schedule) and res.peak_blocks <= 4
+    for p, got in zip(prompts, res.tokens, strict=True):
+        assert got == m.generate(torch.tensor([p]), 8)[0, len(p):].tolist()
+    # a bigger pool runs them together, with the same tokens
+    big = continuous_batching_generate(m, prompts, 8, max_batch=3, block_size=4, num_blocks=9)
+    assert big.schedule[0] == (0, 1, 2) and big.tokens == res.tokens
+    # mixed sizes: a small request runs beside the big one when both worst cases fit
+    mixed = continuous_batching_generate(m, prompts, [8, 2, 8], max_batch=3, block_size=4, num_blocks=4)
+    assert mixed.schedule[0] == (0, 1) and mixed.tokens[1] == res.tokens[1][:2]
+
+
+def test_request_that_can_never_fit_raises_before_running():
+    m = _model()
+    with pytest.raises(MemoryError, match=r"request 1 \(prompt 3 \+ max_new_tokens 14 tokens\) needs up to 4 blocks"):
+        continuous_batching_generate(m, [[1, 2], [1, 2, 3]], [2, 14], block_size=4, num_blocks=3)
+
+
+def test_paged_attention_rejects_bad_tables_lengths_and_positions():
+    q = torch.zeros(1, 4, 1, 8, dtype=torch.float64)
+    kb = torch.zeros(3, 2, 4, 8, dtype=torch.float64)
+    tables, lengths, pos = torch.tensor([[0, 2]]), torch.tensor([5]), torch.tensor([[4]])
+    assert paged_attention(q, kb, kb, tables, lengths, pos).shape == (1, 4, 1, 8)
+    with pytest.raises(ValueError, match=r"block_tables must lie in \[0, 3\), got values in \[-1, 2\]"):
+        paged_attention(q, kb, kb, torch.tensor([[-1, 2]]), lengths, pos)
+    with pytest.raises(ValueError, match=r"block_tables must lie in \[0, 3\), got values in \[0, 3\]"):
+        paged_attention(q, kb, kb, torch.tensor([[0, 3]]), lengths, pos)
+    with pytest.raises(TypeError, match="block_tables must be"):
+        paged_attention(q, kb, kb, tables.double(), lengths, pos)
+    with pytest.raises(ValueError, match=r"lengths must lie in \[0, 8\].*got \[9\]"):
+        paged_attention(q, kb, kb, tables, torch.tensor([9]), pos)
+    with pytest.raises(ValueError, match="lengths must lie"):
+        paged_attention(q, kb, kb, tables, torch.tensor([-1]), pos)
+    with pytest.raises(TypeError, match="lengths must be"):
+        paged_attention(q, kb, kb, tables, lengths.float(), pos)
+    with pytest.raises(ValueError, match=r"q_positions must be -1 \(padding\) or in \[0, length\).*got \[\[5\]\]"):
+        paged_attention(q, kb, kb, tables, lengths, torch.tensor([[5]]))
+    with pytest.raises(ValueError, match="q_positions must be -1"):
+        paged_attention(q, kb, kb, tables, lengths, torch.tensor([[-2]]))
+    with pytest.raises(TypeError, match="q_positions must be"):
+        paged_attention(q, kb, kb, tables, lengths, torch.tensor([[4.0]]))
+    with pytest.raises(ValueError, match="must have batch"):
+        paged_attention(q, kb, kb, tables, torch.tensor([5, 5]), pos)
+
+
+def test_cache_write_rejects_bad_slots():
+    c = PagedKVCache(1, 2, 8, block_size=4, num_blocks=2, dtype=torch.float64)
+    k = torch.ones(2, 1, 8, dtype=torch.float64)
+    c.write(0, torch.tensor([7]), k, k)
+    assert float(c.k_blocks[0, 1, :, 3].sum()) == 16
+    with pytest.raises(ValueError, match=r"slots must lie in \[0, 8\), got values in \[-1, -1\]"):
+        c.write(0, torch.tensor([-1]), k, k)
+    with pytest.raises(ValueError, match=r"slots must lie in \[0, 8\), got values in \[8, 8\]"):
+        c.write(0, torch.tensor([8]), k, k)
+    with pytest.raises(TypeError, match="slots must be"):
+        c.write(0, torch.tensor([1.0]), k, k)
+    with pytest.raises(ValueError, match="slots must have shape"):
+        c.write(0, torch.tensor([[1]]), k, k)
+    with pytest.raises(ValueError, match="layer"):
+        c.write(1, torch.tensor([1]), k, k)
