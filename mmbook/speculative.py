@@ -172,12 +172,15 @@ def layer_skip_draft(model: Decoder, keep: Sequence[int]) -> Decoder:
 
 class SpeculativeResult(NamedTuple):
     """What :func:`speculative_generate` returns: ``tokens`` ``(1, T + new)``, the number of target forward
-    passes (``rounds``), the draft tokens proposed and accepted."""
+    passes (``rounds``), the draft tokens proposed and accepted, and ``checked``: the draft tokens the rule
+    actually judged (a round stops at its first rejection, so the drafts after it are proposed but never checked;
+    ``accepted / checked`` estimates the acceptance rate, ``accepted / proposed`` underestimates it)."""
 
     tokens: torch.Tensor
     rounds: int
     proposed: int
     accepted: int
+    checked: int = 0
 
 
 def _truncate(past: list, length: int) -> list:
@@ -217,7 +220,7 @@ def speculative_generate(target: Decoder, draft: Decoder, idx: torch.Tensor, max
     t_past = out_t.past_key_values if out_t is not None else None
     d_out = draft(idx[:, :-1], use_cache=True) if idx.shape[1] > 1 else None
     d_past = d_out.past_key_values if d_out is not None else None
-    rounds = proposed = accepted = 0
+    rounds = proposed = accepted = checked = 0
     dev = idx.device
 
     def probs(logits: torch.Tensor) -> torch.Tensor:
@@ -251,6 +254,7 @@ def speculative_generate(target: Decoder, draft: Decoder, idx: torch.Tensor, max
                 else:
                     ok, tok = speculative_step(probs(o.logits[0, i]), q_rows[i], x, generator)
                 new.append(tok)
+                checked += 1
                 if not ok:
                     break
                 accepted += 1
@@ -270,4 +274,4 @@ def speculative_generate(target: Decoder, draft: Decoder, idx: torch.Tensor, max
     finally:
         for m, mode in was.items():
             m.training = mode
-    return SpeculativeResult(torch.tensor([tokens], device=dev), rounds, proposed, accepted)
+    return SpeculativeResult(torch.tensor([tokens], device=dev), rounds, proposed, accepted, checked)

@@ -64,9 +64,12 @@ def test_greedy_speculative_equals_target_greedy(k):
     idx = torch.tensor([[1, 5, 7]])
     res = speculative_generate(m, draft, idx, 12, k)
     assert torch.equal(res.tokens, m.generate(idx, 12))
-    assert res.rounds <= 12 and 0 <= res.accepted <= res.proposed
+    assert res.rounds <= 12 and 0 <= res.accepted <= res.checked <= res.proposed
+    # every round ends at its first rejection or accepts all its drafts: rejections = checked - accepted <= rounds,
+    # and a round emits its accepted drafts plus one token (residual or bonus), cut at max_new_tokens
+    assert res.checked - res.accepted <= res.rounds and res.accepted + res.rounds >= 12
     same = speculative_generate(m, layer_skip_draft(m, [0, 1, 2, 3]), idx, 12, k)
-    assert same.accepted == same.proposed and torch.equal(same.tokens, res.tokens)
+    assert same.accepted == same.checked == same.proposed and torch.equal(same.tokens, res.tokens)
 
 
 def test_layer_skip_draft_shares_weights():
