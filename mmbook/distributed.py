@@ -20,6 +20,7 @@ Two ways in, one training function (:func:`ddp_train`):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import os
 import socket
@@ -37,10 +38,22 @@ import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel
 
 from mmbook.checks import check_device, check_ids, check_int, check_number
-from mmbook.core import set_seed, torch_generator
+from mmbook.core import seed, set_seed, torch_generator
 from mmbook.gpt import GPT, GPTConfig
 
-__all__ = ["DDPJob", "DDPResult", "ddp_train", "find_free_port", "main", "run_ddp", "shard"]
+__all__ = [
+    "DDPJob",
+    "DDPResult",
+    "ParallelJob",
+    "ParallelResult",
+    "ddp_train",
+    "find_free_port",
+    "main",
+    "parallel_train",
+    "run_ddp",
+    "run_parallel",
+    "shard",
+]
 
 _BACKENDS = ("gloo", "nccl")
 
@@ -160,8 +173,8 @@ def ddp_train(job: DDPJob, rank: int, world_size: int, device: torch.device | No
     return {"first_grads": first_grads, "losses": losses, "params": params}
 
 
-def _spawn_entry(rank: int, world_size: int, port: int, job: DDPJob, out_dir: str, timeout_s: float) -> None:
-    """Body of each process that :func:`run_ddp` starts: quiet, single-threaded, gloo on 127.0.0.1."""
+def _spawn_entry(rank: int, world_size: int, port: int, job: Any, out_dir: str, timeout_s: float) -> None:
+    """Body of each process that :func:`run_ddp` and :func:`run_parallel` start: quiet, single-threaded, gloo."""
     log = open(os.path.join(out_dir, f"rank{rank}.log"), "w")  # kept open for the life of the process
     os.dup2(log.fileno(), 1)  # C++ warnings of gloo go to the log, not to the notebook
     os.dup2(log.fileno(), 2)
@@ -170,7 +183,11 @@ def _spawn_entry(rank: int, world_size: int, port: int, job: DDPJob, out_dir: st
     dist.init_process_group(job.backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                             world_size=world_size, timeout=timedelta(seconds=timeout_s))
     try:
-        report = ddp_train(job, rank, world_size)
+        if isinstance(job, ParallelJob):
+            checkpoint_dir = os.path.join(out_dir, "checkpoints")
+            report = parallel_train(job, rank, world_size, checkpoint_dir)
+        else:
+            report = ddp_train(job, rank, world_size)
         torch.save(report, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -185,25 +202,7 @@ def _log_tails(out_dir: str, world_size: int) -> str:
     return "\n".join(tails)
 
 
-def run_ddp(
-    job: DDPJob, world_size: int = 2, timeout_s: float = 120.0, start_method: str | None = None
-) -> DDPResult:
-    """Run ``job`` with DDP in ``world_size`` new processes on this machine; returns every rank's report.
-
-    The processes are started with ``torch.multiprocessing`` — by default ``"fork"`` on Linux
-    (the children inherit the already imported ``torch``, which saves seconds per process) and
-    ``"spawn"`` elsewhere or once this process has initialised CUDA; only CPU tensors cross
-    into them. They find each other over TCP
-    on ``127.0.0.1`` at a port from :func:`find_free_port`, and use one CPU thread each. The
-    whole run is bounded by ``timeout_s`` seconds: processes still alive then are terminated
-    and ``TimeoutError`` is raised, with the tail of each rank's log. A rank that fails raises
-    ``RuntimeError`` with its log.
-    """
-    fn = "run_ddp"
-    if not isinstance(job, DDPJob):
-        raise TypeError(f"{fn}: job must be a DDPJob, got {type(job).__name__}")
-    if job.backend != "gloo":
-        raise ValueError(f"{fn}: processes on this machine use the gloo backend (CPU); got backend={job.backend!r}")
+def _check_launch(fn: str, world_size: int, timeout_s: float, start_method: str | None) -> str:
     if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
         raise ValueError(f"{fn}: world_size must be a positive int, got {world_size!r}")
     if isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float)) or timeout_s <= 0:
@@ -213,9 +212,11 @@ def run_ddp(
         start_method = "fork" if linux and not torch.cuda.is_initialized() else "spawn"
     if start_method not in mp.get_all_start_methods():
         raise ValueError(f"{fn}: start_method must be one of {mp.get_all_start_methods()}, got {start_method!r}")
-    for i, (idx, _) in enumerate(job.batches):
-        if idx.shape[0] % world_size:
-            raise ValueError(f"{fn}: batch {i} has {idx.shape[0]} rows, not divisible by world_size={world_size}")
+    return start_method
+
+
+def _launch(fn: str, job: Any, world_size: int, timeout_s: float, start_method: str) -> tuple[list[dict], list[str]]:
+    """Start the ranks, wait for them, return their reports and the files in the checkpoint folder."""
     if start_method == "fork":
         importlib.import_module("torch._dynamo")  # DDP imports it: once here, not in every child
     with tempfile.TemporaryDirectory(prefix="mmbook-ddp-") as out_dir:
@@ -239,8 +240,246 @@ def run_ddp(
                         p.kill()
                         p.join()
         reports = [torch.load(Path(out_dir) / f"rank{r}.pt", weights_only=True) for r in range(world_size)]
+        ckpt = Path(out_dir) / "checkpoints"
+        files = sorted(f.name for f in ckpt.iterdir()) if ckpt.is_dir() else []
+    return reports, files
+
+
+def run_ddp(
+    job: DDPJob, world_size: int = 2, timeout_s: float = 120.0, start_method: str | None = None
+) -> DDPResult:
+    """Run ``job`` with DDP in ``world_size`` new processes on this machine; returns every rank's report.
+
+    The processes are started with ``torch.multiprocessing`` — by default ``"fork"`` on Linux
+    (the children inherit the already imported ``torch``, which saves seconds per process) and
+    ``"spawn"`` elsewhere or once this process has initialised CUDA; only CPU tensors cross
+    into them. They find each other over TCP
+    on ``127.0.0.1`` at a port from :func:`find_free_port`, and use one CPU thread each. The
+    whole run is bounded by ``timeout_s`` seconds: processes still alive then are terminated
+    and ``TimeoutError`` is raised, with the tail of each rank's log. A rank that fails raises
+    ``RuntimeError`` with its log.
+    """
+    fn = "run_ddp"
+    if not isinstance(job, DDPJob):
+        raise TypeError(f"{fn}: job must be a DDPJob, got {type(job).__name__}")
+    if job.backend != "gloo":
+        raise ValueError(f"{fn}: processes on this machine use the gloo backend (CPU); got backend={job.backend!r}")
+    start_method = _check_launch(fn, world_size, timeout_s, start_method)
+    for i, (idx, _) in enumerate(job.batches):
+        if idx.shape[0] % world_size:
+            raise ValueError(f"{fn}: batch {i} has {idx.shape[0]} rows, not divisible by world_size={world_size}")
+    reports, _ = _launch(fn, job, world_size, timeout_s, start_method)
     return DDPResult([r["first_grads"] for r in reports], [r["losses"] for r in reports],
                      [r["params"] for r in reports])
+
+
+# ----------------------------------------------------------------------------- sampler, no_sync, ZeRO, FSDP2
+
+_STRATEGIES = ("ddp", "zero", "fsdp")
+
+
+@dataclass
+class ParallelJob:
+    """A dataset of windows trained data-parallel, the way real runs feed and shard it.
+
+    ``inputs`` and ``targets`` are ``(n, T)`` int64 (every target a real token: each rank's
+    micro-batches must hold equal token counts for the averaged gradient to be the batch's).
+    Every epoch a ``DistributedSampler`` (shuffled with ``seed``, ``set_epoch(epoch)`` called)
+    hands each rank ``n / world_size`` of the rows; a step takes ``batch_size`` of them per rank
+    and splits them into ``accumulation_steps`` micro-batches. ``strategies`` are trained one
+    after another in the same process group, each from the same initial weights:
+
+    * ``"ddp"`` — ``DistributedDataParallel``; the first micro-batches under ``no_sync()``,
+      the last one synchronised; afterwards rank 0 writes a checkpoint and every rank loads it;
+    * ``"zero"`` — DDP with ``torch.distributed.optim.ZeroRedundancyOptimizer`` (ZeRO stage 1);
+    * ``"fsdp"`` — FSDP2, ``torch.distributed.fsdp.fully_shard`` on every block and the model
+      (ZeRO stage 3), gradient sync switched off for all but the last micro-batch.
+    """
+
+    config: GPTConfig
+    inputs: torch.Tensor
+    targets: torch.Tensor
+    batch_size: int = 4
+    accumulation_steps: int = 2
+    epochs: int = 2
+    seed: int = 0
+    lr: float = 1e-2
+    dtype: torch.dtype = torch.float64
+    strategies: tuple[str, ...] = _STRATEGIES
+    backend: str = "gloo"
+
+    def __post_init__(self) -> None:
+        fn = "ParallelJob"
+        if not isinstance(self.config, GPTConfig):
+            raise TypeError(f"{fn}: config must be a GPTConfig, got {type(self.config).__name__}")
+        for name in ("inputs", "targets"):
+            t = getattr(self, name)
+            if not isinstance(t, torch.Tensor) or t.dtype != torch.long or t.ndim != 2:
+                raise TypeError(f"{fn}: {name} must be an int64 (n, T) tensor, got "
+                                f"{getattr(t, 'dtype', type(t).__name__)} {tuple(getattr(t, 'shape', ()))}")
+        if self.inputs.shape != self.targets.shape:
+            raise ValueError(f"{fn}: inputs {tuple(self.inputs.shape)} and targets {tuple(self.targets.shape)} "
+                             "must have the same shape")
+        if self.inputs.shape[1] > self.config.block_size:
+            raise ValueError(f"{fn}: T={self.inputs.shape[1]} > block_size={self.config.block_size}")
+        check_ids("inputs", self.inputs, fn, self.config.vocab_size)
+        check_ids("targets", self.targets, fn, self.config.vocab_size)
+        check_int("batch_size", self.batch_size, fn, 1)
+        check_int("accumulation_steps", self.accumulation_steps, fn, 1)
+        check_int("epochs", self.epochs, fn, 1)
+        check_int("seed", self.seed, fn, 0, 2**32 - 1)
+        check_number("lr", self.lr, fn, 0.0, low_open=True)
+        if self.batch_size % self.accumulation_steps:
+            raise ValueError(f"{fn}: batch_size={self.batch_size} is not divisible by "
+                             f"accumulation_steps={self.accumulation_steps}")
+        if self.dtype not in (torch.float32, torch.float64):
+            raise ValueError(f"{fn}: dtype must be torch.float32 or torch.float64, got {self.dtype}")
+        names = self.strategies
+        if (not isinstance(names, tuple) or not names or any(s not in _STRATEGIES for s in names)
+                or len(set(names)) < len(names)):
+            raise ValueError(f"{fn}: strategies must be a non-empty tuple of distinct names from {_STRATEGIES}, "
+                             f"got {self.strategies!r}")
+        if self.backend not in _BACKENDS:
+            raise ValueError(f"{fn}: backend must be one of {_BACKENDS}, got {self.backend!r}")
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a ``DTensor`` (FSDP2), or the tensor itself."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def _local_bytes(tensors: Any) -> int:
+    """Sum of ``numel * element_size`` over this rank's local shards."""
+    return sum(_local(t).numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
+
+
+def parallel_train(
+    job: ParallelJob, rank: int, world_size: int, checkpoint_dir: str, device: torch.device | None = None
+) -> dict[str, Any]:
+    """Train ``job`` as rank ``rank`` of an initialised process group; returns this rank's report.
+
+    The report holds ``"sampler"`` (this rank's row indices, one list per epoch) and, per
+    strategy, a dict with ``"losses"`` (one per micro-batch), ``"params"`` (the full trained
+    parameters, gathered from the shards for FSDP), ``"param_bytes"``, ``"grad_bytes"`` and
+    ``"optimizer_state_bytes"`` (this rank's tensors after the last step: ``numel *
+    element_size`` of the local shards). ``"ddp"`` adds ``"grads_before_sync"`` and
+    ``"grads_after_sync"`` (first step, after all but the last micro-batch under ``no_sync()``
+    and after the last one), ``"wrote_checkpoint"`` and ``"loaded_equal"`` (every rank's model
+    loaded from rank 0's checkpoint equals its trained weights). ``checkpoint_dir`` must be a
+    folder every rank can read (rank 0 creates it).
+    """
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+    from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
+
+    fn = "parallel_train"
+    if not dist.is_available() or not dist.is_initialized():
+        raise RuntimeError(f"{fn}: call torch.distributed.init_process_group first")
+    if not isinstance(job, ParallelJob):
+        raise TypeError(f"{fn}: job must be a ParallelJob, got {type(job).__name__}")
+    device = torch.device("cpu") if device is None else check_device("device", device, fn)
+    dataset = TensorDataset(job.inputs, job.targets)
+    sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed(job.seed))
+    loader = DataLoader(dataset, batch_size=job.batch_size, sampler=sampler, drop_last=True)
+    report: dict[str, Any] = {"sampler": []}
+    for epoch in range(job.epochs):
+        sampler.set_epoch(epoch)  # without it every epoch repeats epoch 0's order
+        report["sampler"].append(list(sampler))
+    k = job.accumulation_steps
+
+    for strategy in job.strategies:
+        set_seed(job.seed)
+        model = GPT(job.config).to(device=device, dtype=job.dtype)
+        if strategy == "fsdp":
+            for block in model.h:
+                fully_shard(block)
+            fully_shard(model)
+            wrapped = model
+            optimizer = torch.optim.AdamW(model.parameters(), lr=job.lr, weight_decay=0.0)
+        else:
+            wrapped = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+            if strategy == "zero":
+                optimizer = ZeroRedundancyOptimizer(model.parameters(), optimizer_class=torch.optim.AdamW,
+                                                    lr=job.lr, weight_decay=0.0)
+            else:
+                optimizer = torch.optim.AdamW(model.parameters(), lr=job.lr, weight_decay=0.0)
+        out: dict[str, Any] = {"losses": []}
+        first = True
+        for epoch in range(job.epochs):
+            sampler.set_epoch(epoch)
+            for x, y in loader:
+                optimizer.zero_grad(set_to_none=True)
+                for i, (xm, ym) in enumerate(zip(x.chunk(k), y.chunk(k), strict=True)):
+                    last = i == k - 1
+                    if strategy == "fsdp":
+                        model.set_requires_gradient_sync(last)
+                        ctx = contextlib.nullcontext()
+                    else:
+                        ctx = contextlib.nullcontext() if last else wrapped.no_sync()
+                    if first and last and strategy == "ddp" and k > 1:
+                        out["grads_before_sync"] = {n: p.grad.detach().cpu().clone()
+                                                    for n, p in model.named_parameters()}
+                    with ctx:
+                        loss = wrapped(xm.to(device), ym.to(device)).loss
+                        (loss / k).backward()  # equal micro-batches: the batch mean is the mean of the means
+                    out["losses"].append(loss.item())
+                if first and strategy == "ddp":
+                    out["grads_after_sync"] = {n: p.grad.detach().cpu().clone() for n, p in model.named_parameters()}
+                first = False
+                optimizer.step()
+        params = list(model.parameters())
+        out["param_bytes"] = _local_bytes(params)
+        out["grad_bytes"] = _local_bytes(p.grad for p in params if p.grad is not None)
+        state = optimizer.optim.state if strategy == "zero" else optimizer.state
+        out["optimizer_state_bytes"] = _local_bytes(v for s in state.values() for v in s.values())
+        out["params"] = {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().cpu().clone()
+                         for n, p in model.named_parameters()}
+        if strategy == "ddp":  # rank 0 writes, the others wait at the barrier, then everyone reads
+            path = os.path.join(checkpoint_dir, "model.pt")
+            out["wrote_checkpoint"] = rank == 0
+            if rank == 0:
+                os.makedirs(checkpoint_dir, exist_ok=True)
+                torch.save(model.state_dict(), path)
+            dist.barrier()
+            set_seed(job.seed + 1)  # different initial weights, so that loading must overwrite them
+            fresh = GPT(job.config).to(device=device, dtype=job.dtype)
+            fresh.load_state_dict(torch.load(path, map_location=device, weights_only=True))
+            out["loaded_equal"] = all(torch.equal(a, b) for a, b in zip(fresh.parameters(), model.parameters(),
+                                                                        strict=True))
+            dist.barrier()  # nobody leaves (and nobody deletes the folder) before every rank has read the file
+        report[strategy] = out
+    return report
+
+
+@dataclass
+class ParallelResult:
+    """What :func:`run_parallel` returns: ``ranks[r]`` is rank ``r``'s report from :func:`parallel_train`,
+    ``checkpoint_files`` the names in the checkpoint folder after the run."""
+
+    ranks: list[dict[str, Any]]
+    checkpoint_files: list[str]
+
+
+def run_parallel(
+    job: ParallelJob, world_size: int = 2, timeout_s: float = 120.0, start_method: str | None = None
+) -> ParallelResult:
+    """Run ``job`` in ``world_size`` new gloo processes on this machine, as :func:`run_ddp` does.
+
+    The dataset's rows must divide into ``world_size * batch_size`` per step (so that every rank
+    takes the same number of equal steps and no rank's sampler pads with repeated rows).
+    """
+    fn = "run_parallel"
+    if not isinstance(job, ParallelJob):
+        raise TypeError(f"{fn}: job must be a ParallelJob, got {type(job).__name__}")
+    if job.backend != "gloo":
+        raise ValueError(f"{fn}: processes on this machine use the gloo backend (CPU); got backend={job.backend!r}")
+    start_method = _check_launch(fn, world_size, timeout_s, start_method)
+    n = job.inputs.shape[0]
+    if n % (world_size * job.batch_size):
+        raise ValueError(f"{fn}: {n} rows do not divide into steps of world_size * batch_size = "
+                         f"{world_size} * {job.batch_size}")
+    reports, files = _launch(fn, job, world_size, timeout_s, start_method)
+    return ParallelResult(reports, files)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -3,7 +3,18 @@ import socket
 import pytest
 import torch
 
-from mmbook.distributed import DDPJob, DDPResult, ddp_train, find_free_port, main, run_ddp, shard
+from mmbook.distributed import (
+    DDPJob,
+    DDPResult,
+    ParallelJob,
+    ddp_train,
+    find_free_port,
+    main,
+    parallel_train,
+    run_ddp,
+    run_parallel,
+    shard,
+)
 from mmbook.gpt import GPT, GPTConfig
 
 TINY = GPTConfig(vocab_size=29, block_size=8, n_layer=1, n_head=2, d_model=8)
@@ -109,3 +120,81 @@ def test_job_settings_and_token_ids_are_checked_in_the_parent():
         DDPJob(config, [(good, good)], seed=-1)
     with pytest.raises(SystemExit):
         main(["--steps", "0"])
+
+
+def _windows(n=8, seq=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    t = torch.randint(0, TINY.vocab_size, (n, seq + 1), generator=g)
+    return t[:, :-1].contiguous(), t[:, 1:].contiguous()
+
+
+def test_parallel_job_bad_input():
+    x, y = _windows()
+    with pytest.raises(TypeError, match="ParallelJob: inputs must be an int64"):
+        ParallelJob(TINY, x.float(), y)
+    with pytest.raises(ValueError, match="must have the same shape"):
+        ParallelJob(TINY, x, y[:, :4])
+    with pytest.raises(ValueError, match=r"ParallelJob: targets must lie in \[0, 29\)"):
+        ParallelJob(TINY, x, torch.full_like(y, -100))  # no padding: every micro-batch holds equal token counts
+    with pytest.raises(ValueError, match="batch_size=3 is not divisible by accumulation_steps=2"):
+        ParallelJob(TINY, x, y, batch_size=3)
+    with pytest.raises(ValueError, match="strategies must be a non-empty tuple"):
+        ParallelJob(TINY, x, y, strategies=("ddp", "zero3"))
+    with pytest.raises(ValueError, match="strategies must be a non-empty tuple"):
+        ParallelJob(TINY, x, y, strategies=("ddp", "ddp"))
+    with pytest.raises(ValueError, match="ParallelJob: epochs must be"):
+        ParallelJob(TINY, x, y, epochs=0)
+
+
+def test_run_parallel_bad_input(tmp_path):
+    x, y = _windows(n=6)
+    with pytest.raises(ValueError, match=r"6 rows do not divide into steps of world_size \* batch_size = 2 \* 4"):
+        run_parallel(ParallelJob(TINY, x, y), 2)
+    with pytest.raises(TypeError, match="job must be a ParallelJob"):
+        run_parallel(DDPJob(TINY, _batches(1)), 2)
+    with pytest.raises(ValueError, match="world_size must be a positive int"):
+        run_parallel(ParallelJob(TINY, *_windows()), 0)
+    with pytest.raises(RuntimeError, match="init_process_group first"):
+        parallel_train(ParallelJob(TINY, *_windows()), 0, 1, str(tmp_path))
+
+
+def test_sampler_no_sync_checkpoint_zero_and_fsdp_equal_single_process():
+    x, y = _windows(n=8)
+    job = ParallelJob(TINY, x, y, batch_size=2, accumulation_steps=2, epochs=2, seed=0, lr=1e-2)
+    result = run_parallel(job, world_size=2, timeout_s=90)
+    assert result.checkpoint_files == ["model.pt"]
+    ranks = result.ranks
+    for epoch in range(2):  # disjoint shards whose union is the dataset
+        a, b = ranks[0]["sampler"][epoch], ranks[1]["sampler"][epoch]
+        assert not set(a) & set(b) and sorted(a + b) == list(range(8))
+    assert ranks[0]["sampler"][0] != ranks[0]["sampler"][1]  # set_epoch reshuffles
+    torch.manual_seed(0)
+    model = GPT(TINY).double()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.0)
+    for epoch in range(2):
+        for step in range(2):
+            rows = [i for r in range(2) for i in ranks[r]["sampler"][epoch][2 * step:2 * step + 2]]
+            opt.zero_grad()
+            model(x[rows], y[rows]).loss.backward()
+            if epoch == step == 0:
+                for r in range(2):
+                    for name, p in model.named_parameters():
+                        torch.testing.assert_close(ranks[r]["ddp"]["grads_after_sync"][name], p.grad,
+                                                   rtol=1e-10, atol=1e-13)
+            opt.step()
+    before = [ranks[r]["ddp"]["grads_before_sync"] for r in range(2)]
+    assert any(not torch.equal(before[0][n], before[1][n]) for n in before[0])  # no_sync: local gradients
+    n_params = sum(p.numel() for p in model.parameters())
+    n_tensors = len(list(model.parameters()))
+    for strategy in ("ddp", "zero", "fsdp"):
+        for r in range(2):
+            for name, p in model.named_parameters():
+                torch.testing.assert_close(ranks[r][strategy]["params"][name], p.detach(), rtol=1e-10, atol=1e-12)
+    assert [ranks[r]["ddp"]["wrote_checkpoint"] for r in range(2)] == [True, False]
+    assert all(ranks[r]["ddp"]["loaded_equal"] for r in range(2))
+    zero_state = [ranks[r]["zero"]["optimizer_state_bytes"] for r in range(2)]
+    assert sum(zero_state) == 16 * n_params + 4 * n_tensors  # exp_avg, exp_avg_sq in float64, float32 steps
+    # FSDP2 splits every tensor along dim 0 (vocab 29: 15 rows on rank 0, 14 on rank 1): the shards add up to N
+    assert sum(ranks[r]["fsdp"]["param_bytes"] for r in range(2)) == 8 * n_params
+    assert sum(ranks[r]["fsdp"]["grad_bytes"] for r in range(2)) == 8 * n_params
+    assert ranks[0]["ddp"]["param_bytes"] == 8 * n_params
