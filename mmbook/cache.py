@@ -27,7 +27,8 @@ import torch
 
 from mmbook.core import seed_shift
 
-__all__ = ["CacheError", "cache_dir", "cache_path", "load_arrays", "load_tensors", "save_arrays", "save_tensors"]
+__all__ = ["CacheError", "cache_dir", "cache_path", "cached_training", "load_arrays", "load_tensors", "save_arrays",
+           "save_tensors"]
 
 _FORMAT = "mmbook-cache"
 _VERSION = 1
@@ -270,3 +271,46 @@ def load_tensors(path: Path, key: Mapping[str, Any], fn: str = "load_tensors") -
     if not isinstance(blob, dict):
         raise CacheError(f"{fn}: {path} holds a {type(blob).__name__}, expected a dict; delete it and run again")
     return blob
+
+
+def cached_training(prefix: str, key: Mapping[str, Any], model: torch.nn.Module, train: Any, *,
+                    fn: str = "cached_training") -> tuple[dict[str, Any], bool]:
+    """Train ``model`` once and load the result afterwards: ``train(model)`` runs on the first call and returns a
+    record (a dict of numbers, lists, strings or tensors: a loss history, a timing); the trained weights and the
+    record are saved under :func:`cache_path` ``(prefix, key + the model's device type)``. Later calls load both
+    into ``model`` instead of training. Returns ``(record, loaded)``.
+
+    ``key`` must hold every setting that changes the result (architecture, recipe, data size, a version number to
+    bump when the code changes). A file whose weights do not fit ``model`` (other names, shapes or dtypes) raises
+    :class:`CacheError` naming it, like every other damaged entry.
+    """
+    fn = _check_fn(fn)
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"{fn}: model must be a torch.nn.Module, got {type(model).__name__}")
+    if not callable(train):
+        raise TypeError(f"{fn}: train must be a callable train(model) -> dict, got {type(train).__name__}")
+    if not isinstance(key, Mapping):
+        raise TypeError(f"{fn}: key must be a mapping of settings, got {type(key).__name__}")
+    expected = model.state_dict()
+    devices = {t.device.type for t in expected.values()} or {"cpu"}
+    full = {**key, "_device": sorted(devices)}
+    path = cache_path(prefix, full, ".pt")
+    if path.is_file():
+        blob = load_tensors(path, full, fn=fn)
+        state, record = blob.get("state"), blob.get("record")
+        if not isinstance(state, dict) or not isinstance(record, dict):
+            raise CacheError(f"{fn}: {path} holds no trained weights and record; delete it and run again")
+        got = {k: (tuple(v.shape), v.dtype) for k, v in state.items() if isinstance(v, torch.Tensor)}
+        want = {k: (tuple(v.shape), v.dtype) for k, v in expected.items()}
+        if got != want or len(got) != len(state):
+            wrong = sorted(k for k in set(got) | set(want) if got.get(k) != want.get(k))[:3]
+            raise CacheError(f"{fn}: {path} holds weights that do not fit the model (first differences: {wrong}); "
+                             "delete it and run again")
+        model.load_state_dict(state)
+        return record, True
+    record = train(model)
+    if not isinstance(record, dict):
+        raise TypeError(f"{fn}: train(model) must return a dict (the record to cache), got {type(record).__name__}")
+    save_tensors(path, full, {"state": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+                              "record": record})
+    return record, False

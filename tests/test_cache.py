@@ -156,3 +156,57 @@ def test_wrong_types_are_named(tmp_path, monkeypatch):
     monkeypatch.setenv("MMBOOK_CACHE_DIR", str(tmp_path / "file"))
     with pytest.raises(RuntimeError, match="cache_dir: .*file \\(from environment variable MMBOOK_CACHE_DIR\\) cannot"):
         cache_dir()
+
+
+def test_cached_training_trains_once_then_loads(tmp_path, monkeypatch):
+    from mmbook.cache import cached_training
+
+    monkeypatch.setenv("MMBOOK_CACHE_DIR", str(tmp_path))
+    calls = []
+
+    def train(model):
+        calls.append(1)
+        with torch.no_grad():
+            model.weight.fill_(2.0)
+        return {"losses": [3.0, 1.0]}
+
+    first = torch.nn.Linear(2, 2)
+    record, loaded = cached_training("toy", {"steps": 1}, first, train)
+    assert (record, loaded, len(calls)) == ({"losses": [3.0, 1.0]}, False, 1)
+    second = torch.nn.Linear(2, 2)
+    record, loaded = cached_training("toy", {"steps": 1}, second, train)
+    assert (record, loaded, len(calls)) == ({"losses": [3.0, 1.0]}, True, 1)  # loaded, not trained again
+    assert torch.equal(second.weight, torch.full((2, 2), 2.0)) and torch.equal(second.bias, first.bias)
+    cached_training("toy", {"steps": 2}, torch.nn.Linear(2, 2), train)  # another key: trains again
+    assert len(calls) == 2
+
+
+def test_cached_training_rejects_weights_of_another_model(tmp_path, monkeypatch):
+    from mmbook.cache import cached_training
+
+    monkeypatch.setenv("MMBOOK_CACHE_DIR", str(tmp_path))
+    cached_training("toy", {"steps": 1}, torch.nn.Linear(2, 2), lambda m: {})
+    path = next(tmp_path.glob("toy_*.pt"))
+    # a well-formed entry under the same key whose weights belong to a larger layer
+    save_tensors(path, {"steps": 1, "_device": ["cpu"]},
+                 {"state": torch.nn.Linear(3, 2).state_dict(), "record": {}})
+    with pytest.raises(CacheError, match="toy_.*do not fit the model"):
+        cached_training("toy", {"steps": 1}, torch.nn.Linear(2, 2), lambda m: {})
+    path.write_bytes(path.read_bytes()[:40])  # truncated
+    with pytest.raises(CacheError, match="toy_"):
+        cached_training("toy", {"steps": 1}, torch.nn.Linear(2, 2), lambda m: {})
+
+
+def test_cached_training_bad_arguments(tmp_path, monkeypatch):
+    from mmbook.cache import cached_training
+
+    monkeypatch.setenv("MMBOOK_CACHE_DIR", str(tmp_path))
+    with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
+        cached_training("toy", {}, "model", lambda m: {})
+    with pytest.raises(TypeError, match="train must be a callable"):
+        cached_training("toy", {}, torch.nn.Linear(2, 2), None)
+    with pytest.raises(TypeError, match="key must be a mapping"):
+        cached_training("toy", [1], torch.nn.Linear(2, 2), lambda m: {})
+    with pytest.raises(TypeError, match="must return a dict"):
+        cached_training("toy", {}, torch.nn.Linear(2, 2), lambda m: [1.0])
+    assert not list(tmp_path.glob("toy_*")), "a failed training must not leave a cache entry"
