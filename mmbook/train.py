@@ -1,16 +1,29 @@
-"""A small, generic training loop with progress bars and a returned history."""
+"""A small, generic training loop with progress bars and a returned history; a numerically stable cross-entropy;
+checkpoints that let an interrupted run resume exactly where it stopped."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from mmbook.checks import check_bool, check_device, check_finite, check_ids, check_instance, check_number, check_tensor
+from mmbook.checks import (
+    check_bool,
+    check_choice,
+    check_device,
+    check_finite,
+    check_ids,
+    check_instance,
+    check_int,
+    check_number,
+    check_tensor,
+)
+from mmbook.optim import clip_grad_norm as _clip_grad_norm
 
-__all__ = ["accuracy", "evaluate", "fit"]
+__all__ = ["accuracy", "cross_entropy", "evaluate", "fit", "load_checkpoint", "save_checkpoint"]
 
 Batch = Any
 ForwardFn = Callable[[nn.Module, Batch, torch.device], tuple[torch.Tensor, torch.Tensor]]
@@ -33,6 +46,26 @@ def accuracy(outputs: torch.Tensor, targets: torch.Tensor) -> float:
     check_ids("targets", targets, "accuracy", outputs.shape[1])
     check_finite("outputs", outputs, "accuracy")  # the arg-max of a NaN row is a plausible class
     return (outputs.argmax(dim=-1) == targets).float().mean().item()
+
+
+def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    r"""Mean cross-entropy :math:`\frac1B\sum_i \big(\log\sum_k e^{z_{ik}} - z_{i,y_i}\big)`, computed stably.
+
+    ``logits`` ``(batch, num_classes)``, ``targets`` ``(batch,)`` class indices. The log-sum-exp is evaluated as
+    :math:`m + \log\sum_k e^{z_k - m}` with :math:`m = \max_k z_k`: the identity is exact, but now the largest
+    exponent is :math:`e^0 = 1`, so nothing overflows (the naive :math:`e^{1000}` is ``inf`` in any float format)
+    and the sum is at least 1, so its logarithm never sees 0. Returns a 0-dimensional tensor.
+    """
+    fn = "cross_entropy"
+    check_tensor("logits", logits, fn, "float", 2, "(batch, num_classes)", nonempty=True)
+    check_tensor("targets", targets, fn, "int", 1, "(batch,)")
+    if targets.shape[0] != logits.shape[0]:
+        raise ValueError(f"{fn}: targets must have shape ({logits.shape[0]},) to match logits "
+                         f"{tuple(logits.shape)}, got {tuple(targets.shape)}")
+    check_ids("targets", targets, fn, logits.shape[1])
+    m = logits.max(dim=1, keepdim=True).values.detach()  # a constant shift: the gradient is unchanged
+    log_sum_exp = m.squeeze(1) + (logits - m).exp().sum(dim=1).log()
+    return (log_sum_exp - logits.gather(1, targets[:, None]).squeeze(1)).mean()
 
 
 def _to(obj: Any, device: torch.device) -> Any:
@@ -161,6 +194,7 @@ def fit(
     device: torch.device | str | None = None,
     forward: ForwardFn | None = None,
     scheduler: Any | None = None,
+    scheduler_interval: str = "epoch",
     clip_grad_norm: float | None = None,
     progress: bool = True,
 ) -> dict[str, list[float]]:
@@ -169,7 +203,10 @@ def fit(
     Each batch is a ``(*inputs, target)`` tuple (the model is called as ``model(*inputs)``)
     or a dict with a ``"labels"`` entry (called as ``model(**rest)``); pass ``forward`` to
     map a batch to ``(outputs, target)`` any other way. ``scheduler.step()`` runs once per
-    epoch.
+    epoch (``scheduler_interval="epoch"``) or after every optimizer step (``"step"``, for warm-up and
+    cosine schedules such as ``LambdaLR(optimizer, mmbook.optim.WarmupCosine(...))``). With
+    ``clip_grad_norm=m`` the gradients are rescaled to global L2 norm at most ``m`` before each step
+    (:func:`mmbook.optim.clip_grad_norm`).
 
     The history maps ``"epoch"``, ``"train_loss"`` (mean over the epoch's batches, weighted
     by batch size) and, with a ``val_loader``, ``"val_loss"`` and ``"val_<metric>"`` to
@@ -186,6 +223,7 @@ def fit(
         check_instance("val_loader", val_loader, "fit", Iterable, "an iterable of batches or None")
     if scheduler is not None and not callable(getattr(scheduler, "step", None)):
         raise TypeError(f"fit: scheduler must have a step() method, got {type(scheduler).__name__}")
+    check_choice("scheduler_interval", scheduler_interval, "fit", ("epoch", "step"))
     check_bool("progress", progress, "fit")
     model.to(device)
     history: dict[str, list[float]] = {"epoch": [], "train_loss": []}
@@ -199,14 +237,16 @@ def fit(
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if clip_grad_norm is not None:
-                nn.utils.clip_grad_norm_(model.parameters(), clip_grad_norm)
+                _clip_grad_norm(model.parameters(), clip_grad_norm)
             optimizer.step()
+            if scheduler is not None and scheduler_interval == "step":
+                scheduler.step()
             n = int(target.shape[0])
             total += loss.item() * n
             count += n
         if count == 0:
             raise ValueError("fit: train_loader produced no batches")
-        if scheduler is not None:
+        if scheduler is not None and scheduler_interval == "epoch":
             scheduler.step()
         history["epoch"].append(epoch)
         history["train_loss"].append(total / count)
@@ -220,3 +260,76 @@ def fit(
     if shown is not None:  # the loop closed the bar: its widget becomes the finished bar's text line
         shown.update({"text/plain": str(bar)}, raw=True)
     return history
+
+
+def _check_checkpoint_args(fn: str, model: object, optimizer: object, scheduler: object, generator: object) -> None:
+    check_instance("model", model, fn, nn.Module, "an nn.Module")
+    check_instance("optimizer", optimizer, fn, torch.optim.Optimizer, "a torch.optim.Optimizer")
+    if scheduler is not None and not callable(getattr(scheduler, "state_dict", None)):
+        raise TypeError(f"{fn}: scheduler must have state_dict() and load_state_dict(), got {type(scheduler).__name__}")
+    if generator is not None:
+        check_instance("generator", generator, fn, torch.Generator, "a torch.Generator or None")
+
+
+def save_checkpoint(path: str | Path, *, model: nn.Module, optimizer: torch.optim.Optimizer, step: int,
+                    scheduler: Any | None = None, generator: torch.Generator | None = None) -> Path:
+    """Write everything a training run needs to continue exactly: weights, optimizer state, step, RNG states.
+
+    Saved: ``model.state_dict()``, ``optimizer.state_dict()`` (Adam's moment estimates and step counts, momentum
+    buffers: without them the resumed run starts its averages from zero), the ``scheduler``'s state, the
+    ``step`` counter, the state of ``generator`` (the ``torch.Generator`` that draws the minibatches, e.g. one from
+    :func:`mmbook.torch_generator`) and PyTorch's global CPU RNG state (dropout draws from it). The file is written
+    to a temporary name and renamed, so an interruption never leaves half a checkpoint. Returns the path.
+    """
+    fn = "save_checkpoint"
+    _check_checkpoint_args(fn, model, optimizer, scheduler, generator)
+    check_int("step", step, fn, 0)
+    check_instance("path", path, fn, (str, Path), "a file path")
+    path = Path(path)
+    state = {
+        "step": int(step),
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict() if scheduler is not None else None,
+        "generator": generator.get_state() if generator is not None else None,
+        "torch_rng": torch.get_rng_state(),
+    }
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    tmp.replace(path)
+    return path
+
+
+def load_checkpoint(path: str | Path, *, model: nn.Module, optimizer: torch.optim.Optimizer,
+                    scheduler: Any | None = None, generator: torch.Generator | None = None) -> int:
+    """Restore a :func:`save_checkpoint` file into freshly built objects, in place; return the saved step.
+
+    Pass the same kinds of objects that were saved: a ``scheduler`` or ``generator`` given here must have been
+    saved (and the other way round), or the resumed run would silently differ. PyTorch's global CPU RNG state is
+    restored too. The file is read with ``weights_only=True`` (no arbitrary code runs).
+    """
+    fn = "load_checkpoint"
+    _check_checkpoint_args(fn, model, optimizer, scheduler, generator)
+    check_instance("path", path, fn, (str, Path), "a file path")
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{fn}: no checkpoint at path {str(path)!r}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # a truncated or foreign file: name it
+        raise ValueError(f"{fn}: {str(path)!r} is not a readable checkpoint ({type(exc).__name__}: {exc})") from exc
+    expected = {"step", "model", "optimizer", "scheduler", "generator", "torch_rng"}
+    if not isinstance(state, dict) or set(state) != expected:
+        raise ValueError(f"{fn}: {str(path)!r} is not a checkpoint written by save_checkpoint")
+    for name, given in (("scheduler", scheduler), ("generator", generator)):
+        if (given is None) != (state[name] is None):
+            raise ValueError(f"{fn}: the checkpoint {'has no' if state[name] is None else 'has a'} {name} state but "
+                             f"{name}={'None' if given is None else type(given).__name__} was passed")
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    if scheduler is not None:
+        scheduler.load_state_dict(state["scheduler"])
+    if generator is not None:
+        generator.set_state(state["generator"])
+    torch.set_rng_state(state["torch_rng"])
+    return int(state["step"])

@@ -169,3 +169,111 @@ def test_weight_decay_groups_decay_matrices_only():
     frozen = torch.nn.Linear(2, 2).requires_grad_(False)
     with pytest.raises(ValueError, match="no trainable parameters"):
         weight_decay_groups(frozen, 0.1)
+
+
+from mmbook.optim import Adagrad, RMSprop, WarmupCosine, clip_grad_norm  # noqa: E402
+
+
+@pytest.mark.parametrize(("ours", "ref", "kwargs"), [
+    (Adagrad, torch.optim.Adagrad, {"lr": 0.1}),
+    (Adagrad, torch.optim.Adagrad, {"lr": 0.1, "eps": 1e-6, "weight_decay": 0.01, "initial_accumulator_value": 0.1}),
+    (RMSprop, torch.optim.RMSprop, {"lr": 0.01}),
+    (RMSprop, torch.optim.RMSprop, {"lr": 0.01, "alpha": 0.9, "eps": 1e-6, "weight_decay": 0.01, "momentum": 0.9}),
+])
+def test_adagrad_rmsprop_match_torch_optim(ours, ref, kwargs):
+    model, batches = _model_and_batches()
+    twin, _ = _model_and_batches()
+    got = _train(model, ours(model.parameters(), **kwargs), batches)
+    want = _train(twin, ref(twin.parameters(), **kwargs), batches)
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_adagrad_steps_shrink_like_one_over_sqrt_t():
+    # A constant gradient g: s_t = t g^2, so step t moves lr / sqrt(t) (eps = 0).
+    p = nn.Parameter(torch.zeros(1, dtype=torch.float64))
+    opt = Adagrad([p], lr=1.0, eps=0.0)
+    before = 0.0
+    for t in range(1, 6):
+        p.grad = torch.tensor([3.0], dtype=torch.float64)
+        opt.step()
+        assert abs((before - p.item()) - 1 / math.sqrt(t)) < 1e-12
+        before = p.item()
+
+
+def test_clip_grad_norm_matches_torch_and_keeps_direction():
+    model, batches = _model_and_batches()
+    twin, _ = _model_and_batches()
+    for m in (model, twin):
+        x, y = batches[0]
+        nn.functional.cross_entropy(m(x), y).backward()
+    raw = torch.cat([p.grad.flatten() for p in model.parameters()]).clone()
+    for max_norm in (1e-3, 1e6):
+        ours = clip_grad_norm(model.parameters(), max_norm)
+        ref = nn.utils.clip_grad_norm_(twin.parameters(), max_norm)
+        torch.testing.assert_close(ours, ref, rtol=1e-12, atol=0)
+        for p, q in zip(model.parameters(), twin.parameters(), strict=True):
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-12, atol=1e-15)
+    clipped = torch.cat([p.grad.flatten() for p in model.parameters()])
+    assert abs(clipped.norm().item() - 1e-3) < 1e-8  # the large max_norm left it alone
+    torch.testing.assert_close(clipped / clipped.norm(), raw / raw.norm(), rtol=1e-10, atol=1e-12)
+    single = torch.zeros(3, requires_grad=True)
+    assert clip_grad_norm(single, 1.0).item() == 0.0  # no gradient yet: nothing to clip
+
+
+def test_clip_grad_norm_bad_input():
+    p = nn.Parameter(torch.ones(2))
+    with pytest.raises(ValueError, match="clip_grad_norm: max_norm must be a positive number, got 0"):
+        clip_grad_norm([p], 0)
+    with pytest.raises(TypeError, match="clip_grad_norm: max_norm must be a number"):
+        clip_grad_norm([p], "1")
+    with pytest.raises(TypeError, match=r"clip_grad_norm: parameters\[1\] must be a tensor"):
+        clip_grad_norm([p, 3.0], 1.0)
+    with pytest.raises(TypeError, match="clip_grad_norm: parameters must be a tensor or an iterable"):
+        clip_grad_norm(5, 1.0)
+
+
+def test_warmup_cosine_matches_torch_schedulers():
+    from torch.optim.lr_scheduler import CosineAnnealingLR, LambdaLR, LinearLR, SequentialLR
+
+    w, t, f_min, lr = 4, 20, 0.1, 0.5
+    p = nn.Parameter(torch.zeros(1))
+    o1, o2 = torch.optim.SGD([p], lr=lr), torch.optim.SGD([p], lr=lr)
+    ours = LambdaLR(o1, WarmupCosine(w, t, f_min))
+    ref = SequentialLR(o2, [LinearLR(o2, start_factor=1 / w, total_iters=w - 1),
+                            CosineAnnealingLR(o2, T_max=t - w, eta_min=lr * f_min)], milestones=[w])
+    for _ in range(t + 1):
+        assert abs(o1.param_groups[0]["lr"] - o2.param_groups[0]["lr"]) < 1e-12
+        o1.step(), o2.step()
+        ours.step(), ref.step()
+    schedule = WarmupCosine(w, t, f_min)
+    assert schedule(0) == 1 / w and schedule(w - 1) == 1.0 and schedule(t) == pytest.approx(f_min)
+    assert schedule(t + 100) == f_min
+    assert "scheduler" not in repr(schedule) and "warmup_steps=4" in repr(schedule)
+
+
+def test_warmup_cosine_bad_input():
+    with pytest.raises(ValueError, match="WarmupCosine: total_steps must be larger than warmup_steps"):
+        WarmupCosine(10, 10)
+    with pytest.raises(ValueError, match="WarmupCosine: warmup_steps must be a positive int, got 0"):
+        WarmupCosine(0, 10)
+    with pytest.raises(TypeError, match="WarmupCosine: total_steps must be an int"):
+        WarmupCosine(2, 10.0)
+    with pytest.raises(ValueError, match=r"WarmupCosine: min_factor must be in \[0, 1\], got 2"):
+        WarmupCosine(2, 10, 2)
+    with pytest.raises(ValueError, match="WarmupCosine: step must be an int >= 0, got -1"):
+        WarmupCosine(2, 10)(-1)
+
+
+def test_adagrad_rmsprop_bad_input():
+    p = [nn.Parameter(torch.ones(2))]
+    with pytest.raises(ValueError, match="Adagrad: lr must be a number >= 0, got -1"):
+        Adagrad(p, lr=-1)
+    with pytest.raises(ValueError, match="Adagrad: initial_accumulator_value must be a number >= 0"):
+        Adagrad(p, initial_accumulator_value=-0.5)
+    with pytest.raises(ValueError, match=r"RMSprop: alpha must be in \[0, 1\), got 1"):
+        RMSprop(p, alpha=1)
+    with pytest.raises(ValueError, match="RMSprop: momentum must be a number >= 0"):
+        RMSprop(p, momentum=-0.1)
+    with pytest.raises(TypeError, match="RMSprop: params must be an iterable"):
+        RMSprop(3)

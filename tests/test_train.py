@@ -196,3 +196,107 @@ def test_evaluate_computes_metrics_on_the_whole_set_not_per_batch():
     with pytest.raises(TypeError, match="forward must return"):
         evaluate(nn.Identity(), loader, lambda o, t: o[0].sum(), metrics={"f1": f1},
                  forward=lambda m, b, d: ((b[0],), b[1]), device="cpu")
+
+
+from mmbook.optim import WarmupCosine  # noqa: E402
+from mmbook.train import cross_entropy, load_checkpoint, save_checkpoint  # noqa: E402
+
+
+def test_cross_entropy_is_stable_and_equals_torch():
+    mmbook.set_seed(0)
+    z = torch.randn(6, 5, dtype=torch.float64, requires_grad=True)
+    y = torch.tensor([0, 1, 4, 2, 3, 3])
+    for scale in (1.0, 1e3, 1e5):
+        ours = cross_entropy(z * scale, y)
+        ref = nn.functional.cross_entropy(z * scale, y)
+        assert torch.isfinite(ours)
+        torch.testing.assert_close(ours, ref, rtol=1e-12, atol=1e-12)
+    (g_ours,) = torch.autograd.grad(cross_entropy(z, y), z)
+    (g_ref,) = torch.autograd.grad(nn.functional.cross_entropy(z, y), z)
+    torch.testing.assert_close(g_ours, g_ref, rtol=0, atol=1e-15)
+    naive = -torch.log(torch.exp(z * 1e3) / torch.exp(z * 1e3).sum(dim=1, keepdim=True))[torch.arange(6), y].mean()
+    assert not torch.isfinite(naive)  # the check can fail: the naive formula overflows
+
+
+def test_cross_entropy_bad_input():
+    z = torch.zeros(3, 4)
+    with pytest.raises(ValueError, match=r"cross_entropy: logits must have shape \(batch, num_classes\)"):
+        cross_entropy(torch.zeros(3), torch.zeros(3, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"cross_entropy: targets must have shape \(3,\)"):
+        cross_entropy(z, torch.zeros(2, dtype=torch.long))
+    with pytest.raises(TypeError, match="cross_entropy: targets must be an integer tensor"):
+        cross_entropy(z, torch.zeros(3))
+    with pytest.raises(ValueError, match="cross_entropy: targets"):
+        cross_entropy(z, torch.tensor([0, 1, 4]))
+
+
+def test_fit_steps_a_per_step_scheduler_and_clips():
+    train, _ = _toy()
+    model = nn.Linear(2, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, WarmupCosine(4, 16))
+    fit(model, train, nn.functional.cross_entropy, opt, epochs=2, scheduler=sched, scheduler_interval="step",
+        clip_grad_norm=1.0, progress=False)
+    assert sched.last_epoch == 2 * len(train)  # one step per batch, 8 batches per epoch
+    per_epoch = torch.optim.lr_scheduler.StepLR(opt, step_size=1)
+    fit(model, train, nn.functional.cross_entropy, opt, epochs=2, scheduler=per_epoch, progress=False)
+    assert per_epoch.last_epoch == 2
+    with pytest.raises(ValueError, match="fit: scheduler_interval must be one of 'epoch', 'step', got 'batch'"):
+        fit(model, train, nn.functional.cross_entropy, opt, epochs=1, scheduler=per_epoch,
+            scheduler_interval="batch", progress=False)
+
+
+def _resumable_run(tmp_path, steps, stop_at=None, resume=False, forget_optimizer=False):
+    mmbook.set_seed(0)
+    x = torch.randn(64, 3)
+    y = (x.sum(dim=1) > 0).long()
+    mmbook.set_seed(1)
+    model = nn.Sequential(nn.Linear(3, 8), nn.ReLU(), nn.Dropout(0.2), nn.Linear(8, 2))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, WarmupCosine(2, steps))
+    gen = mmbook.torch_generator(3)
+    start = 0
+    path = tmp_path / "run.pt"
+    if resume:
+        start = load_checkpoint(path, model=model, optimizer=torch.optim.AdamW(model.parameters(), lr=1e-2)
+                                if forget_optimizer else opt, scheduler=sched, generator=gen)
+    for step in range(start, steps):
+        if stop_at is not None and step == stop_at:
+            save_checkpoint(path, model=model, optimizer=opt, step=step, scheduler=sched, generator=gen)
+            return None
+        idx = torch.randint(0, 64, (16,), generator=gen)
+        loss = nn.functional.cross_entropy(model(x[idx]), y[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def test_checkpoint_resume_is_bit_for_bit(tmp_path):
+    full = _resumable_run(tmp_path, 12)
+    assert _resumable_run(tmp_path, 12, stop_at=5) is None
+    torch.manual_seed(123)  # anything in between disturbs the global RNG; the checkpoint restores it
+    resumed = _resumable_run(tmp_path, 12, resume=True)
+    assert all(torch.equal(a, b) for a, b in zip(full, resumed, strict=True))
+    _resumable_run(tmp_path, 12, stop_at=5)
+    broken = _resumable_run(tmp_path, 12, resume=True, forget_optimizer=True)
+    assert not all(torch.equal(a, b) for a, b in zip(full, broken, strict=True))
+
+
+def test_checkpoint_bad_input(tmp_path):
+    model = nn.Linear(2, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match="save_checkpoint: step must be an int >= 0, got -1"):
+        save_checkpoint(tmp_path / "c.pt", model=model, optimizer=opt, step=-1)
+    with pytest.raises(TypeError, match="save_checkpoint: optimizer must be a torch.optim.Optimizer"):
+        save_checkpoint(tmp_path / "c.pt", model=model, optimizer="adam", step=0)
+    with pytest.raises(FileNotFoundError, match="load_checkpoint: no checkpoint at path"):
+        load_checkpoint(tmp_path / "missing.pt", model=model, optimizer=opt)
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="junk.pt' is not a readable checkpoint"):
+        load_checkpoint(tmp_path / "junk.pt", model=model, optimizer=opt)
+    save_checkpoint(tmp_path / "c.pt", model=model, optimizer=opt, step=3)
+    with pytest.raises(ValueError, match="load_checkpoint: the checkpoint has no generator state"):
+        load_checkpoint(tmp_path / "c.pt", model=model, optimizer=opt, generator=torch.Generator())
+    assert load_checkpoint(tmp_path / "c.pt", model=model, optimizer=opt) == 3
