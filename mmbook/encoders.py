@@ -52,6 +52,7 @@ __all__ = [
     "GRUCell",
     "GRUEncoder",
     "SequenceClassifier",
+    "export_hf_bert_weights",
     "load_hf_bert_weights",
     "mask_tokens",
     "mean_pool",
@@ -518,11 +519,49 @@ class BertForMaskedLM(nn.Module):
         return F.cross_entropy(self._head(h[selected]), labels[selected])
 
 
-def _copy(dst: torch.Tensor, src: torch.Tensor, name: str) -> None:
-    if dst.shape != src.shape:
-        raise ValueError(f"load_hf_bert_weights: {name} has shape {tuple(dst.shape)} here but "
-                         f"{tuple(src.shape)} in the transformers model")
-    dst.copy_(src)
+def _bert_pairs(ours: BertEncoder | BertForMaskedLM, hf_model: nn.Module, fn: str):
+    """The (our tensor, transformers tensor, name) pairs of a BERT, after checking both sides' types and depth."""
+    if not isinstance(ours, (BertEncoder, BertForMaskedLM)):
+        raise TypeError(f"{fn}: ours must be a BertEncoder or BertForMaskedLM, got {type(ours).__name__}")
+    hf_bert = getattr(hf_model, "bert", hf_model)
+    if not (hasattr(hf_bert, "embeddings") and hasattr(hf_bert, "encoder") and hasattr(hf_bert, "config")
+            and getattr(hf_bert.config, "model_type", None) == "bert"):
+        raise TypeError(f"{fn}: hf_model must be a transformers BERT model, got {type(hf_model).__name__}")
+    encoder = ours.bert if isinstance(ours, BertForMaskedLM) else ours
+    if len(hf_bert.encoder.layer) != len(encoder.layers):
+        raise ValueError(f"{fn}: {len(encoder.layers)} layers here, {len(hf_bert.encoder.layer)} in the "
+                         "transformers model")
+    pairs = []
+    e, he = encoder.embeddings, hf_bert.embeddings
+    for name in ("word_embeddings", "position_embeddings", "token_type_embeddings"):
+        pairs.append((getattr(e, name).weight, getattr(he, name).weight, f"embeddings.{name}"))
+    pairs.append((e.layer_norm.weight, he.LayerNorm.weight, "embeddings.LayerNorm.weight"))
+    pairs.append((e.layer_norm.bias, he.LayerNorm.bias, "embeddings.LayerNorm.bias"))
+    for i, (layer, hl) in enumerate(zip(encoder.layers, hf_bert.encoder.layer, strict=True)):
+        modules = (
+            (layer.attention.q_proj, hl.attention.self.query), (layer.attention.k_proj, hl.attention.self.key),
+            (layer.attention.v_proj, hl.attention.self.value), (layer.attention.out_proj, hl.attention.output.dense),
+            (layer.norm1, hl.attention.output.LayerNorm), (layer.linear1, hl.intermediate.dense),
+            (layer.linear2, hl.output.dense), (layer.norm2, hl.output.LayerNorm),
+        )
+        for j, (mine, theirs) in enumerate(modules):
+            pairs.append((mine.weight, theirs.weight, f"layer {i}, module {j} weight"))
+            pairs.append((mine.bias, theirs.bias, f"layer {i}, module {j} bias"))
+    if getattr(hf_bert, "pooler", None) is not None:
+        pairs.append((encoder.pooler.weight, hf_bert.pooler.dense.weight, "pooler.weight"))
+        pairs.append((encoder.pooler.bias, hf_bert.pooler.dense.bias, "pooler.bias"))
+    head = getattr(getattr(hf_model, "cls", None), "predictions", None)
+    if isinstance(ours, BertForMaskedLM) and head is not None:
+        pairs += [(ours.transform.weight, head.transform.dense.weight, "transform.weight"),
+                  (ours.transform.bias, head.transform.dense.bias, "transform.bias"),
+                  (ours.transform_norm.weight, head.transform.LayerNorm.weight, "transform_norm.weight"),
+                  (ours.transform_norm.bias, head.transform.LayerNorm.bias, "transform_norm.bias"),
+                  (ours.output_bias, head.bias, "output_bias")]
+    for mine, theirs, name in pairs:
+        if mine.shape != theirs.shape:
+            raise ValueError(f"{fn}: {name} has shape {tuple(mine.shape)} here but {tuple(theirs.shape)} in the "
+                             "transformers model")
+    return pairs
 
 
 @torch.no_grad()
@@ -534,44 +573,20 @@ def load_hf_bert_weights(ours: BertEncoder | BertForMaskedLM, hf_model: nn.Modul
     masked-LM head (``ours`` a :class:`BertForMaskedLM`, ``hf_model`` a ``BertForMaskedLM``)
     it is copied too. Sizes must agree (build ``ours`` with :meth:`BertConfig.from_hf`).
     """
-    if not isinstance(ours, (BertEncoder, BertForMaskedLM)):
-        raise TypeError(f"load_hf_bert_weights: ours must be a BertEncoder or BertForMaskedLM, "
-                        f"got {type(ours).__name__}")
-    hf_bert = getattr(hf_model, "bert", hf_model)
-    if not (hasattr(hf_bert, "embeddings") and hasattr(hf_bert, "encoder") and hasattr(hf_bert, "config")
-            and getattr(hf_bert.config, "model_type", None) == "bert"):
-        raise TypeError(f"load_hf_bert_weights: hf_model must be a transformers BERT model, got "
-                        f"{type(hf_model).__name__}")
-    encoder = ours.bert if isinstance(ours, BertForMaskedLM) else ours
-    if len(hf_bert.encoder.layer) != len(encoder.layers):
-        raise ValueError(f"load_hf_bert_weights: {len(encoder.layers)} layers here, "
-                         f"{len(hf_bert.encoder.layer)} in the transformers model")
-    e, he = encoder.embeddings, hf_bert.embeddings
-    for name in ("word_embeddings", "position_embeddings", "token_type_embeddings"):
-        _copy(getattr(e, name).weight, getattr(he, name).weight, f"embeddings.{name}")
-    _copy(e.layer_norm.weight, he.LayerNorm.weight, "embeddings.LayerNorm.weight")
-    _copy(e.layer_norm.bias, he.LayerNorm.bias, "embeddings.LayerNorm.bias")
-    for i, (layer, hl) in enumerate(zip(encoder.layers, hf_bert.encoder.layer, strict=True)):
-        pairs = (
-            (layer.attention.q_proj, hl.attention.self.query), (layer.attention.k_proj, hl.attention.self.key),
-            (layer.attention.v_proj, hl.attention.self.value), (layer.attention.out_proj, hl.attention.output.dense),
-            (layer.norm1, hl.attention.output.LayerNorm), (layer.linear1, hl.intermediate.dense),
-            (layer.linear2, hl.output.dense), (layer.norm2, hl.output.LayerNorm),
-        )
-        for j, (mine, theirs) in enumerate(pairs):
-            _copy(mine.weight, theirs.weight, f"layer {i}, module {j} weight")
-            _copy(mine.bias, theirs.bias, f"layer {i}, module {j} bias")
-    if getattr(hf_bert, "pooler", None) is not None:
-        _copy(encoder.pooler.weight, hf_bert.pooler.dense.weight, "pooler.weight")
-        _copy(encoder.pooler.bias, hf_bert.pooler.dense.bias, "pooler.bias")
-    head = getattr(getattr(hf_model, "cls", None), "predictions", None)
-    if isinstance(ours, BertForMaskedLM) and head is not None:
-        _copy(ours.transform.weight, head.transform.dense.weight, "transform.weight")
-        _copy(ours.transform.bias, head.transform.dense.bias, "transform.bias")
-        _copy(ours.transform_norm.weight, head.transform.LayerNorm.weight, "transform_norm.weight")
-        _copy(ours.transform_norm.bias, head.transform.LayerNorm.bias, "transform_norm.bias")
-        _copy(ours.output_bias, head.bias, "output_bias")
+    for mine, theirs, _ in _bert_pairs(ours, hf_model, "load_hf_bert_weights"):
+        mine.copy_(theirs)
     return ours
+
+
+@torch.no_grad()
+def export_hf_bert_weights(ours: BertEncoder | BertForMaskedLM, hf_model: nn.Module) -> nn.Module:
+    """The reverse of :func:`load_hf_bert_weights`: copy ``ours`` into the ``transformers`` BERT ``hf_model``
+    (for instance a ``BertForSequenceClassification``, to fine-tune an encoder pre-trained here) and return it.
+    Only the parts both sides have are copied; a classification head on ``hf_model`` keeps its initialisation.
+    """
+    for mine, theirs, _ in _bert_pairs(ours, hf_model, "export_hf_bert_weights"):
+        theirs.copy_(mine)
+    return hf_model
 
 
 # ----------------------------------------------------------------------- pooling, heads, MLM

@@ -17,6 +17,7 @@ from mmbook.encoders import (
     GRUCell,
     GRUEncoder,
     SequenceClassifier,
+    export_hf_bert_weights,
     load_hf_bert_weights,
     mask_tokens,
     mean_pool,
@@ -173,6 +174,30 @@ def test_bert_mlm_matches_transformers_and_fast_loss():
                                 mlm_probability=0.5, generator=torch.Generator().manual_seed(0))
         full = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
         torch.testing.assert_close(ours.mlm_loss(ids, labels, mask, types), full, **TIGHT)
+
+
+def test_export_is_the_inverse_of_load_and_fills_a_classifier():
+    """Our MLM model's encoder copied into transformers' BertForSequenceClassification gives the same hidden states
+    (float64, 1e-12); the classification head is left at its initialisation; a round trip restores every weight."""
+    mmbook.set_seed(0)
+    ours = BertForMaskedLM(BertConfig.from_hf(_hf_config())).double().eval()
+    hf = transformers.BertForSequenceClassification(_hf_config(num_labels=3)).double().eval()
+    head = hf.classifier.weight.clone()
+    assert export_hf_bert_weights(ours, hf) is hf
+    ids, mask, types = _batch()
+    with torch.no_grad():
+        mine = ours.bert(ids, mask, types)
+        theirs = hf.bert(input_ids=ids, attention_mask=mask, token_type_ids=types)
+    torch.testing.assert_close(theirs.last_hidden_state, mine.last_hidden_state, **TIGHT)
+    torch.testing.assert_close(theirs.pooler_output, mine.pooler_output, **TIGHT)
+    assert torch.equal(hf.classifier.weight, head)
+    fresh = load_hf_bert_weights(BertForMaskedLM(BertConfig.from_hf(_hf_config())).double(), hf)
+    enc_a, enc_b = ours.bert.state_dict(), fresh.bert.state_dict()
+    assert all(torch.equal(enc_a[k], enc_b[k]) for k in enc_a)
+    with pytest.raises(ValueError, match="export_hf_bert_weights: 3 layers here"):
+        export_hf_bert_weights(BertEncoder(BertConfig.from_hf(_hf_config(num_hidden_layers=3))), hf)
+    with pytest.raises(TypeError, match="export_hf_bert_weights: hf_model must be a transformers BERT"):
+        export_hf_bert_weights(ours, nn.Linear(2, 2))
 
 
 def test_bert_init_is_bert_like_and_classifier_runs():
