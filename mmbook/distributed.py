@@ -15,6 +15,12 @@ Two ways in, one training function (:func:`ddp_train`):
 
   ``torchrun`` sets ``RANK``, ``LOCAL_RANK``, ``WORLD_SIZE``, ``MASTER_ADDR`` and ``MASTER_PORT``
   in each process; :func:`main` reads them, uses GPU ``LOCAL_RANK`` when CUDA is available.
+
+:func:`run_parallel` starts processes the same way for :func:`parallel_train`, which trains a
+:class:`ParallelJob` — a dataset of windows — as real runs do: a ``DistributedSampler`` with
+``set_epoch``, gradient accumulation under DDP's ``no_sync()``, a checkpoint written by rank 0 and
+read by every rank, and the same training with ``ZeroRedundancyOptimizer`` (ZeRO stage 1) and with
+FSDP2's ``fully_shard`` (stage 3), reporting what each rank holds in bytes.
 """
 
 from __future__ import annotations
