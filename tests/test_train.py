@@ -5,8 +5,9 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import mmbook
+from mmbook.optim import WarmupCosine
 from mmbook.plot import plot_history
-from mmbook.train import accuracy, evaluate, fit
+from mmbook.train import accuracy, cross_entropy, evaluate, fit, load_checkpoint, save_checkpoint
 
 
 def _toy():
@@ -196,10 +197,6 @@ def test_evaluate_computes_metrics_on_the_whole_set_not_per_batch():
     with pytest.raises(TypeError, match="forward must return"):
         evaluate(nn.Identity(), loader, lambda o, t: o[0].sum(), metrics={"f1": f1},
                  forward=lambda m, b, d: ((b[0],), b[1]), device="cpu")
-
-
-from mmbook.optim import WarmupCosine  # noqa: E402
-from mmbook.train import cross_entropy, load_checkpoint, save_checkpoint  # noqa: E402
 
 
 def test_cross_entropy_is_stable_and_equals_torch():
