@@ -58,7 +58,9 @@ __all__ = [
     "parallel_train",
     "run_ddp",
     "run_parallel",
+    "save_checkpoint",
     "shard",
+    "zero_partition",
 ]
 
 _BACKENDS = ("gloo", "nccl")
@@ -310,6 +312,7 @@ class ParallelJob:
     epochs: int = 2
     seed: int = 0
     lr: float = 1e-2
+    weight_decay: float = 0.0
     dtype: torch.dtype = torch.float64
     strategies: tuple[str, ...] = _STRATEGIES
     backend: str = "gloo"
@@ -335,6 +338,7 @@ class ParallelJob:
         check_int("epochs", self.epochs, fn, 1)
         check_int("seed", self.seed, fn, 0, 2**32 - 1)
         check_number("lr", self.lr, fn, 0.0, low_open=True)
+        check_number("weight_decay", self.weight_decay, fn, 0.0)
         if self.batch_size % self.accumulation_steps:
             raise ValueError(f"{fn}: batch_size={self.batch_size} is not divisible by "
                              f"accumulation_steps={self.accumulation_steps}")
@@ -359,6 +363,95 @@ def _local_bytes(tensors: Any) -> int:
     return sum(_local(t).numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
 
 
+def zero_partition(numels: list[int], world_size: int) -> list[list[int]]:
+    """The tensors each rank of ``ZeroRedundancyOptimizer`` updates, predicted from their sizes alone.
+
+    ``numels[i]`` is tensor ``i``'s element count (one parameter group). As PyTorch does, the
+    tensors are sorted by size, largest first (a stable sort: equal sizes keep their order), and
+    each goes to the rank holding the fewest elements so far (the lowest rank on a tie).
+    Returns, per rank, the indices of its tensors in the order they were assigned.
+    """
+    fn = "zero_partition"
+    check_int("world_size", world_size, fn, 1)
+    if not isinstance(numels, (list, tuple)):
+        raise TypeError(f"{fn}: numels must be a list of ints, got {type(numels).__name__}")
+    for i, n in enumerate(numels):
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            raise ValueError(f"{fn}: numels[{i}] must be a non-negative int, got {n!r}")
+    ranks: list[list[int]] = [[] for _ in range(world_size)]
+    sizes = [0] * world_size
+    for i in sorted(range(len(numels)), key=lambda j: numels[j], reverse=True):
+        r = sizes.index(min(sizes))
+        ranks[r].append(i)
+        sizes[r] += numels[i]
+    return ranks
+
+
+def save_checkpoint(state: dict[str, torch.Tensor], path: str | os.PathLike) -> bool:
+    """Write ``state`` to ``path`` with exclusive create (``open(path, "xb")``); returns True once written.
+
+    A second writer of the same path raises ``FileExistsError`` instead of silently overwriting
+    (or interleaving with) the first: "only one rank writes" becomes a property that can fail.
+    """
+    with open(path, "xb") as f:
+        torch.save(state, f)
+    return True
+
+
+def _counting_allreduce(calls, bucket):  # noqa: ANN001, ANN202 (DDP rejects annotations other than GradBucket)
+    """DDP's default communication: average one bucket over the ranks with an all-reduce; counts the calls."""
+    calls[0] += 1
+    tensor = bucket.buffer().div_(dist.get_world_size())
+    return dist.all_reduce(tensor, async_op=True).get_future().then(lambda f: f.value()[0])
+
+
+def _build(job: ParallelJob, strategy: str, device: torch.device) -> tuple[GPT, torch.nn.Module, Any]:
+    """The same initial model on every rank, wrapped and given an optimizer for ``strategy``."""
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+
+    set_seed(job.seed)
+    model = GPT(job.config).to(device=device, dtype=job.dtype)
+    adamw = {"lr": job.lr, "weight_decay": job.weight_decay}
+    if strategy == "fsdp":
+        for block in model.h:
+            fully_shard(block)
+        fully_shard(model)
+        return model, model, torch.optim.AdamW(model.parameters(), **adamw)
+    # gradient_as_bucket_view: .grad *is* a view into DDP's all-reduce buckets, not a second gradient-sized copy
+    wrapped = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                      gradient_as_bucket_view=True)
+    if strategy == "zero":
+        return model, wrapped, ZeroRedundancyOptimizer(model.parameters(), optimizer_class=torch.optim.AdamW, **adamw)
+    return model, wrapped, torch.optim.AdamW(model.parameters(), **adamw)
+
+
+def _state_bytes(model: GPT, optimizer: Any, strategy: str) -> dict[str, int]:
+    """This rank's parameter, gradient and optimizer-state bytes (local shards)."""
+    params = list(model.parameters())
+    state = optimizer.optim.state if strategy == "zero" else optimizer.state
+    return {"param_bytes": _local_bytes(params),
+            "grad_bytes": _local_bytes(p.grad for p in params if p.grad is not None),
+            "optimizer_state_bytes": _local_bytes(v for s in state.values() for v in s.values())}
+
+
+def _checkpoint_roundtrip(job: ParallelJob, model: GPT, rank: int, checkpoint_dir: str,
+                          device: torch.device) -> dict[str, bool]:
+    """Rank 0 writes the (replicated) weights; after a barrier every rank loads them into a fresh model."""
+    path = os.path.join(checkpoint_dir, "model.pt")
+    wrote = False
+    if rank == 0:
+        os.makedirs(checkpoint_dir, exist_ok=True)
+        wrote = save_checkpoint(model.state_dict(), path)
+    dist.barrier()  # the other ranks wait until the file is complete
+    set_seed(job.seed + 1)  # different initial weights, so that loading must overwrite them
+    fresh = GPT(job.config).to(device=device, dtype=job.dtype)
+    fresh.load_state_dict(torch.load(path, map_location=device, weights_only=True))
+    loaded = all(torch.equal(a, b) for a, b in zip(fresh.parameters(), model.parameters(), strict=True))
+    dist.barrier()  # nobody leaves (and nobody deletes the folder) before every rank has read the file
+    return {"wrote_checkpoint": wrote, "loaded_equal": loaded}
+
+
 def parallel_train(
     job: ParallelJob, rank: int, world_size: int, checkpoint_dir: str, device: torch.device | None = None
 ) -> dict[str, Any]:
@@ -368,14 +461,15 @@ def parallel_train(
     strategy, a dict with ``"losses"`` (one per micro-batch), ``"params"`` (the full trained
     parameters, gathered from the shards for FSDP), ``"param_bytes"``, ``"grad_bytes"`` and
     ``"optimizer_state_bytes"`` (this rank's tensors after the last step: ``numel *
-    element_size`` of the local shards). ``"ddp"`` adds ``"grads_before_sync"`` and
-    ``"grads_after_sync"`` (first step, after all but the last micro-batch under ``no_sync()``
-    and after the last one), ``"wrote_checkpoint"`` and ``"loaded_equal"`` (every rank's model
+    element_size`` of the local shards), and ``"allreduce_calls"`` (per step, the bucket
+    all-reduces of each micro-batch's backward, counted by a DDP communication hook; FSDP: 0). ``"ddp"`` adds
+    ``"grads_before_sync"`` and ``"grads_after_sync"`` (first step, after all but the last
+    micro-batch under ``no_sync()`` and after the last one), ``"wrote_checkpoint"`` (whether
+    this rank's exclusive-create write succeeded) and ``"loaded_equal"`` (every rank's model
     loaded from rank 0's checkpoint equals its trained weights). ``checkpoint_dir`` must be a
-    folder every rank can read (rank 0 creates it).
+    folder every rank can read (rank 0 creates it). The rows must divide into steps of
+    ``world_size * batch_size``: otherwise ``DistributedSampler`` would pad with repeated rows.
     """
-    from torch.distributed.fsdp import fully_shard
-    from torch.distributed.optim import ZeroRedundancyOptimizer
     from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
     fn = "parallel_train"
@@ -383,6 +477,9 @@ def parallel_train(
         raise RuntimeError(f"{fn}: call torch.distributed.init_process_group first")
     if not isinstance(job, ParallelJob):
         raise TypeError(f"{fn}: job must be a ParallelJob, got {type(job).__name__}")
+    if not isinstance(checkpoint_dir, (str, os.PathLike)):
+        raise TypeError(f"{fn}: checkpoint_dir must be a path, got {type(checkpoint_dir).__name__}")
+    _check_rows(fn, job, world_size)
     device = torch.device("cpu") if device is None else check_device("device", device, fn)
     dataset = TensorDataset(job.inputs, job.targets)
     sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed(job.seed))
@@ -394,28 +491,19 @@ def parallel_train(
     k = job.accumulation_steps
 
     for strategy in job.strategies:
-        set_seed(job.seed)
-        model = GPT(job.config).to(device=device, dtype=job.dtype)
-        if strategy == "fsdp":
-            for block in model.h:
-                fully_shard(block)
-            fully_shard(model)
-            wrapped = model
-            optimizer = torch.optim.AdamW(model.parameters(), lr=job.lr, weight_decay=0.0)
-        else:
-            wrapped = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-            if strategy == "zero":
-                optimizer = ZeroRedundancyOptimizer(model.parameters(), optimizer_class=torch.optim.AdamW,
-                                                    lr=job.lr, weight_decay=0.0)
-            else:
-                optimizer = torch.optim.AdamW(model.parameters(), lr=job.lr, weight_decay=0.0)
-        out: dict[str, Any] = {"losses": []}
+        model, wrapped, optimizer = _build(job, strategy, device)
+        out: dict[str, Any] = {"losses": [], "allreduce_calls": []}
+        calls = [0]
+        if strategy != "fsdp":
+            wrapped.register_comm_hook(calls, _counting_allreduce)
         first = True
         for epoch in range(job.epochs):
             sampler.set_epoch(epoch)
             for x, y in loader:
                 optimizer.zero_grad(set_to_none=True)
+                step_calls = []
                 for i, (xm, ym) in enumerate(zip(x.chunk(k), y.chunk(k), strict=True)):
+                    calls[0] = 0
                     last = i == k - 1
                     if strategy == "fsdp":
                         model.set_requires_gradient_sync(last)
@@ -429,32 +517,26 @@ def parallel_train(
                         loss = wrapped(xm.to(device), ym.to(device)).loss
                         (loss / k).backward()  # equal micro-batches: the batch mean is the mean of the means
                     out["losses"].append(loss.item())
+                    step_calls.append(calls[0])
                 if first and strategy == "ddp":
                     out["grads_after_sync"] = {n: p.grad.detach().cpu().clone() for n, p in model.named_parameters()}
                 first = False
+                out["allreduce_calls"].append(step_calls)
                 optimizer.step()
-        params = list(model.parameters())
-        out["param_bytes"] = _local_bytes(params)
-        out["grad_bytes"] = _local_bytes(p.grad for p in params if p.grad is not None)
-        state = optimizer.optim.state if strategy == "zero" else optimizer.state
-        out["optimizer_state_bytes"] = _local_bytes(v for s in state.values() for v in s.values())
+        out.update(_state_bytes(model, optimizer, strategy))
         out["params"] = {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().cpu().clone()
                          for n, p in model.named_parameters()}
-        if strategy == "ddp":  # rank 0 writes, the others wait at the barrier, then everyone reads
-            path = os.path.join(checkpoint_dir, "model.pt")
-            out["wrote_checkpoint"] = rank == 0
-            if rank == 0:
-                os.makedirs(checkpoint_dir, exist_ok=True)
-                torch.save(model.state_dict(), path)
-            dist.barrier()
-            set_seed(job.seed + 1)  # different initial weights, so that loading must overwrite them
-            fresh = GPT(job.config).to(device=device, dtype=job.dtype)
-            fresh.load_state_dict(torch.load(path, map_location=device, weights_only=True))
-            out["loaded_equal"] = all(torch.equal(a, b) for a, b in zip(fresh.parameters(), model.parameters(),
-                                                                        strict=True))
-            dist.barrier()  # nobody leaves (and nobody deletes the folder) before every rank has read the file
+        if strategy == "ddp":
+            out.update(_checkpoint_roundtrip(job, model, rank, checkpoint_dir, device))
         report[strategy] = out
     return report
+
+
+def _check_rows(fn: str, job: ParallelJob, world_size: int) -> None:
+    n, step = job.inputs.shape[0], world_size * job.batch_size
+    if n < step or n % step:
+        raise ValueError(f"{fn}: the job's n={n} rows must be a positive multiple of world_size * batch_size = "
+                         f"{world_size} * {job.batch_size} (DistributedSampler would pad with repeated rows)")
 
 
 @dataclass
@@ -471,8 +553,8 @@ def run_parallel(
 ) -> ParallelResult:
     """Run ``job`` in ``world_size`` new gloo processes on this machine, as :func:`run_ddp` does.
 
-    The dataset's rows must divide into ``world_size * batch_size`` per step (so that every rank
-    takes the same number of equal steps and no rank's sampler pads with repeated rows).
+    The dataset's rows must be a positive multiple of ``world_size * batch_size`` (so that every
+    rank takes the same number of equal steps and no rank's sampler pads with repeated rows).
     """
     fn = "run_parallel"
     if not isinstance(job, ParallelJob):
@@ -480,34 +562,44 @@ def run_parallel(
     if job.backend != "gloo":
         raise ValueError(f"{fn}: processes on this machine use the gloo backend (CPU); got backend={job.backend!r}")
     start_method = _check_launch(fn, world_size, timeout_s, start_method)
-    n = job.inputs.shape[0]
-    if n % (world_size * job.batch_size):
-        raise ValueError(f"{fn}: {n} rows do not divide into steps of world_size * batch_size = "
-                         f"{world_size} * {job.batch_size}")
+    _check_rows(fn, job, world_size)
     reports, files = _launch(fn, job, world_size, timeout_s, start_method)
     return ParallelResult(reports, files)
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point for ``torchrun -m mmbook.distributed``: DDP training of a small GPT on random tokens.
+    """Entry point for ``torchrun -m mmbook.distributed``: a small GPT trained data-parallel on random tokens.
 
     Reads ``RANK``, ``LOCAL_RANK`` and ``WORLD_SIZE`` from the environment ``torchrun`` sets;
     uses ``nccl`` and GPU ``LOCAL_RANK`` when CUDA is available, else ``gloo`` on the CPU.
-    Rank 0 prints the loss of each step. Returns the exit status.
+    Runs :func:`parallel_train` (the chapter's sampler, ``no_sync`` accumulation, rank-0
+    checkpoint, ZeRO-1 and FSDP2) for each ``--strategy``; rank 0 prints the loss of each step
+    and every rank's bytes. Returns the exit status.
     """
     parser = argparse.ArgumentParser(prog="python -m mmbook.distributed", description=main.__doc__)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--batch-size", type=int, default=8, help="global batch (rows), split over the ranks")
     parser.add_argument("--seq-len", type=int, default=64)
+    parser.add_argument("--accumulation-steps", type=int, default=1, help="micro-batches per rank and step")
     parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--strategy", nargs="+", choices=_STRATEGIES, default=["ddp"],
+                        help="one or more of ddp, zero (ZeRO-1), fsdp (FSDP2), trained one after another")
+    parser.add_argument("--checkpoint-dir", default="checkpoints",
+                        help="folder for rank 0's checkpoint (ddp); every rank must be able to read it")
     args = parser.parse_args(argv)
     for flag, value in (("--steps", args.steps), ("--batch-size", args.batch_size), ("--seq-len", args.seq_len),
-                        ("--lr", args.lr)):
+                        ("--accumulation-steps", args.accumulation_steps), ("--lr", args.lr)):
         if not value > 0 or value == float("inf"):
             parser.error(f"{flag} must be positive, got {value}")
+    if len(set(args.strategy)) < len(args.strategy):
+        parser.error(f"--strategy names must be distinct, got {args.strategy}")
     if "RANK" not in os.environ:
         parser.error("run me under torchrun, e.g. torchrun --standalone --nproc_per_node=2 -m mmbook.distributed")
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    per_rank = args.batch_size // world_size
+    if args.batch_size % world_size or per_rank % args.accumulation_steps:
+        parser.error(f"--batch-size {args.batch_size} must split into {world_size} ranks of "
+                     f"--accumulation-steps {args.accumulation_steps} equal micro-batches")
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if torch.cuda.is_available():
         backend, device = "nccl", torch.device("cuda", local_rank)
@@ -517,16 +609,31 @@ def main(argv: list[str] | None = None) -> int:
     dist.init_process_group(backend, timeout=timedelta(seconds=120))
     try:
         config = GPTConfig(block_size=args.seq_len)
-        gen = torch_generator(1)  # every rank draws the same global batches
-        batches = []
-        for _ in range(args.steps):
-            tokens = torch.randint(0, config.vocab_size, (args.batch_size, args.seq_len + 1), generator=gen)
-            batches.append((tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()))
-        job = DDPJob(config, batches, lr=args.lr, dtype=torch.float32, backend=backend)
-        report = ddp_train(job, rank, world_size, device)
-        if rank == 0:
-            for step, loss in enumerate(report["losses"]):
-                print(f"step {step}: loss on rank 0's shard {loss:.4f}")
+        # every rank draws the same dataset; the sampler gives each its rows
+        tokens = torch.randint(0, config.vocab_size, (args.steps * args.batch_size, args.seq_len + 1),
+                               generator=torch_generator(1))
+        job = ParallelJob(config, tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous(), batch_size=per_rank,
+                          accumulation_steps=args.accumulation_steps, epochs=1, lr=args.lr, dtype=torch.float32,
+                          strategies=tuple(args.strategy), backend=backend)
+        report = parallel_train(job, rank, world_size, args.checkpoint_dir, device)
+        k = args.accumulation_steps
+        for strategy in args.strategy:
+            out = report[strategy]
+            held = [out["param_bytes"], out["grad_bytes"], out["optimizer_state_bytes"],
+                    out.get("wrote_checkpoint"), out.get("loaded_equal")]
+            gathered: list[Any] = [None] * world_size
+            dist.all_gather_object(gathered, held)
+            if rank == 0:
+                for step in range(args.steps):
+                    loss = sum(out["losses"][step * k:(step + 1) * k]) / k
+                    print(f"{strategy} step {step}: loss on rank 0's rows {loss:.4f}")
+                for r, (p, g, s, _, _) in enumerate(gathered):
+                    print(f"{strategy} rank {r}: parameter bytes {p:,}, gradient bytes {g:,}, "
+                          f"optimizer-state bytes {s:,}")
+                if strategy == "ddp":
+                    writers = [r for r, held in enumerate(gathered) if held[3]]
+                    print(f"ddp checkpoint model.pt: written by ranks {writers}, loaded back equal on every rank: "
+                          f"{all(held[4] for held in gathered)}")
     finally:
         dist.destroy_process_group()
     return 0
