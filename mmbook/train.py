@@ -4,9 +4,11 @@ checkpoints that let an interrupted run resume exactly where it stopped."""
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
+import random
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -271,6 +273,42 @@ def _check_checkpoint_args(fn: str, model: object, optimizer: object, scheduler:
         check_instance("generator", generator, fn, torch.Generator, "a torch.Generator or None")
 
 
+def _global_rng_states() -> dict[str, Any]:
+    """The global RNG states besides PyTorch's CPU one, as tensors and plain values (loadable with weights_only)."""
+    version, internal, gauss_next = random.getstate()
+    numpy_state = np.random.get_state(legacy=False)
+    return {
+        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+        "mps_rng": torch.mps.get_rng_state() if torch.backends.mps.is_available() else None,
+        "python_rng": {"version": version, "internal": torch.tensor(internal, dtype=torch.int64),
+                       "gauss_next": gauss_next},
+        "numpy_rng": {"key": torch.from_numpy(numpy_state["state"]["key"].astype(np.int64)),
+                      "pos": int(numpy_state["state"]["pos"]), "has_gauss": int(numpy_state["has_gauss"]),
+                      "gauss": float(numpy_state["gauss"])},
+    }
+
+
+def _restore_global_rng_states(state: dict[str, Any], fn: str, path: Path) -> None:
+    if state["cuda_rng"] is not None:
+        if not torch.cuda.is_available():
+            raise ValueError(f"{fn}: {str(path)!r} holds CUDA RNG states but CUDA is not available here; "
+                             "a resumed run would draw different dropout masks")
+        if len(state["cuda_rng"]) != torch.cuda.device_count():
+            raise ValueError(f"{fn}: {str(path)!r} holds the RNG states of {len(state['cuda_rng'])} CUDA devices, "
+                             f"this machine has {torch.cuda.device_count()}")
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
+    if state["mps_rng"] is not None:
+        if not torch.backends.mps.is_available():
+            raise ValueError(f"{fn}: {str(path)!r} holds an MPS RNG state but MPS is not available here")
+        torch.mps.set_rng_state(state["mps_rng"])
+    py = state["python_rng"]
+    random.setstate((py["version"], tuple(int(v) for v in py["internal"].tolist()), py["gauss_next"]))
+    npy = state["numpy_rng"]
+    np.random.set_state({"bit_generator": "MT19937",
+                         "state": {"key": npy["key"].numpy().astype(np.uint32), "pos": npy["pos"]},
+                         "has_gauss": npy["has_gauss"], "gauss": npy["gauss"]})
+
+
 def save_checkpoint(path: str | Path, *, model: nn.Module, optimizer: torch.optim.Optimizer, step: int,
                     scheduler: Any | None = None, generator: torch.Generator | None = None) -> Path:
     """Write everything a training run needs to continue exactly: weights, optimizer state, step, RNG states.
@@ -278,8 +316,13 @@ def save_checkpoint(path: str | Path, *, model: nn.Module, optimizer: torch.opti
     Saved: ``model.state_dict()``, ``optimizer.state_dict()`` (Adam's moment estimates and step counts, momentum
     buffers: without them the resumed run starts its averages from zero), the ``scheduler``'s state, the
     ``step`` counter, the state of ``generator`` (the ``torch.Generator`` that draws the minibatches, e.g. one from
-    :func:`mmbook.torch_generator`) and PyTorch's global CPU RNG state (dropout draws from it). The file is written
-    to a temporary name and renamed, so an interruption never leaves half a checkpoint. Returns the path.
+    :func:`mmbook.torch_generator`) and the global RNG states that :func:`mmbook.set_seed` seeds: PyTorch's CPU
+    generator (dropout on the CPU draws from it), every CUDA device's generator when CUDA is available (dropout on a
+    GPU draws from that one), the MPS generator on Apple GPUs, Python's ``random`` and NumPy's legacy global
+    ``np.random`` (augmentation code often draws from them). Not saved: other generators a program creates itself
+    (pass the one that matters as ``generator``), a ``DataLoader``'s iterator position, and cuDNN's choice of
+    algorithms. The file is written to a temporary name and renamed, so an interruption never leaves half a
+    checkpoint. Returns the path.
     """
     fn = "save_checkpoint"
     _check_checkpoint_args(fn, model, optimizer, scheduler, generator)
@@ -293,6 +336,7 @@ def save_checkpoint(path: str | Path, *, model: nn.Module, optimizer: torch.opti
         "scheduler": scheduler.state_dict() if scheduler is not None else None,
         "generator": generator.get_state() if generator is not None else None,
         "torch_rng": torch.get_rng_state(),
+        **_global_rng_states(),
     }
     tmp = path.with_name(path.name + ".tmp")
     torch.save(state, tmp)
@@ -305,8 +349,10 @@ def load_checkpoint(path: str | Path, *, model: nn.Module, optimizer: torch.opti
     """Restore a :func:`save_checkpoint` file into freshly built objects, in place; return the saved step.
 
     Pass the same kinds of objects that were saved: a ``scheduler`` or ``generator`` given here must have been
-    saved (and the other way round), or the resumed run would silently differ. PyTorch's global CPU RNG state is
-    restored too. The file is read with ``weights_only=True`` (no arbitrary code runs).
+    saved (and the other way round), or the resumed run would silently differ. The global RNG states are restored
+    too: PyTorch's CPU generator, the CUDA (or MPS) generators if they were saved (resuming a GPU run on a machine
+    without that GPU is refused), Python's ``random`` and NumPy's ``np.random``. The file is read with
+    ``weights_only=True`` (no arbitrary code runs).
     """
     fn = "load_checkpoint"
     _check_checkpoint_args(fn, model, optimizer, scheduler, generator)
@@ -318,7 +364,8 @@ def load_checkpoint(path: str | Path, *, model: nn.Module, optimizer: torch.opti
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # a truncated or foreign file: name it
         raise ValueError(f"{fn}: {str(path)!r} is not a readable checkpoint ({type(exc).__name__}: {exc})") from exc
-    expected = {"step", "model", "optimizer", "scheduler", "generator", "torch_rng"}
+    expected = {"step", "model", "optimizer", "scheduler", "generator", "torch_rng", "cuda_rng", "mps_rng",
+                "python_rng", "numpy_rng"}
     if not isinstance(state, dict) or set(state) != expected:
         raise ValueError(f"{fn}: {str(path)!r} is not a checkpoint written by save_checkpoint")
     for name, given in (("scheduler", scheduler), ("generator", generator)):
@@ -332,4 +379,5 @@ def load_checkpoint(path: str | Path, *, model: nn.Module, optimizer: torch.opti
     if generator is not None:
         generator.set_state(state["generator"])
     torch.set_rng_state(state["torch_rng"])
+    _restore_global_rng_states(state, fn, path)
     return int(state["step"])

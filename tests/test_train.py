@@ -297,3 +297,48 @@ def test_checkpoint_bad_input(tmp_path):
     with pytest.raises(ValueError, match="load_checkpoint: the checkpoint has no generator state"):
         load_checkpoint(tmp_path / "c.pt", model=model, optimizer=opt, generator=torch.Generator())
     assert load_checkpoint(tmp_path / "c.pt", model=model, optimizer=opt) == 3
+
+
+def test_checkpoint_restores_python_and_numpy_global_rngs(tmp_path):
+    import random
+
+    import numpy as np
+
+    model = nn.Linear(2, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    mmbook.set_seed(4)
+    random.gauss(0, 1)  # leaves a cached Gaussian in Python's state
+    np.random.standard_normal()  # and one in NumPy's
+    save_checkpoint(tmp_path / "c.pt", model=model, optimizer=opt, step=0)
+    expected = (random.random(), random.gauss(0, 1), np.random.random(3), np.random.standard_normal(), torch.rand(3))
+    mmbook.set_seed(99)  # a different state everywhere
+    load_checkpoint(tmp_path / "c.pt", model=model, optimizer=opt)
+    got = (random.random(), random.gauss(0, 1), np.random.random(3), np.random.standard_normal(), torch.rand(3))
+    assert got[:2] == expected[:2]
+    np.testing.assert_array_equal(got[2], expected[2])
+    assert got[3] == expected[3]
+    assert torch.equal(got[4], expected[4])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_checkpoint_restores_the_cuda_rng(tmp_path):
+    model = nn.Linear(2, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    mmbook.set_seed(5)
+    save_checkpoint(tmp_path / "c.pt", model=model, optimizer=opt, step=0)
+    expected = torch.rand(4, device="cuda")
+    mmbook.set_seed(6)
+    load_checkpoint(tmp_path / "c.pt", model=model, optimizer=opt)
+    assert torch.equal(torch.rand(4, device="cuda"), expected)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="simulates a checkpoint from a CUDA machine")
+def test_checkpoint_from_a_gpu_run_is_refused_without_cuda(tmp_path):
+    model = nn.Linear(2, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    save_checkpoint(tmp_path / "c.pt", model=model, optimizer=opt, step=0)
+    state = torch.load(tmp_path / "c.pt", weights_only=True)
+    state["cuda_rng"] = [torch.get_rng_state()]
+    torch.save(state, tmp_path / "gpu.pt")
+    with pytest.raises(ValueError, match="gpu.pt' holds CUDA RNG states but CUDA is not available"):
+        load_checkpoint(tmp_path / "gpu.pt", model=model, optimizer=opt)
