@@ -3,8 +3,8 @@ checkpoints that let an interrupted run resume exactly where it stopped."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
 import random
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
