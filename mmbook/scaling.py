@@ -48,6 +48,7 @@ __all__ = [
     "tensor_bytes",
     "training_flops",
     "training_state_bytes",
+    "vit_flops_per_image",
     "zero_memory_per_gpu",
 ]
 
@@ -392,3 +393,35 @@ def zero_memory_per_gpu(
     shards = (k, g, p)[:stage]  # what each stage partitions, in order: optimizer state, gradients, parameters
     replicated = (k, g, p)[stage:]
     return float(sum(replicated) + sum(shards) / n_gpus)
+
+
+def vit_flops_per_image(
+    image_size: int,
+    patch_size: int,
+    d_model: int,
+    num_layers: int,
+    d_ff: int,
+    *,
+    in_channels: int = 3,
+    cls_token: bool = True,
+) -> int:
+    """Forward FLOPs of a ViT encoder on one ``image_size x image_size`` picture (chapter 16, section 9).
+
+    With ``n = (image_size / patch_size)**2`` patches, ``S = n + 1`` tokens with a class token
+    (``S = n`` without), ``C = in_channels``, ``d = d_model``, ``f = d_ff`` and ``L = num_layers``:
+    ``2 n C p**2 d`` for the patch embedding plus ``L S (8 d**2 + 4 d f + 4 S d)`` for the blocks
+    (the four attention projections, the MLP, and ``QK^T`` and ``AV``). Biases, LayerNorms,
+    softmax and the final norm are not matmuls and are not counted. The image must split into
+    whole patches.
+    """
+    fn = "vit_flops_per_image"
+    for name, value in (("image_size", image_size), ("patch_size", patch_size), ("d_model", d_model),
+                        ("num_layers", num_layers), ("d_ff", d_ff), ("in_channels", in_channels)):
+        _positive_int(name, value, fn)
+    check_bool("cls_token", cls_token, fn)
+    if image_size % patch_size:
+        raise ValueError(f"{fn}: image_size={image_size} is not a multiple of patch_size={patch_size}")
+    n = (image_size // patch_size) ** 2
+    s = n + int(cls_token)
+    patch_embedding = 2 * n * in_channels * patch_size**2 * d_model
+    return patch_embedding + num_layers * s * (8 * d_model**2 + 4 * d_model * d_ff + 4 * s * d_model)
