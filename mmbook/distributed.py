@@ -302,6 +302,8 @@ class ParallelJob:
     * ``"zero"`` — DDP with ``torch.distributed.optim.ZeroRedundancyOptimizer`` (ZeRO stage 1);
     * ``"fsdp"`` — FSDP2, ``torch.distributed.fsdp.fully_shard`` on every block and the model
       (ZeRO stage 3), gradient sync switched off for all but the last micro-batch.
+
+    All three use AdamW with ``lr`` and ``weight_decay`` (0 by default, as in :class:`DDPJob`).
     """
 
     config: GPTConfig
