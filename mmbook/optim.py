@@ -335,14 +335,15 @@ class WarmupCosine:
 
     Warm-up protects the first steps, when Adam's second-moment estimate rests on a handful of gradients and the
     weights are far from anything sensible; the cosine then anneals the step smoothly so that the last steps
-    average the noise away. Use ``torch.optim.lr_scheduler.LambdaLR(optimizer, WarmupCosine(W, T))`` and call
-    ``scheduler.step()`` after every ``optimizer.step()`` (``fit(..., scheduler_interval="step")``). It is a class,
-    not a closure, so that the scheduler's ``state_dict`` (and a checkpoint) holds its settings.
+    average the noise away; ``warmup_steps=0`` gives the cosine alone (``CosineAnnealingLR``). Use
+    ``torch.optim.lr_scheduler.LambdaLR(optimizer, WarmupCosine(W, T))`` and call ``scheduler.step()`` after every
+    ``optimizer.step()`` (``fit(..., scheduler_interval="step")``). It is a class, not a closure, so that the
+    scheduler's ``state_dict`` (and a checkpoint) holds its settings.
     """
 
     def __init__(self, warmup_steps: int, total_steps: int, min_factor: float = 0.0) -> None:
         fn = "WarmupCosine"
-        check_int("warmup_steps", warmup_steps, fn, 1)
+        check_int("warmup_steps", warmup_steps, fn, 0)
         check_int("total_steps", total_steps, fn, 1)
         if total_steps <= warmup_steps:
             raise ValueError(f"{fn}: total_steps must be larger than warmup_steps, got total_steps={total_steps}, "

@@ -238,11 +238,25 @@ def test_warmup_cosine_matches_torch_schedulers():
     assert "scheduler" not in repr(schedule) and "warmup_steps=4" in repr(schedule)
 
 
+def test_warmup_cosine_without_warmup_is_cosine_annealing():
+    from torch.optim.lr_scheduler import CosineAnnealingLR, LambdaLR
+
+    t, f_min, lr = 20, 0.1, 0.5
+    p = nn.Parameter(torch.zeros(1))
+    o1, o2 = torch.optim.SGD([p], lr=lr), torch.optim.SGD([p], lr=lr)
+    ours, ref = LambdaLR(o1, WarmupCosine(0, t, f_min)), CosineAnnealingLR(o2, T_max=t, eta_min=lr * f_min)
+    assert WarmupCosine(0, t, f_min)(0) == 1.0
+    for _ in range(t + 1):
+        assert abs(o1.param_groups[0]["lr"] - o2.param_groups[0]["lr"]) < 1e-12
+        o1.step(), o2.step()
+        ours.step(), ref.step()
+
+
 def test_warmup_cosine_bad_input():
     with pytest.raises(ValueError, match="WarmupCosine: total_steps must be larger than warmup_steps"):
         WarmupCosine(10, 10)
-    with pytest.raises(ValueError, match="WarmupCosine: warmup_steps must be a positive int, got 0"):
-        WarmupCosine(0, 10)
+    with pytest.raises(ValueError, match="WarmupCosine: warmup_steps must be an int >= 0, got -1"):
+        WarmupCosine(-1, 10)
     with pytest.raises(TypeError, match="WarmupCosine: total_steps must be an int"):
         WarmupCosine(2, 10.0)
     with pytest.raises(ValueError, match=r"WarmupCosine: min_factor must be in \[0, 1\], got 2"):
