@@ -193,6 +193,8 @@ def paged_forward(model: Decoder, new_tokens: list[list[int]], seq_ids: list[int
     if len(new_tokens) != len(seq_ids) or not new_tokens or any(len(t) < 1 for t in new_tokens):
         raise ValueError(f"{fn}: need one non-empty token list per sequence id, got {len(new_tokens)} lists for "
                          f"{len(seq_ids)} ids")
+    for i, toks in enumerate(new_tokens):  # an id outside the vocabulary would fail deep inside nn.Embedding
+        check_ids(f"new_tokens[{i}]", torch.as_tensor(toks), fn, model.config.vocab_size, 1, "(n,)")
     device = model.embed_tokens.weight.device
     if len(set(seq_ids)) != len(seq_ids):
         raise ValueError(f"{fn}: seq_ids must be distinct, got {seq_ids}")
@@ -285,7 +287,7 @@ def continuous_batching_generate(model: Decoder, prompts: list[list[int]], max_n
     steps = peak = 0
     committed = 0  # worst-case blocks of the running sequences
     schedule: list[tuple[int, ...]] = []
-    was_training = model.training
+    was = {m: m.training for m in model.modules()}  # restored per module (modes may be mixed)
     model.eval()
     try:
         while waiting or running:
@@ -308,5 +310,6 @@ def continuous_batching_generate(model: Decoder, prompts: list[list[int]], max_n
                     cache.free(s)
                     committed -= worst[s]
     finally:
-        model.train(was_training)
+        for m, mode in was.items():
+            m.training = mode
     return BatchResult(out, steps, peak, tuple(schedule))

@@ -102,6 +102,18 @@ def test_paged_forward_failure_takes_nothing():
     assert cache.free_blocks == [0, 1] and cache.lengths == {0: 0, 1: 0}
     with pytest.raises(ValueError, match="distinct"):
         paged_forward(m, [[1], [2]], [0, 0], cache)
+    for bad in (40, -1):  # a token id outside [0, vocab_size): named, and nothing is reserved
+        with pytest.raises(ValueError, match=r"new_tokens\[1\] must lie in \[0, 40\)"):
+            paged_forward(m, [[1], [2, bad]], [0, 1], cache)
+        assert cache.free_blocks == [0, 1] and cache.lengths == {0: 0, 1: 0}
+
+
+def test_continuous_batching_restores_mixed_modes():
+    m = _model()
+    m.train()
+    m.layers[0].eval()  # mixed per-module modes survive the call
+    continuous_batching_generate(m, [[1, 2]], 2)
+    assert m.training and not m.layers[0].training and m.layers[1].training
 
 
 def test_pool_too_small_for_all_at_once_finishes_every_request():
