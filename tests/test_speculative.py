@@ -72,6 +72,22 @@ def test_greedy_speculative_equals_target_greedy(k):
     assert same.accepted == same.checked == same.proposed and torch.equal(same.tokens, res.tokens)
 
 
+def test_greedy_speculative_equals_target_greedy_with_rejections():
+    # a draft that disagrees with the target (the target's weights scaled by 4, the draft keeps layer 0 only): the
+    # rejection branch (the target's argmax replaces the draft's token, both caches are cut) must run and still
+    # give the target's greedy tokens
+    m = _decoder()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.mul_(4.0)
+    draft = layer_skip_draft(m, [0])
+    idx = torch.tensor([[1, 5, 7]])
+    for k in (1, 2, 4):
+        res = speculative_generate(m, draft, idx, 12, k)
+        assert torch.equal(res.tokens, m.generate(idx, 12))
+        assert res.accepted < res.checked, (k, res)
+
+
 def test_layer_skip_draft_shares_weights():
     m = _decoder()
     d = layer_skip_draft(m, [1, 3])
