@@ -231,3 +231,19 @@ def test_accumulate_gradients_range_checks_targets():
             accumulate_gradients(mmbook_model, idx, torch.full((2, 4), bad), 1)
     with pytest.raises(TypeError, match="count_parameters: trainable_only must be True or False, got str"):
         count_parameters(mmbook_model, trainable_only="yes")
+
+
+def test_vit_flops_per_image_by_hand():
+    """2 FLOPs per multiply-add: patch embedding, then per layer QKV, scores, weighted values, output and MLP."""
+    from mmbook.scaling import vit_flops_per_image
+
+    def by_hand(n, d=64, f=256, layers=2, patch_pixels=4 * 4 * 3, patches=64):
+        per_layer = 2 * n * d * 3 * d + 2 * 2 * n * n * d + 2 * n * d * d + 2 * 2 * n * d * f
+        return 2 * patches * patch_pixels * d + layers * per_layer
+
+    assert vit_flops_per_image(32, 4, 64, 2, 256) == by_hand(65) == 15_335_936  # 64 patches + the class token
+    assert vit_flops_per_image(32, 4, 64, 2, 256, cls_token=False) == by_hand(64) == 15_073_280
+    with pytest.raises(ValueError, match="not a multiple of patch_size"):
+        vit_flops_per_image(30, 4, 64, 2, 256)
+    with pytest.raises(TypeError, match="cls_token must be True or False"):
+        vit_flops_per_image(32, 4, 64, 2, 256, cls_token="no")
