@@ -11,7 +11,8 @@ Notation: a prompt :math:`x`, responses :math:`y`, a reward :math:`r(x, y)`, a r
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -26,9 +27,10 @@ from mmbook.checks import (
     check_tensor,
     positive_int,
 )
+from mmbook.core import torch_generator
 
-__all__ = ["DPOOutput", "RewardModel", "bradley_terry_loss", "dpo_loss", "kl_optimal_policy", "sequence_logprob",
-           "token_logprobs"]
+__all__ = ["DPOOutput", "RewardModel", "bradley_terry_loss", "dpo_loss", "dpo_train", "kl_optimal_policy",
+           "sequence_logprob", "token_logprobs"]
 
 
 def bradley_terry_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor) -> torch.Tensor:
@@ -148,3 +150,56 @@ def sequence_logprob(model: nn.Module, ids: torch.Tensor, response_mask: torch.T
         raise ValueError(f"{fn}: response_mask must be False at position 0 (the first token has no prediction)")
     logp = token_logprobs(model, ids)
     return (logp * response_mask[:, 1:].to(logp.dtype)).sum(-1)
+
+
+def dpo_train(policy: nn.Module, chosen: torch.Tensor, rejected: torch.Tensor, ref_chosen: torch.Tensor,
+              ref_rejected: torch.Tensor, *, response_mask: torch.Tensor, steps: int, batch: int, lr: float,
+              beta: float, seed: int = 0, evaluate: Callable[[nn.Module], Any] | None = None,
+              eval_every: int = 10) -> dict[str, list]:
+    """Offline DPO: ``steps`` Adam steps on minibatches of ``batch`` pairs drawn with replacement (a generator
+    seeded by ``seed``) from the sequences ``chosen`` / ``rejected`` ``(N, T)``, whose frozen reference
+    log-probabilities ``ref_chosen`` / ``ref_rejected`` ``(N,)`` were computed once (:func:`sequence_logprob`
+    with ``response_mask`` ``(N, T)``). ``evaluate(policy)``, if given, runs before training and every
+    ``eval_every`` steps. Returns ``{"loss", "chosen_reward", "rejected_reward"}`` per step (the batch means of
+    :func:`dpo_loss`'s implicit rewards) and ``{"eval_step", "eval"}``."""
+    fn = "dpo_train"
+    check_instance("policy", policy, fn, nn.Module, "a torch.nn.Module")
+    check_tensor("chosen", chosen, fn, "int", 2, "(N, T)")
+    check_tensor("rejected", rejected, fn, "int", 2, "(N, T)")
+    check_tensor("response_mask", response_mask, fn, "bool", 2, "(N, T)")
+    check_same_shape(fn, chosen=chosen, rejected=rejected, response_mask=response_mask)
+    check_float_tensor("ref_chosen", ref_chosen, fn, 1, "(N,)", finite=True)
+    check_float_tensor("ref_rejected", ref_rejected, fn, 1, "(N,)", finite=True)
+    if ref_chosen.shape[0] != chosen.shape[0] or ref_rejected.shape[0] != chosen.shape[0] or chosen.shape[0] == 0:
+        raise ValueError(f"{fn}: ref_chosen and ref_rejected must hold one log-probability per pair "
+                         f"({chosen.shape[0]} pairs, at least one), got {tuple(ref_chosen.shape)} and "
+                         f"{tuple(ref_rejected.shape)}")
+    steps, batch, eval_every = (positive_int(n, v, fn) for n, v in (("steps", steps), ("batch", batch),
+                                                                     ("eval_every", eval_every)))
+    lr = check_number("lr", lr, fn, 0.0, low_open=True)
+    beta = check_number("beta", beta, fn, 0.0, low_open=True)
+    if evaluate is not None and not callable(evaluate):
+        raise TypeError(f"{fn}: evaluate must be a callable evaluate(policy) or None, got {type(evaluate).__name__}")
+    opt = torch.optim.Adam(policy.parameters(), lr=lr)
+    gen = torch_generator(seed)
+    hist: dict[str, list] = {"loss": [], "chosen_reward": [], "rejected_reward": [], "eval_step": [], "eval": []}
+    if evaluate is not None:
+        hist["eval_step"].append(0)
+        hist["eval"].append(evaluate(policy))
+    for step in range(1, steps + 1):
+        idx = torch.randint(0, chosen.shape[0], (batch,), generator=gen)
+        policy.train()
+        out = dpo_loss(sequence_logprob(policy, chosen[idx], response_mask[idx]),
+                       sequence_logprob(policy, rejected[idx], response_mask[idx]),
+                       ref_chosen[idx], ref_rejected[idx], beta=beta)
+        opt.zero_grad()
+        out.loss.backward()
+        opt.step()
+        hist["loss"].append(out.loss.item())
+        hist["chosen_reward"].append(out.chosen_rewards.mean().item())
+        hist["rejected_reward"].append(out.rejected_rewards.mean().item())
+        if evaluate is not None and step % eval_every == 0:
+            hist["eval_step"].append(step)
+            hist["eval"].append(evaluate(policy))
+    policy.eval()
+    return hist

@@ -32,7 +32,7 @@ from mmbook.preference import token_logprobs
 __all__ = ["VOCAB", "TrainHistory", "addition_problems", "addition_reward", "decode", "encode", "format_answer",
            "format_prompt",
            "generate_answers", "group_advantages", "grpo_loss", "grpo_train", "kl_k3", "majority_vote",
-           "parity_answer", "parity_problems", "parity_prompt", "parity_reward",
+           "noisy_parity_trace", "parity_answer", "parity_problems", "parity_prompt", "parity_reward",
            "pass_at_k", "ppo_clip_loss", "reinforce_loss", "sequence_kl", "train_answers"]
 
 VOCAB = "0123456789+=,"
@@ -270,6 +270,22 @@ def parity_answer(bits: Sequence[int], scratchpad: bool = False) -> str:
         running ^= b
         out.append(str(running))
     return "".join(out) if scratchpad else out[-1]
+
+
+def noisy_parity_trace(bits: Sequence[int], p: float, generator: torch.Generator) -> str:
+    """A noisy teacher's scratchpad for ``bits``: the running parity, each written step flipped with probability
+    ``p`` (one ``torch.rand`` draw from ``generator`` per bit). The trace goes on from what was written, so the
+    last token (the answer) is the parity of the corrupted trace: wrong when an odd number of steps was flipped."""
+    fn = "noisy_parity_trace"
+    _check_bits(bits, fn)
+    p = check_number("p", p, fn, 0.0, 1.0)
+    check_instance("generator", generator, fn, torch.Generator, "a torch.Generator")
+    running, out = 0, []
+    for b in bits:
+        running ^= b
+        running ^= int(torch.rand((), generator=generator).item() < p)
+        out.append(str(running))
+    return "".join(out)
 
 
 def parity_reward(texts: Sequence[str], problems: Sequence[Sequence[int]]) -> torch.Tensor:

@@ -89,3 +89,48 @@ def test_sequence_logprob_sums_the_response_tokens():
         sequence_logprob(model, ids, mask[:, :3])
     with pytest.raises(ValueError, match="at least 2"):
         token_logprobs(model, ids[:, :1])
+
+
+def _dpo_setup():
+    mmbook.set_seed(0)
+    model = Decoder(DecoderConfig(vocab_size=5, max_seq_len=4, n_layer=1, n_head=2, d_model=8))
+    ref = Decoder(DecoderConfig(vocab_size=5, max_seq_len=4, n_layer=1, n_head=2, d_model=8))
+    ref.load_state_dict(model.state_dict())
+    chosen = torch.tensor([[0, 1, 2], [3, 1, 2]])
+    rejected = torch.tensor([[0, 4, 4], [3, 4, 4]])
+    mask = torch.tensor([[False, True, True]] * 2)
+    with torch.no_grad():
+        rc, rr = (sequence_logprob(ref, s, mask) for s in (chosen, rejected))
+    return model, chosen, rejected, rc, rr, mask
+
+
+def test_dpo_train_widens_the_margin_and_records_the_implicit_rewards():
+    from mmbook.preference import dpo_train
+
+    model, chosen, rejected, rc, rr, mask = _dpo_setup()
+    calls = []
+    hist = dpo_train(model, chosen, rejected, rc, rr, response_mask=mask, steps=20, batch=2, lr=1e-2, beta=0.5,
+                     seed=0, evaluate=lambda m: calls.append(1) or len(calls), eval_every=10)
+    assert len(hist["loss"]) == len(hist["chosen_reward"]) == len(hist["rejected_reward"]) == 20
+    assert hist["eval_step"] == [0, 10, 20] and hist["eval"] == [1, 2, 3]
+    assert abs(hist["loss"][0] - math.log(2)) < 1e-6  # policy = reference at the first step
+    assert hist["loss"][-1] < hist["loss"][0]
+    assert hist["chosen_reward"][-1] - hist["rejected_reward"][-1] > 0
+    assert not model.training
+
+
+def test_dpo_train_rejects_bad_input():
+    from mmbook.preference import dpo_train
+
+    model, chosen, rejected, rc, rr, mask = _dpo_setup()
+    kw = {"response_mask": mask, "steps": 2, "batch": 2, "lr": 1e-2, "beta": 0.5}
+    with pytest.raises(ValueError, match="dpo_train"):
+        dpo_train(model, chosen, rejected[:1], rc, rr, **kw)
+    with pytest.raises(ValueError, match="dpo_train.*ref_chosen"):
+        dpo_train(model, chosen, rejected, rc[:1], rr, **kw)
+    with pytest.raises(ValueError, match="dpo_train.*beta"):
+        dpo_train(model, chosen, rejected, rc, rr, **{**kw, "beta": 0.0})
+    with pytest.raises(TypeError, match="dpo_train.*evaluate"):
+        dpo_train(model, chosen, rejected, rc, rr, **kw, evaluate=3)
+    with pytest.raises(ValueError, match="dpo_train.*ref_rejected"):
+        dpo_train(model, chosen, rejected, rc, torch.tensor([0.0, float("nan")]), **kw)

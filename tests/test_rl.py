@@ -214,3 +214,28 @@ def test_grpo_train_takes_a_reward_and_a_prompt_function():
     with pytest.raises(ValueError, match="same length"):
         grpo_train(model, ref, [(0, 1), (0, 1, 1)], steps=1, n_prompts=1, group=2, n_new=2, lr=1e-4,
                    prompt_fn=parity_prompt, reward_fn=parity_reward)
+
+
+def test_noisy_parity_trace_flips_steps_at_rate_p_and_the_answer_follows_the_trace():
+    from mmbook.rl import noisy_parity_trace
+
+    bits = (1, 0, 1, 1, 0, 0, 1, 0)
+    assert noisy_parity_trace(bits, 0.0, mmbook.torch_generator(0)) == parity_answer(bits, scratchpad=True)
+    assert noisy_parity_trace(bits, 1.0, mmbook.torch_generator(0)) == "".join(
+        str(int(c) ^ (i % 2 == 0)) for i, c in enumerate(parity_answer(bits, scratchpad=True)))
+    gen = mmbook.torch_generator(1)
+    traces = [noisy_parity_trace(bits, 0.1, gen) for _ in range(2000)]
+    slips = sum(ch != str(int(prev) ^ b) for t in traces for prev, ch, b in zip("0" + t[:-1], t, bits, strict=True))
+    rate = slips / (8 * len(traces))
+    assert abs(rate - 0.1) < 4 * (0.1 * 0.9 / (8 * len(traces))) ** 0.5, rate
+
+
+def test_noisy_parity_trace_rejects_bad_input():
+    from mmbook.rl import noisy_parity_trace
+
+    with pytest.raises(ValueError, match="noisy_parity_trace.*bits"):
+        noisy_parity_trace((0, 2), 0.1, mmbook.torch_generator(0))
+    with pytest.raises(ValueError, match="noisy_parity_trace.*p"):
+        noisy_parity_trace((0, 1), 1.5, mmbook.torch_generator(0))
+    with pytest.raises(TypeError, match="noisy_parity_trace.*generator"):
+        noisy_parity_trace((0, 1), 0.1, 0)
