@@ -153,7 +153,8 @@ def layer_skip_draft(model: Decoder, keep: Sequence[int]) -> Decoder:
     The embedding, the final norm and the output layer are shared too, so per token the draft reads the kept
     layers *and* the whole output layer: its cost is ``(bytes of the kept layers + output layer) / (bytes of all
     layers + output layer)``, more than ``len(keep) / n_layer``. It needs no training. The draft's module dicts
-    are its own: replacing a submodule of the draft leaves ``model`` unchanged.
+    are its own (submodules, parameters, buffers and hooks): replacing a submodule of the draft or registering a
+    hook on it leaves ``model`` unchanged.
     """
     fn = "layer_skip_draft"
     check_instance("model", model, fn, Decoder, "a Decoder")
@@ -162,8 +163,9 @@ def layer_skip_draft(model: Decoder, keep: Sequence[int]) -> Decoder:
             or keep != sorted(set(keep)):
         raise ValueError(f"{fn}: keep must be increasing layer indices in [0, {model.config.n_layer}), got {keep}")
     draft = copy.copy(model)  # shallow: shares every parameter tensor and submodule ...
-    for attr in ("_modules", "_parameters", "_buffers"):  # ... but not the dicts that hold them
-        setattr(draft, attr, dict(getattr(model, attr)))
+    for attr, value in vars(model).items():  # ... but not the dicts that hold them, nor the hook dicts
+        if isinstance(value, dict):
+            setattr(draft, attr, type(value)(value))
     draft.layers = nn.ModuleList(model.layers[i] for i in keep)
     draft.config = copy.copy(model.config)
     draft.config.n_layer = len(keep)

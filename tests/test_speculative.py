@@ -147,6 +147,12 @@ def test_layer_skip_draft_leaves_target_alone():
     m.eval()
     speculative_generate(m, d, torch.tensor([[1, 2]]), 3, 2)
     assert not any(mod.training for mod in m.modules())
+    calls = []
+    d.register_forward_hook(lambda *a: calls.append(1))  # a hook on the draft ...
+    m(torch.tensor([[1, 2]]))
+    assert calls == []  # ... does not fire on the target
+    d(torch.tensor([[1, 2]]))
+    assert calls == [1]
 
 
 def test_vocab_mismatch():
