@@ -1,12 +1,13 @@
 """Weight quantization: absmax and zero-point integers, per tensor, per channel and per group, and an int8 layer.
 
-A ``b``-bit quantizer stores each weight as an integer code ``q`` and a few floating-point numbers shared by a
+A ``b``-bit quantizer stores each weight as an integer code ``n`` and a few floating-point numbers shared by a
 *group* of weights (the whole tensor, one output channel, or ``group_size`` consecutive weights of a row):
 
-* **absmax** (symmetric): ``s = max|w| / (2^(b-1) - 1)``, ``q = round(w / s)`` in ``[-(2^(b-1) - 1), 2^(b-1) - 1]``,
-  ``w_hat = s q``;
-* **zero-point** (affine, asymmetric): ``s = (max w - min w) / (2^b - 1)``, ``z = round(-min w / s)``,
-  ``q = clamp(round(w / s) + z, 0, 2^b - 1)``, ``w_hat = s (q - z)``.
+* **absmax** (symmetric): ``s = max|w| / (2^(b-1) - 1)``, ``n = round(w / s)`` in ``[-(2^(b-1) - 1), 2^(b-1) - 1]``,
+  ``w_hat = s n``;
+* **zero-point** (affine, asymmetric), on the range widened to contain 0, ``w_lo = min(min w, 0)`` and
+  ``w_hi = max(max w, 0)`` (so that 0 is exact): ``s = (w_hi - w_lo) / (2^b - 1)``, ``z = round(-w_lo / s)``,
+  ``n = clamp(round(w / s) + z, 0, 2^b - 1)``, ``w_hat = s (n - z)``.
 
 In both, every weight of a group is reconstructed to within half a step: ``|w - w_hat| <= s / 2``
 (:func:`error_bound`). One large weight (an *outlier*) makes ``s`` large for its whole group, which is why smaller
