@@ -239,3 +239,25 @@ def test_noisy_parity_trace_rejects_bad_input():
         noisy_parity_trace((0, 1), 1.5, mmbook.torch_generator(0))
     with pytest.raises(TypeError, match="noisy_parity_trace.*generator"):
         noisy_parity_trace((0, 1), 0.1, 0)
+
+
+def test_sequence_kl_is_the_sequence_level_kl_by_enumeration():
+    """Averaged over every response y with weight pi(y | x), sequence_kl (the per-position full KLs along y) equals
+    KL(pi(. | x) || pi_ref(. | x)) over whole responses, computed by enumerating all V^3 of them (chain rule of KL;
+    float64 sums of 125 terms: 1e-12). A wrong direction, KL(pi_ref || pi), is far off."""
+    import itertools
+
+    mmbook.set_seed(3)
+    config = DecoderConfig(vocab_size=5, max_seq_len=8, n_layer=1, n_head=2, d_model=16)
+    policy, ref = Decoder(config).double().eval(), Decoder(config).double().eval()
+    prefix = [1, 4]
+    ys = torch.tensor(list(itertools.product(range(5), repeat=3)))
+    ids = torch.cat([torch.tensor(prefix).repeat(len(ys), 1), ys], 1)  # (125, 5): every response after the prefix
+    with torch.no_grad():
+        lp_pi, lp_ref = (token_logprobs(m, ids)[:, -3:].sum(-1) for m in (policy, ref))  # log pi(y | x), (125,)
+        exact = (lp_pi.exp() * (lp_pi - lp_ref)).sum()
+        reverse = (lp_ref.exp() * (lp_ref - lp_pi)).sum()
+        weighted = (lp_pi.exp() * sequence_kl(policy, ref, ids, 3)).sum()
+    assert abs(lp_pi.exp().sum().item() - 1) < 1e-12  # the 125 responses are all there is
+    torch.testing.assert_close(weighted, exact, rtol=1e-12, atol=1e-14)
+    assert exact.item() > 1e-3 and abs(reverse.item() - exact.item()) > 1e-4
