@@ -29,7 +29,8 @@ from torch import nn
 from mmbook.checks import check_choice, check_float_tensor, check_instance, check_int, check_int_tensor
 
 __all__ = ["SCHEMES", "Int8Linear", "QuantizedTensor", "bits_per_weight", "dequantize", "error_bound",
-           "fake_quantize", "int8_linear_reference", "int8_weight_only", "quantize", "quantize_decoder"]
+           "fake_quantize", "int8_linear_reference", "int8_weight_only", "q4_1_dequantize", "quantize",
+           "quantize_decoder"]
 
 SCHEMES = ("absmax", "zeropoint")
 
@@ -251,3 +252,25 @@ def int8_weight_only(model: nn.Module, skip: tuple[str, ...] = ("lm_head", "embe
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, Int8Linear.from_linear(linear))
     return len(targets)
+
+
+Q4_1_BLOCK_BYTES = 20  # float16 scale d, float16 minimum m, 16 bytes of 4-bit codes for 32 weights
+
+
+def q4_1_dequantize(raw: torch.Tensor) -> torch.Tensor:
+    """GGUF's Q4_1 format decoded from its raw bytes: ``raw`` is a uint8 tensor of blocks of 20 bytes, each a
+    float16 scale ``d``, a float16 minimum ``m`` and 16 bytes of 4-bit codes ``n`` (weights 0-15 of the block in
+    the low nibbles, 16-31 in the high ones). Returns the float32 weights ``w = d * n + m``, 32 per block, flat.
+    The products and sums are float32, as the ``gguf`` package computes them."""
+    fn = "q4_1_dequantize"
+    if not isinstance(raw, torch.Tensor) or raw.dtype != torch.uint8:
+        raise TypeError(f"{fn}: raw must be a uint8 tensor of the file's bytes, got "
+                        f"{getattr(raw, 'dtype', type(raw).__name__)}")
+    if raw.numel() == 0 or raw.numel() % Q4_1_BLOCK_BYTES:
+        raise ValueError(f"{fn}: raw must hold whole blocks of {Q4_1_BLOCK_BYTES} bytes, got {raw.numel()} bytes")
+    blocks = raw.reshape(-1, Q4_1_BLOCK_BYTES)
+    d = blocks[:, 0:2].contiguous().view(torch.float16).float()  # (n_blocks, 1)
+    m = blocks[:, 2:4].contiguous().view(torch.float16).float()
+    packed = blocks[:, 4:]
+    codes = torch.cat([packed & 0x0F, packed >> 4], dim=1).float()  # (n_blocks, 32)
+    return (d * codes + m).reshape(-1)

@@ -122,3 +122,24 @@ def test_bits_per_weight_integer_zero_point_and_reference_scale_shape():
     with pytest.raises(ValueError, match="x_scale"):
         int8_linear_reference(torch.zeros(2, 3, dtype=torch.long), torch.ones(3), torch.zeros(4, 3, dtype=torch.int8),
                               torch.ones(4))
+
+
+def test_q4_1_dequantize_equals_gguf_from_raw_bytes():
+    """Our decoding of Q4_1 bytes = the gguf package's dequantize, exactly (the same float32 operations), on blocks
+    gguf's own quantizer wrote; bad input is named."""
+    import numpy as np
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize as gguf_dequantize
+    from gguf.quants import quantize as gguf_quantize
+
+    from mmbook.quant import q4_1_dequantize
+
+    w = mmbook.numpy_rng(5).standard_normal((6, 64)).astype(np.float32)
+    raw = gguf_quantize(w, GGMLQuantizationType.Q4_1)  # (6, 40) bytes: two blocks per row
+    ours = q4_1_dequantize(torch.from_numpy(raw.copy()).reshape(-1)).reshape(6, 64)
+    assert torch.equal(ours, torch.from_numpy(gguf_dequantize(raw, GGMLQuantizationType.Q4_1).copy()))
+    assert (ours - torch.from_numpy(w)).abs().max() < 0.5 * (w.max() - w.min()) / 15  # within half a step
+    with pytest.raises(ValueError, match="whole blocks of 20 bytes, got 19"):
+        q4_1_dequantize(torch.zeros(19, dtype=torch.uint8))
+    with pytest.raises(TypeError, match="uint8"):
+        q4_1_dequantize(torch.zeros(20, dtype=torch.int64))
