@@ -210,6 +210,14 @@ def _log_tails(out_dir: str, world_size: int) -> str:
     return "\n".join(tails)
 
 
+def _check_local_job(fn: str, job: object, kind: type) -> None:
+    """``job`` is a ``kind`` that runs on this machine's CPU processes (the gloo backend)."""
+    if not isinstance(job, kind):
+        raise TypeError(f"{fn}: job must be a {kind.__name__}, got {type(job).__name__}")
+    if job.backend != "gloo":
+        raise ValueError(f"{fn}: processes on this machine use the gloo backend (CPU); got backend={job.backend!r}")
+
+
 def _check_launch(fn: str, world_size: int, timeout_s: float, start_method: str | None) -> str:
     if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
         raise ValueError(f"{fn}: world_size must be a positive int, got {world_size!r}")
@@ -268,10 +276,7 @@ def run_ddp(
     ``RuntimeError`` with its log.
     """
     fn = "run_ddp"
-    if not isinstance(job, DDPJob):
-        raise TypeError(f"{fn}: job must be a DDPJob, got {type(job).__name__}")
-    if job.backend != "gloo":
-        raise ValueError(f"{fn}: processes on this machine use the gloo backend (CPU); got backend={job.backend!r}")
+    _check_local_job(fn, job, DDPJob)
     start_method = _check_launch(fn, world_size, timeout_s, start_method)
     for i, (idx, _) in enumerate(job.batches):
         if idx.shape[0] % world_size:
@@ -559,10 +564,7 @@ def run_parallel(
     rank takes the same number of equal steps and no rank's sampler pads with repeated rows).
     """
     fn = "run_parallel"
-    if not isinstance(job, ParallelJob):
-        raise TypeError(f"{fn}: job must be a ParallelJob, got {type(job).__name__}")
-    if job.backend != "gloo":
-        raise ValueError(f"{fn}: processes on this machine use the gloo backend (CPU); got backend={job.backend!r}")
+    _check_local_job(fn, job, ParallelJob)
     start_method = _check_launch(fn, world_size, timeout_s, start_method)
     _check_rows(fn, job, world_size)
     reports, files = _launch(fn, job, world_size, timeout_s, start_method)
