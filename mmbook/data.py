@@ -197,15 +197,20 @@ def audio_visual_digits(
     sample_rate: int = 16000,
     duration: float = 1.0,
     snr_db: tuple[float, float] | None = (10.0, 30.0),
+    held_out_voices: Sequence[str] | None = None,
 ) -> AudioVisualDigits:
     """The audio-visual digits, one split.
 
     Images: scikit-learn's 1,797 handwritten digits (8x8, scaled to [0, 1]), split
     stratified by label with ``test_fraction`` (seeded). Speech: :func:`spoken_digit_recordings`;
     for each digit, a ``test_fraction`` share of its recordings is reserved for the test
-    split, so train and test never share a recording. Each image is paired with a random
-    recording of the same digit from its own split, and gets its own Gaussian noise at a
-    signal-to-noise ratio drawn uniformly from ``snr_db`` (``None``: clean audio).
+    split, so train and test never share a recording (they do share voices: a test recording
+    is usually spoken by a voice that also speaks the same digit in training). With
+    ``held_out_voices`` (names from :data:`mmbook.speech.VOICE_VARIANTS`) the recordings are split
+    by voice instead: the test split draws only from recordings in those voices (all of them),
+    the training split only from the others, so no voice is heard in both. Each image is paired
+    with a random recording of the same digit from its own split, and gets its own Gaussian noise
+    at a signal-to-noise ratio drawn uniformly from ``snr_db`` (``None``: clean audio).
     """
     fn = "audio_visual_digits"
     if split not in ("train", "test"):
@@ -220,6 +225,16 @@ def audio_visual_digits(
         if low > high:
             raise ValueError(f"{fn}: snr_db must be None or a (low, high) pair with low <= high, got {snr_db!r}")
     recordings_per_digit = _check_int("recordings_per_digit", recordings_per_digit, fn, 4, 1000)
+    if held_out_voices is not None:
+        from mmbook.speech import VOICE_VARIANTS
+
+        if isinstance(held_out_voices, str) or not isinstance(held_out_voices, Sequence) or not held_out_voices:
+            raise TypeError(f"{fn}: held_out_voices must be None or a non-empty sequence of voice names such as "
+                            f"['whisper'], got {held_out_voices!r}")
+        bad = [v for v in held_out_voices if v not in VOICE_VARIANTS]
+        if bad or len(set(held_out_voices)) != len(held_out_voices) or len(held_out_voices) >= len(VOICE_VARIANTS):
+            raise ValueError(f"{fn}: held_out_voices must be distinct names from {VOICE_VARIANTS}, leaving at "
+                             f"least one voice for training; got {held_out_voices!r}")
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
@@ -236,10 +251,18 @@ def audio_visual_digits(
     rec_labels = rec["labels"].numpy()
     n_test = max(1, int(round(test_fraction * recordings_per_digit)))
     pools = {}
+    held = None if held_out_voices is None else np.isin(np.array(rec["voices"]), list(held_out_voices))
     for digit in range(10):
         rows = np.flatnonzero(rec_labels == digit)
-        perm = rng.permutation(rows)
-        pools[digit] = np.sort(perm[:n_test] if split == "test" else perm[n_test:])
+        if held is None:
+            perm = rng.permutation(rows)
+            pools[digit] = np.sort(perm[:n_test] if split == "test" else perm[n_test:])
+            continue
+        pools[digit] = rows[held[rows]] if split == "test" else rows[~held[rows]]
+        if pools[digit].size == 0:
+            raise ValueError(f"{fn}: with recordings_per_digit={recordings_per_digit}, no recording of digit "
+                             f"{digit} is in the {split} voices (held_out_voices={list(held_out_voices)!r}); "
+                             f"use more recordings per digit")
     pair_rng = numpy_rng(seed * 7919 + (1 if split == "test" else 0))
     chosen = np.array([pair_rng.choice(pools[int(labels[i])]) for i in idx], dtype=np.int64)
     if snr_db is None:

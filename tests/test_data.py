@@ -16,6 +16,7 @@ from mmbook.data import (
     shapes_scenes,
     spoken_digit_recordings,
 )
+from mmbook.speech import VOICE_VARIANTS
 
 
 def test_shapes_scenes_deterministic_and_consistent():
@@ -86,6 +87,24 @@ def test_audio_visual_digits_alignment_and_disjoint_recordings():
     assert torch.equal(clean[5]["waveform"], clean.recordings[clean.recording_index[5]])
 
 
+def test_audio_visual_digits_held_out_voices():
+    # with 8 recordings per digit, recording i of digit d is spoken by VOICE_VARIANTS[(i + d) % 17]: m1 speaks a 0,
+    # f2 the digits 1-8 and f5 a 9, so these three voices give every digit a test recording
+    held = ["m1", "f2", "f5"]
+    train = audio_visual_digits("train", recordings_per_digit=8, held_out_voices=held)
+    test = audio_visual_digits("test", recordings_per_digit=8, held_out_voices=held)
+    voices = [(i + d) % 17 for d in range(10) for i in range(8)]
+    names = [VOICE_VARIANTS[v] for v in voices]
+    train_voices = {names[r] for r in train.recording_index.tolist()}
+    test_voices = {names[r] for r in test.recording_index.tolist()}
+    assert test_voices <= set(held) and not train_voices & set(held) and test_voices
+    rec_labels = torch.arange(10).repeat_interleave(8)
+    assert torch.equal(rec_labels[test.recording_index], test.labels)
+    assert torch.equal(rec_labels[train.recording_index], train.labels)
+    # the images are split as without held-out voices; only the recordings paired with them change
+    assert torch.equal(test.labels, audio_visual_digits("test", recordings_per_digit=8).labels)
+
+
 def test_audio_visual_digits_bad_input():
     with pytest.raises(ValueError, match="split must be 'train' or 'test', got 'val'"):
         audio_visual_digits("val")
@@ -93,6 +112,14 @@ def test_audio_visual_digits_bad_input():
         audio_visual_digits("train", snr_db=(30.0, 10.0))
     with pytest.raises(ValueError, match="test_fraction"):
         audio_visual_digits("train", test_fraction=0.9)
+    with pytest.raises(TypeError, match="held_out_voices must be None or a non-empty sequence"):
+        audio_visual_digits("test", held_out_voices="whisper")
+    with pytest.raises(ValueError, match=r"held_out_voices must be distinct names from .*got \['alto'\]"):
+        audio_visual_digits("test", held_out_voices=["alto"])
+    with pytest.raises(ValueError, match="held_out_voices must be distinct"):
+        audio_visual_digits("test", held_out_voices=["m1", "m1"])
+    with pytest.raises(ValueError, match="no recording of digit 0 is in the test voices"):
+        audio_visual_digits("test", recordings_per_digit=8, held_out_voices=["whisper"])
 
 
 def test_word_vocab_round_trip_and_padding():
