@@ -214,8 +214,9 @@ def speculative_generate(target: Decoder, draft: Decoder, idx: torch.Tensor, max
     if temperature > 0:
         check_instance("generator", generator, fn, torch.Generator, "a torch.Generator (temperature > 0)")
     was = {m: m.training for m in (*target.modules(), *draft.modules())}  # the two may share layers
-    target.eval()
-    draft.eval()
+    if any(was.values()):
+        target.eval()
+        draft.eval()
     tokens = idx[0].tolist()
     start = len(tokens)
     out_t = target(idx[:, :-1], use_cache=True) if idx.shape[1] > 1 else None
@@ -266,6 +267,8 @@ def speculative_generate(target: Decoder, draft: Decoder, idx: torch.Tensor, max
                            else int(torch.multinomial(probs(logit), 1, generator=generator)))
             new = new[: max_new_tokens - (n_ctx - start)]
             tokens.extend(new)
+            if len(tokens) - start >= max_new_tokens:
+                break  # done: no cache needs to follow the new tokens
             keep = len(tokens) - 1  # the last token is not yet in any cache
             t_past = _truncate(t_past, keep)
             d_past = _truncate(d_past, min(keep, d_past[0][0].shape[2]))
@@ -274,6 +277,7 @@ def speculative_generate(target: Decoder, draft: Decoder, idx: torch.Tensor, max
                           use_cache=True)
                 d_past = o.past_key_values
     finally:
-        for m, mode in was.items():
-            m.training = mode
+        if any(was.values()):
+            for m, mode in was.items():
+                m.training = mode
     return SpeculativeResult(torch.tensor([tokens], device=dev), rounds, proposed, accepted, checked)

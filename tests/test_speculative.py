@@ -162,41 +162,63 @@ def test_vocab_mismatch():
         speculative_generate(m, other, torch.tensor([[1]]), 3)
 
 
-def test_sampled_speculative_generate_has_the_target_distribution():
-    # A 5-token vocabulary and peaked logits: the first two sampled tokens (25 outcomes) must follow the target's
-    # joint p(a) p(b | a) - a chi-square goodness-of-fit test - and must be told apart from the draft's own joint.
+def test_sampled_speculative_generate_has_the_target_distribution(monkeypatch):
+    # Two one-layer float64 models on a 4-token vocabulary (the target, and a draft with other, sharper weights:
+    # acceptance about 0.5), k = 1 and 2 new tokens after a 1-token prompt: when the first draft is accepted the
+    # second token is the bonus drawn from the target's next distribution, otherwise it comes from a second round.
+    # The sampled pairs must follow the target's joint p(a) p(b | a) - a chi-square goodness-of-fit test over the
+    # 16 outcomes - and the same test must reject a wrong rule: the residual replaced by p itself (a rejected draft
+    # is then followed by a draw from p, so P(out = y) = min(p, q)(y) + (1 - alpha) p(y), not p(y)), run through
+    # speculative_generate. Its exact output distribution, enumerated, says how far it is from the target: with
+    # n = 400 draws the expected chi-square statistic is about 130 against 51 needed for p < 1e-6 (a miss has
+    # probability about 1e-5); a false alarm of the right rule at p < 1e-3 has probability 1e-3. About 3 s on one
+    # core, almost all of it in the models' forward passes (2 or 4 per draw).
     from scipy.stats import chisquare
 
-    mmbook.set_seed(0)
-    target = Decoder(DecoderConfig(vocab_size=5, n_layer=2, n_head=2, d_model=16)).double().eval()
-    with torch.no_grad():
-        for p in target.parameters():
-            p.mul_(4.0)  # far from uniform, so the draft (layer 0 only) differs from the target
-    draft = layer_skip_draft(target, [0])
-    prompt = torch.tensor([[1, 3]])
+    import mmbook.speculative as spec
 
-    def joint(model: Decoder) -> torch.Tensor:
+    def model(seed: int, scale: float) -> Decoder:
+        mmbook.set_seed(seed)
+        m = Decoder(DecoderConfig(vocab_size=4, n_layer=1, n_head=2, d_model=8)).double().eval()
         with torch.no_grad():
-            first = torch.softmax(model(prompt).logits[0, -1], -1)
-            rows = [torch.softmax(model(torch.cat([prompt, torch.tensor([[a]])], 1)).logits[0, -1], -1)
-                    for a in range(5)]
-        return first[:, None] * torch.stack(rows)  # (a, b)
+            for p in m.parameters():
+                p.mul_(scale)  # far from uniform
+        return m
 
-    p_target, p_draft = joint(target), joint(draft)
-    assert (p_target - p_draft).abs().sum() > 0.2  # the control below has something to detect
-    gen = mmbook.torch_generator(11)
-    counts = torch.zeros(5, 5)
-    n = 200
-    for _ in range(n):
-        out = speculative_generate(target, draft, prompt, 2, 2, temperature=1.0, generator=gen).tokens[0, 2:4]
-        counts[out[0], out[1]] += 1
-    keep = p_target.flatten() * n >= 5  # cells with an expected count of at least 5
-    observed = counts.flatten()[keep].double()
+    target, draft = model(0, 3.0), model(10, 8.0)
+    prompt = torch.tensor([[1]])
 
-    def p_value(expected_probs: torch.Tensor) -> float:
-        expected = expected_probs.flatten()[keep] * n
-        expected = expected * observed.sum() / expected.sum()  # the cells kept carry the same total
+    def dist(m: Decoder):
+        def next_dist(ctx: tuple[int, ...]) -> torch.Tensor:
+            with torch.no_grad():
+                return torch.softmax(m(torch.tensor([list(ctx)])).logits[0, -1], -1)
+        return next_dist
+
+    first = dist(target)((1,))
+    p_target = torch.stack([first[a] * dist(target)((1, a)) for a in range(4)]).flatten()  # (a, b) -> 4 a + b
+    assert 0.3 < float(spec.acceptance_probability(first, dist(draft)((1,)))) < 0.7  # both branches are common
+
+    def sample(n: int, seed: int) -> torch.Tensor:
+        gen = mmbook.torch_generator(seed)
+        counts = torch.zeros(16, dtype=torch.float64)
+        for _ in range(n):
+            a, b = speculative_generate(target, draft, prompt, 2, 1, temperature=1.0, generator=gen).tokens[0, 1:]
+            counts[4 * int(a) + int(b)] += 1
+        return counts
+
+    def p_value(counts: torch.Tensor, probs: torch.Tensor) -> float:
+        keep = probs * counts.sum() >= 5  # cells with an expected count of at least 5
+        observed = counts[keep]
+        expected = probs[keep] * observed.sum() / probs[keep].sum()  # the cells kept carry the same total
         return float(chisquare(observed.numpy(), expected.numpy()).pvalue)
 
-    assert p_value(p_target) > 1e-3  # the rule leaves the target's distribution (a false alarm at 0.1%)
-    assert p_value(p_draft) < 1e-6  # ... and the test has the power to reject the draft's
+    n = 400
+    assert p_value(sample(n, 11), p_target) > 1e-3  # the rule leaves the target's distribution
+    with monkeypatch.context() as mp:
+        mp.setattr(spec, "residual_distribution", lambda p, q: p)  # the wrong rule
+        wrong = spec.exact_output_distribution(dist(target), dist(draft), (1,), k=1, n=2)
+        counts_wrong = sample(n, 12)
+    p_wrong = torch.tensor([wrong.get((a, b), 0.0) for a in range(4) for b in range(4)], dtype=torch.float64)
+    assert abs(float(p_wrong.sum()) - 1) < 1e-12 and (p_wrong - p_target).abs().sum() > 0.2
+    assert p_value(counts_wrong, p_wrong) > 1e-3  # the wrong rule samples what its enumeration says ...
+    assert p_value(counts_wrong, p_target) < 1e-6  # ... and the test rejects it
