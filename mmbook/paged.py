@@ -19,7 +19,15 @@ from typing import NamedTuple
 import torch
 
 from mmbook.attention import scaled_dot_product_attention
-from mmbook.checks import check_float_tensor, check_ids, check_instance, check_int, check_int_tensor, positive_int
+from mmbook.checks import (
+    check_bool,
+    check_float_tensor,
+    check_ids,
+    check_instance,
+    check_int,
+    check_int_tensor,
+    positive_int,
+)
 from mmbook.decoder import Decoder
 from mmbook.gqa import repeat_kv
 
@@ -235,17 +243,19 @@ def paged_forward(model: Decoder, new_tokens: list[list[int]], seq_ids: list[int
 class BatchResult(NamedTuple):
     """What :func:`continuous_batching_generate` returns: the new tokens of each prompt (in prompt order), the
     number of forward passes, the largest number of blocks in use at once, and the schedule: for every step, the
-    prompt indices that ran in it (in batch order)."""
+    prompt indices that ran in it (in batch order); with ``return_logits=True``, ``logits``: for each prompt the
+    logits its tokens were chosen from, ``(n_new, vocab_size)``."""
 
     tokens: list[list[int]]
     steps: int
     peak_blocks: int
     schedule: tuple[tuple[int, ...], ...] = ()
+    logits: tuple[torch.Tensor, ...] = ()
 
 
 def continuous_batching_generate(model: Decoder, prompts: list[list[int]], max_new_tokens: int | list[int], *,
                                  max_batch: int = 4, block_size: int = 16, num_blocks: int = 64,
-                                 eos_token_id: int | None = None) -> BatchResult:
+                                 eos_token_id: int | None = None, return_logits: bool = False) -> BatchResult:
     """Greedy generation for many ragged prompts with continuous batching over a :class:`PagedKVCache`.
 
     At every step, waiting prompts join in order while fewer than ``max_batch`` sequences run *and* the pool can
@@ -256,6 +266,7 @@ def continuous_batching_generate(model: Decoder, prompts: list[list[int]], max_n
     :func:`paged_forward` runs, each sequence takes its argmax, and a sequence that reached its ``max_new_tokens``
     (a number, or one per prompt) or produced ``eos_token_id`` leaves and frees its blocks (and its reservation).
     A request whose worst case exceeds the whole pool raises ``MemoryError`` before anything runs.
+    ``return_logits=True`` also returns the logits each token was chosen from (to compare with the model alone).
     """
     fn = "continuous_batching_generate"
     model = _check_model(model, fn)
@@ -272,6 +283,7 @@ def continuous_batching_generate(model: Decoder, prompts: list[list[int]], max_n
     max_batch = positive_int("max_batch", max_batch, fn)
     if eos_token_id is not None:
         eos_token_id = check_int("eos_token_id", eos_token_id, fn, 0, model.config.vocab_size - 1)
+    return_logits = check_bool("return_logits", return_logits, fn)
     c = model.config
     cache = PagedKVCache(c.n_layer, c.kv_heads, c.attn_head_dim, block_size, num_blocks,
                          model.embed_tokens.weight.dtype, model.embed_tokens.weight.device)
@@ -284,6 +296,7 @@ def continuous_batching_generate(model: Decoder, prompts: list[list[int]], max_n
     running: list[int] = []
     pending: dict[int, list[int]] = {}
     out: list[list[int]] = [[] for _ in prompts]
+    rows: list[list[torch.Tensor]] = [[] for _ in prompts]
     steps = peak = 0
     committed = 0  # worst-case blocks of the running sequences
     schedule: list[tuple[int, ...]] = []
@@ -302,8 +315,10 @@ def continuous_batching_generate(model: Decoder, prompts: list[list[int]], max_n
             steps += 1
             peak = max(peak, cache.blocks_in_use())
             nxt = logits.argmax(-1).tolist()
-            for s, tok in zip(list(running), nxt, strict=True):
+            for j, (s, tok) in enumerate(zip(list(running), nxt, strict=True)):
                 out[s].append(tok)
+                if return_logits:
+                    rows[s].append(logits[j])
                 pending[s] = [tok]
                 if len(out[s]) >= limits[s] or (eos_token_id is not None and tok == eos_token_id):
                     running.remove(s)
@@ -312,4 +327,5 @@ def continuous_batching_generate(model: Decoder, prompts: list[list[int]], max_n
     finally:
         for m, mode in was.items():
             m.training = mode
-    return BatchResult(out, steps, peak, tuple(schedule))
+    return BatchResult(out, steps, peak, tuple(schedule),
+                       tuple(torch.stack(r) for r in rows) if return_logits else ())

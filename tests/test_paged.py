@@ -47,11 +47,16 @@ def test_continuous_batching_same_tokens_as_alone(kw):
     gen = mmbook.torch_generator(2)
     prompts = [torch.randint(0, 40, (n,), generator=gen).tolist() for n in (3, 9, 1, 6, 4)]
     limits = [5, 2, 7, 3, 4]
-    res = continuous_batching_generate(m, prompts, limits, max_batch=2, block_size=4, num_blocks=16)
-    for p, n, got in zip(prompts, limits, res.tokens, strict=True):
-        alone = m.generate(torch.tensor([p]), n)[0, len(p):].tolist()
-        assert got == alone
+    res = continuous_batching_generate(m, prompts, limits, max_batch=2, block_size=4, num_blocks=16,
+                                       return_logits=True)
+    for p, n, got, logits in zip(prompts, limits, res.tokens, res.logits, strict=True):
+        full = m.generate(torch.tensor([p]), n)
+        assert got == full[0, len(p):].tolist()
+        # the logits each token was chosen from: the model alone's at the same positions (float64)
+        with torch.no_grad():
+            torch.testing.assert_close(logits, m(full[:, :-1]).logits[0, len(p) - 1:], rtol=0, atol=1e-10)
     assert res.steps < sum(limits)
+    assert continuous_batching_generate(m, prompts, limits, max_batch=2, block_size=4, num_blocks=16).logits == ()
 
 
 def test_bad_input():
@@ -71,6 +76,8 @@ def test_bad_input():
         continuous_batching_generate(m, [[1, 99]], 3)
     with pytest.raises(TypeError, match="model"):
         continuous_batching_generate("gpt", [[1]], 3)
+    with pytest.raises(TypeError, match="return_logits"):
+        continuous_batching_generate(m, [[1]], 3, return_logits=1)
 
 
 def test_schedule_staggered_and_admission_by_free_blocks():
