@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -18,6 +20,7 @@ from mmbook.vlm import (
     pretrained_shapes_vlm,
     shapes_vlm_examples,
     shapes_vocab,
+    train_shapes_vlm,
     train_vlm,
 )
 
@@ -201,7 +204,25 @@ def test_bad_inputs(setup):
         pretrained_shapes_vlm(-1, "cpu")
     with pytest.raises(ValueError, match="d_vision"):
         VisionLanguageModel(10, d_vision=0)
-    assert ShapesVLMRecipe().packed
+    assert ShapesVLMRecipe().packed and ShapesVLMRecipe().full_packed and ShapesVLMRecipe().full_batch_size is None
+
+
+def test_train_shapes_vlm_stage_2_packed_or_one_turn_per_example():
+    # Stage 2 trains on the packed conversations (the default) or on one turn per example; both layouts train
+    # (a tiny recipe: a few seconds). At their defaults the two stage-2 settings leave the cache key as it was.
+    from mmbook.vlm import _cache_key
+
+    cpu = torch.device("cpu")
+    assert "full_packed" not in _cache_key(0, ShapesVLMRecipe(), cpu)["recipe"]
+    assert _cache_key(0, ShapesVLMRecipe(full_packed=False), cpu)["recipe"]["full_packed"] is False
+    assert _cache_key(0, ShapesVLMRecipe(full_batch_size=64), cpu) != _cache_key(0, ShapesVLMRecipe(), cpu)
+    for full_packed in (True, False):
+        recipe = ShapesVLMRecipe(train_scenes=24, d_model=16, n_layer=1, n_head=2, d_vision=16, encoder_epochs=1,
+                                 lm_epochs=1, align_epochs=1, full_epochs=2, batch_size=8, full_batch_size=12,
+                                 full_packed=full_packed)
+        model, vocab, log = train_shapes_vlm(0, "cpu", recipe)
+        assert set(log["history"]) == {"encoder", "lm", "align", "full"} and len(log["history"]["full"]) == 2
+        assert all(math.isfinite(x) for x in log["history"]["full"]) and not model.training
 
 
 def test_pretrain_patch_encoder_does_not_depend_on_the_global_random_state(setup):
