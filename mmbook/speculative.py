@@ -176,13 +176,16 @@ class SpeculativeResult(NamedTuple):
     """What :func:`speculative_generate` returns: ``tokens`` ``(1, T + new)``, the number of target forward
     passes (``rounds``), the draft tokens proposed and accepted, and ``checked``: the draft tokens the rule
     actually judged (a round stops at its first rejection, so the drafts after it are proposed but never checked;
-    ``accepted / checked`` estimates the acceptance rate, ``accepted / proposed`` underestimates it)."""
+    ``accepted / checked`` estimates the acceptance rate, ``accepted / proposed`` underestimates it), and
+    ``draft_calls``: the draft's forward passes after its prefill (one per proposed token, plus one catch-up pass
+    after a round whose drafts were all accepted, except the last round), the count a model of the run's time needs."""
 
     tokens: torch.Tensor
     rounds: int
     proposed: int
     accepted: int
     checked: int = 0
+    draft_calls: int = 0
 
 
 def _truncate(past: list, length: int) -> list:
@@ -223,7 +226,7 @@ def speculative_generate(target: Decoder, draft: Decoder, idx: torch.Tensor, max
     t_past = out_t.past_key_values if out_t is not None else None
     d_out = draft(idx[:, :-1], use_cache=True) if idx.shape[1] > 1 else None
     d_past = d_out.past_key_values if d_out is not None else None
-    rounds = proposed = accepted = checked = 0
+    rounds = proposed = accepted = checked = draft_calls = 0
     dev = idx.device
 
     def probs(logits: torch.Tensor) -> torch.Tensor:
@@ -238,6 +241,7 @@ def speculative_generate(target: Decoder, draft: Decoder, idx: torch.Tensor, max
             for _ in range(kk):
                 o = draft(torch.tensor([[last]], device=dev), past_key_values=d_past, use_cache=True)
                 d_past = o.past_key_values
+                draft_calls += 1
                 logit = o.logits[0, -1]
                 if temperature == 0:
                     last = int(logit.argmax())
@@ -276,8 +280,9 @@ def speculative_generate(target: Decoder, draft: Decoder, idx: torch.Tensor, max
                 o = draft(torch.tensor([tokens[d_past[0][0].shape[2]:keep]], device=dev), past_key_values=d_past,
                           use_cache=True)
                 d_past = o.past_key_values
+                draft_calls += 1
     finally:
         if any(was.values()):
             for m, mode in was.items():
                 m.training = mode
-    return SpeculativeResult(torch.tensor([tokens], device=dev), rounds, proposed, accepted, checked)
+    return SpeculativeResult(torch.tensor([tokens], device=dev), rounds, proposed, accepted, checked, draft_calls)

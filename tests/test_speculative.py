@@ -88,6 +88,26 @@ def test_greedy_speculative_equals_target_greedy_with_rejections():
         assert res.accepted < res.checked, (k, res)
 
 
+def test_draft_calls_counts_the_drafts_forward_passes():
+    # a forward hook on the draft counts its calls; the prefill is one call, the rest is draft_calls
+    m = _decoder()
+    idx = torch.randint(0, 30, (1, 12), generator=mmbook.torch_generator(3))
+    for keep, k in (([0, 1, 2, 3], 2), ([0, 2], 3), ([0], 1)):
+        draft = layer_skip_draft(m, keep)
+        calls = []
+        hook = draft.register_forward_hook(lambda mod, inp, out, calls=calls: calls.append(1))
+        try:
+            res = speculative_generate(m, draft, idx, 4, k)
+        finally:
+            hook.remove()
+        assert res.draft_calls == len(calls) - 1, (keep, k, res, len(calls))
+        full_rounds = res.rounds - (res.checked - res.accepted)
+        # one catch-up pass after each round whose drafts were all accepted, except the last (the run ends there)
+        assert res.proposed + full_rounds - 1 <= res.draft_calls <= res.proposed + full_rounds, res
+    same = speculative_generate(m, layer_skip_draft(m, [0, 1, 2, 3]), idx, 4, 2)
+    assert (same.rounds, same.proposed, same.draft_calls) == (2, 3, 4)  # 2 + catch-up, then 1: not 3 + 2
+
+
 def test_layer_skip_draft_shares_weights():
     m = _decoder()
     d = layer_skip_draft(m, [1, 3])
