@@ -6,9 +6,11 @@ Fine-tuning changes a weight ``W`` ``(out, in)`` by some ``ΔW``. LoRA restricts
     y = W x + (α / r) B (A x)
 
 ``B`` starts at zero, so the adapted model starts exactly at the base model; ``A`` starts random (Kaiming-uniform,
-as ``nn.Linear`` and ``peft`` do), so the gradient of ``B`` is not zero. Scaling by ``α / r`` keeps the size of the
-update roughly independent of ``r`` at a fixed learning rate. After training, :meth:`LoRALinear.merge` adds
-``(α / r) B A`` into ``W``: the merged layer computes the same outputs with no extra cost at inference.
+as ``nn.Linear`` and ``peft`` do), so the gradient of ``B`` is not zero. The scale ``α / r`` is often said to keep
+the update's size independent of ``r`` at a fixed learning rate; under Adam it does not (chapter 18, exercise 5:
+with ``α`` fixed the update shrinks as ``r`` grows; with ``α = 2 r`` it grows). After training,
+:meth:`LoRALinear.merge` adds ``(α / r) B A`` into ``W``: the merged layer computes the same outputs with no extra
+cost at inference.
 """
 
 from __future__ import annotations

@@ -220,7 +220,10 @@ def pack_examples(examples: Sequence[tuple[torch.Tensor, torch.Tensor]], seq_len
             raise TypeError(f"{fn}: examples[{i}] must be an (ids, mask) pair")
         ids, mask = ex
         check_int_tensor(f"examples[{i}] ids", ids, fn, 1, "(T,)")
-        targets = sft_targets(ids, mask)
+        try:
+            targets = sft_targets(ids, mask)
+        except ValueError as err:
+            raise ValueError(f"{fn}: examples[{i}]: {err}") from None
         n = ids.numel()
         if n == 0 or n > seq_len:
             raise ValueError(f"{fn}: examples[{i}] has {n} tokens; each must have 1 to seq_len={seq_len}")

@@ -203,3 +203,31 @@ def test_base_cache_key_carries_a_training_code_version():
 
     assert isinstance(sft.BASE_VERSION, str) and sft.BASE_VERSION
     assert '"version": BASE_VERSION' in inspect.getsource(sft.pretrained_chat_base)
+
+
+def test_pack_examples_names_the_bad_example():
+    convs = instruction_dataset(["first", "last"], ["abc", "hello"])
+    ex = [tokenize_chat(c, TOK.encode) for c in convs]
+    bad = (ex[1][0], ex[1][1].long())
+    with pytest.raises(ValueError, match=r"pack_examples: examples\[1\].*mask"):
+        pack_examples([ex[0], bad], 128)
+    with pytest.raises(ValueError, match="pad_id"):
+        pack_examples(ex, 128, pad_id=-1)
+
+
+def test_bad_inputs_of_the_base_and_the_evaluation_are_named():
+    from mmbook.sft import corpus_chat_stream, pretrained_chat_base
+
+    with pytest.raises(ValueError, match="pretrained_chat_base: seed"):
+        pretrained_chat_base(seed=-1)
+    with pytest.raises(TypeError, match="pretrained_chat_base: seed"):
+        pretrained_chat_base(seed=True)
+    with pytest.raises(TypeError, match="corpus_chat_stream: tokenizer"):
+        corpus_chat_stream(tokenizer="x")
+    model = _model()
+    with pytest.raises(ValueError, match="evaluate_instructions: max_new_tokens"):
+        evaluate_instructions(model, TOK, [CHAT], max_new_tokens=0)
+    with pytest.raises(TypeError, match="evaluate_instructions: tokenizer"):
+        evaluate_instructions(model, "bytes", [CHAT])
+    with pytest.raises(ValueError, match="evaluate_instructions: conversations"):
+        evaluate_instructions(model, TOK, [])
