@@ -30,7 +30,7 @@ from mmbook.checks import (
 from mmbook.core import torch_generator
 
 __all__ = ["DPOOutput", "RewardModel", "bradley_terry_loss", "dpo_loss", "dpo_train", "kl_optimal_policy",
-           "sequence_logprob", "token_logprobs"]
+           "sequence_logprob", "token_logprobs", "upcast_log_softmax"]
 
 
 def bradley_terry_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor) -> torch.Tensor:
@@ -118,6 +118,13 @@ def dpo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Ten
     return DPOOutput(losses.mean(), losses, chosen.detach(), rejected.detach())
 
 
+def upcast_log_softmax(logits: torch.Tensor) -> torch.Tensor:
+    """Log-softmax over the last axis; float16 / bfloat16 logits are upcast to float32 first (their log-softmax
+    loses digits that a KL or a log-ratio of two such values needs); float32 and float64 keep their dtype."""
+    check_float_tensor("logits", logits, "upcast_log_softmax", min_ndim=1)
+    return torch.log_softmax(logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits, dim=-1)
+
+
 def token_logprobs(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
     """``log p(ids[:, t] | ids[:, :t])`` for ``t = 1 .. T-1`` under a causal LM: ``(batch, T)`` -> ``(batch, T-1)``.
 
@@ -130,10 +137,7 @@ def token_logprobs(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
     if ids.shape[1] < 2:
         raise ValueError(f"{fn}: ids must hold at least 2 positions (a prompt token and a response token), "
                          f"got shape {tuple(ids.shape)}")
-    logits = model(ids).logits[:, :-1]
-    if logits.dtype in (torch.float16, torch.bfloat16):  # half-precision logits: the log-softmax in float32
-        logits = logits.float()
-    return torch.log_softmax(logits, dim=-1).gather(-1, ids[:, 1:, None]).squeeze(-1)
+    return upcast_log_softmax(model(ids).logits[:, :-1]).gather(-1, ids[:, 1:, None]).squeeze(-1)
 
 
 def sequence_logprob(model: nn.Module, ids: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:

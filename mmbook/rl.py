@@ -1,10 +1,13 @@
-"""Reinforcement learning for language models (chapter 19): REINFORCE, PPO's clipped objective, GRPO, and the
-evaluation of sampled answers (pass@k, majority vote), with a verifiable-reward task: adding numbers.
+"""Reinforcement learning for language models (chapter 19): REINFORCE, PPO's clipped objective, GRPO, the
+evaluation of sampled answers (pass@k, majority vote), and a task with a verifiable reward: the parity of a bit
+string, answered directly or through a scratchpad of running parities.
 
 The losses take per-token or per-sequence log-probabilities (:func:`mmbook.preference.token_logprobs`) so that
-they work with any causal LM. The arithmetic task writes every problem with fixed widths (``"07+35="`` ->
-``"042"``), so a batch of prompts needs no padding and an answer is exactly a fixed number of tokens; with a
-scratchpad the partial sums come first (``"07+35+88="`` -> ``"042,130"``) and the answer is the last field.
+they work with any causal LM. The parity task writes every problem of ``n`` bits with the same width
+(``"0110="`` -> ``"0"``, or with the scratchpad ``"0100"``, the answer last), so a batch of prompts needs no
+padding and an answer is exactly a fixed number of tokens; :func:`noisy_parity_trace` is a teacher that slips.
+:func:`train_answers` fine-tunes on (prompt, answer) pairs and :func:`grpo_train` runs GRPO with any prompt writer
+and any verifiable reward.
 """
 
 from __future__ import annotations
@@ -27,11 +30,11 @@ from mmbook.checks import (
     positive_int,
 )
 from mmbook.core import torch_generator
-from mmbook.preference import token_logprobs
+from mmbook.optim import WarmupCosine
+from mmbook.preference import token_logprobs, upcast_log_softmax
 
-__all__ = ["VOCAB", "TrainHistory", "addition_problems", "addition_reward", "decode", "encode", "format_answer",
-           "format_prompt",
-           "generate_answers", "group_advantages", "grpo_loss", "grpo_train", "kl_k3", "majority_vote",
+__all__ = ["VOCAB", "TrainHistory", "decode", "encode", "generate_answers", "group_advantages", "grpo_loss",
+           "grpo_train", "kl_k3", "majority_vote",
            "noisy_parity_trace", "parity_answer", "parity_problems", "parity_prompt", "parity_reward",
            "pass_at_k", "ppo_clip_loss", "reinforce_loss", "sequence_kl", "train_answers"]
 
@@ -163,10 +166,11 @@ def majority_vote(answers: Sequence[Hashable]) -> Hashable:
     return next(a for a in answers if counts[a] == best)
 
 
-# --- the arithmetic task ------------------------------------------------------------------------------------
+# --- the parity task ----------------------------------------------------------------------------------------
 
 def encode(text: str) -> list[int]:
-    """Token ids of ``text`` over :data:`VOCAB` (digits, ``+``, ``=``, ``,``)."""
+    """Token ids of ``text`` over :data:`VOCAB` (digits, ``+``, ``=``, ``,``; the parity task uses ``0``, ``1``
+    and ``=``)."""
     if not isinstance(text, str):
         raise TypeError(f"encode: text must be a str, got {type(text).__name__}")
     bad = sorted({ch for ch in text if ch not in _INDEX})
@@ -181,66 +185,6 @@ def decode(ids: Sequence[int] | torch.Tensor) -> str:
     if any(not isinstance(i, int) or not 0 <= i < len(VOCAB) for i in values):
         raise ValueError(f"decode: ids must be ints in [0, {len(VOCAB)}), got {values}")
     return "".join(VOCAB[i] for i in values)
-
-
-def addition_problems(n: int, n_terms: int = 2, digits: int = 2, seed: int = 0,
-                      exclude: set[tuple[int, ...]] | None = None) -> list[tuple[int, ...]]:
-    """``n`` distinct problems, each a tuple of ``n_terms`` numbers of at most ``digits`` digits, drawn with a
-    seeded generator (through :func:`mmbook.torch_generator`); problems in ``exclude`` are never drawn."""
-    fn = "addition_problems"
-    n = positive_int("n", n, fn)
-    n_terms = check_int("n_terms", n_terms, fn, 2, 9)
-    digits = check_int("digits", digits, fn, 1, 6)
-    exclude = set() if exclude is None else exclude
-    if not isinstance(exclude, set):
-        raise TypeError(f"{fn}: exclude must be a set of tuples or None, got {type(exclude).__name__}")
-    space = 10 ** (digits * n_terms)
-    if n > space - len(exclude):
-        raise ValueError(f"{fn}: cannot draw {n} distinct problems from {space} minus {len(exclude)} excluded")
-    gen = torch_generator(seed)
-    out: list[tuple[int, ...]] = []
-    seen = set(exclude)
-    while len(out) < n:
-        for row in torch.randint(0, 10 ** digits, (2 * n, n_terms), generator=gen).tolist():
-            t = tuple(row)
-            if t not in seen:
-                seen.add(t)
-                out.append(t)
-                if len(out) == n:
-                    break
-    return out
-
-
-def format_prompt(terms: Sequence[int], digits: int = 2) -> str:
-    """``"07+35="``: every term zero-padded to ``digits``."""
-    if not terms or any(not isinstance(t, int) or not 0 <= t < 10 ** digits for t in terms):
-        raise ValueError(f"format_prompt: terms must be ints in [0, {10 ** digits}), got {terms}")
-    return "+".join(f"{t:0{digits}d}" for t in terms) + "="
-
-
-def format_answer(terms: Sequence[int], digits: int = 2, scratchpad: bool = False) -> str:
-    """The target: the sum zero-padded to a fixed width; with ``scratchpad`` every partial sum first, joined by
-    commas (``07+35+88`` -> ``"042,130"``). Width: enough digits for the largest possible sum of ``terms``."""
-    format_prompt(terms, digits)
-    check_bool("scratchpad", scratchpad, "format_answer")
-    width = len(str(len(terms) * (10 ** digits - 1)))
-    partial, total = [], terms[0]
-    for t in terms[1:]:
-        total += t
-        partial.append(f"{total:0{width}d}")
-    return ",".join(partial) if scratchpad else partial[-1]
-
-
-def addition_reward(texts: Sequence[str], problems: Sequence[Sequence[int]]) -> torch.Tensor:
-    """1.0 where the last comma-separated field of a generated answer is the problem's sum as an integer, else
-    0.0: a verifiable reward, ``(len(texts),)`` float32."""
-    if len(texts) != len(problems):
-        raise ValueError(f"addition_reward: got {len(texts)} texts for {len(problems)} problems")
-    out = []
-    for text, terms in zip(texts, problems, strict=True):
-        field = text.split(",")[-1]
-        out.append(1.0 if field.isdigit() and int(field) == sum(terms) else 0.0)
-    return torch.tensor(out)
 
 
 def parity_problems(n_bits: int) -> list[tuple[int, ...]]:
@@ -315,9 +259,10 @@ def train_answers(model: nn.Module, prompts: torch.Tensor, answers: torch.Tensor
                   evaluate: Callable[[nn.Module], Any] | None = None, eval_every: int = 100) -> TrainHistory:
     """Supervised training on (prompt, answer) pairs with the loss on the answer tokens only.
 
-    ``prompts`` ``(N, P)`` and ``answers`` ``(N, A)`` int64 ids; AdamW with a 10% linear warm-up and a cosine decay
-    to 0; batches drawn with a seeded generator. ``evaluate(model)`` runs every ``eval_every`` steps and after the
-    last. Leaves the model in train mode.
+    ``prompts`` ``(N, P)`` and ``answers`` ``(N, A)`` int64 ids; AdamW with a cosine decay to 0 over all ``steps``
+    (:class:`mmbook.optim.WarmupCosine` without warm-up), capped by a linear warm-up over the first 10% of the steps
+    (the factor is ``min((s + 1) / W, cosine(s))``); batches drawn with a seeded generator. ``evaluate(model)`` runs
+    every ``eval_every`` steps and after the last. Leaves the model in train mode.
     """
     fn = "train_answers"
     check_instance("model", model, fn, nn.Module, "a torch.nn.Module")
@@ -336,8 +281,8 @@ def train_answers(model: nn.Module, prompts: torch.Tensor, answers: torch.Tensor
     targets[:, :prompts.shape[1]] = -100  # no loss on the prompt
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=weight_decay)
     warm = max(1, steps // 10)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min((s + 1) / warm, 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))))
+    cosine = WarmupCosine(0, steps)  # the cosine from the first step; the warm-up ramp caps it for 10% of the steps
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min((s + 1) / warm, cosine(s)))
     gen = torch_generator(seed)
     losses: list[float] = []
     eval_steps: list[int] = []
@@ -371,11 +316,6 @@ def generate_answers(model: nn.Module, prompts: torch.Tensor, n_new: int, temper
     return [decode(row) for row in out[:, prompts.shape[1]:].cpu()]
 
 
-def _log_softmax_up(logits: torch.Tensor) -> torch.Tensor:
-    """Log-softmax over the last axis, half precision upcast to float32 (float32 and float64 keep their dtype)."""
-    return torch.log_softmax(logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits, -1)
-
-
 @torch.no_grad()
 def sequence_kl(policy: nn.Module, ref: nn.Module, ids: torch.Tensor, n_response: int) -> torch.Tensor:
     """Exact ``KL(pi(.|prefix) || pi_ref(.|prefix))`` summed over the last ``n_response`` positions of each
@@ -384,25 +324,29 @@ def sequence_kl(policy: nn.Module, ref: nn.Module, ids: torch.Tensor, n_response
     fn = "sequence_kl"
     check_tensor("ids", ids, fn, "int", 2, "(N, T)")
     n_response = check_int("n_response", n_response, fn, 1, ids.shape[1] - 1)
-    lp, lr = (_log_softmax_up(m(ids).logits[:, -n_response - 1:-1]) for m in (policy, ref))
+    lp, lr = (upcast_log_softmax(m(ids).logits[:, -n_response - 1:-1]) for m in (policy, ref))
     return (lp.exp() * (lp - lr)).sum(-1).sum(-1)
 
 
-def grpo_train(policy: nn.Module, ref: nn.Module, problems: Sequence[Sequence[int]], *, steps: int,
-               n_prompts: int, group: int, n_new: int, lr: float, beta: float = 0.04, clip_eps: float = 0.2,
-               temperature: float = 1.0, seed: int = 0, digits: int = 2, warmup: int = 10,
-               evaluate: Callable[[nn.Module], Any] | None = None, eval_every: int = 10,
-               prompt_fn: Callable[[Any], str] | None = None,
-               reward_fn: Callable[[Sequence[str], Sequence[Any]], torch.Tensor] | None = None) -> dict[str, list[Any]]:
+def grpo_train(policy: nn.Module, ref: nn.Module, problems: Sequence[Any], *, steps: int, n_prompts: int,
+               group: int, n_new: int, lr: float, prompt_fn: Callable[[Any], str],
+               reward_fn: Callable[[Sequence[str], Sequence[Any]], torch.Tensor], beta: float = 0.04,
+               clip_eps: float = 0.2, temperature: float = 1.0, seed: int = 0, warmup: int = 10,
+               evaluate: Callable[[nn.Module], Any] | None = None, eval_every: int = 10) -> dict[str, list[Any]]:
     """GRPO with a verifiable reward: each step draws ``n_prompts`` problems, samples ``group`` answers of
     ``n_new`` tokens per problem at ``temperature``, and takes one AdamW step (betas 0.9 and 0.99, no weight
     decay, gradient norm clipped to 1) on :func:`grpo_loss` (on-policy, so ``logp_old`` is the detached current
-    policy and the ratio is 1 at the step); the learning rate rises linearly over ``warmup`` steps (Adam's first
-    steps move every weight by about ``lr`` whatever the size of its noisy gradient). ``ref`` stays frozen.
+    policy and the ratio is 1 at the step); the learning rate rises linearly over ``warmup`` steps and then stays
+    constant (:class:`mmbook.optim.WarmupCosine` with final factor 1; Adam's first steps move every weight by about
+    ``lr`` whatever the size of its noisy gradient).
 
-    ``prompt_fn(problem)`` writes a problem's prompt (default: :func:`format_prompt` with ``digits``; every prompt
-    must have the same length) and ``reward_fn(texts, problems)`` grades the sampled answers (default:
-    :func:`addition_reward`; for parity, :func:`parity_reward`).
+    ``prompt_fn(problem)`` writes a problem's prompt over :data:`VOCAB` (every prompt must have the same length, e.g.
+    :func:`parity_prompt`) and ``reward_fn(texts, problems)`` grades the ``n_prompts * group`` sampled answers: it
+    must return a floating tensor ``(n_prompts * group,)`` of finite rewards (e.g. :func:`parity_reward`). ``beta``
+    multiplies the ``k3`` KL estimate averaged over an answer's tokens (so per answer of ``n_new`` tokens the
+    penalty is ``beta / n_new`` times the sequence KL's estimate). ``ref`` is only read: its log-probabilities are
+    computed without gradients in eval mode, and its mode is restored afterwards (its ``requires_grad`` flags are
+    never touched), so it may be the same model a later run trains.
 
     Returns ``{"reward": mean sampled reward per step, "kl": mean k3 KL per token per step, "eval_step": [...],
     "eval": evaluate(policy) at step 0 and every ``eval_every`` steps and at the end}``.
@@ -410,55 +354,76 @@ def grpo_train(policy: nn.Module, ref: nn.Module, problems: Sequence[Sequence[in
     fn = "grpo_train"
     check_instance("policy", policy, fn, nn.Module, "a torch.nn.Module")
     check_instance("ref", ref, fn, nn.Module, "a torch.nn.Module")
+    if ref is policy:
+        raise ValueError(f"{fn}: ref must be a separate, frozen copy of the starting policy, got the policy itself")
     steps = positive_int("steps", steps, fn)
     n_prompts = positive_int("n_prompts", n_prompts, fn)
     group = check_int("group", group, fn, 2)
     n_new = positive_int("n_new", n_new, fn)
     lr = check_number("lr", lr, fn, 0.0, low_open=True)
+    beta = check_number("beta", beta, fn, 0.0)
+    clip_eps = check_number("clip_eps", clip_eps, fn, 0.0, 1.0, low_open=True, high_open=True)
     temperature = check_number("temperature", temperature, fn, 0.0, low_open=True)
+    seed = check_int("seed", seed, fn, 0)
+    warmup = positive_int("warmup", warmup, fn)
     eval_every = positive_int("eval_every", eval_every, fn)
+    for name, f in (("prompt_fn", prompt_fn), ("reward_fn", reward_fn)):
+        if not callable(f):
+            raise TypeError(f"{fn}: {name} must be callable, got {type(f).__name__}")
+    if evaluate is not None and not callable(evaluate):
+        raise TypeError(f"{fn}: evaluate must be a callable evaluate(policy) or None, got {type(evaluate).__name__}")
+    if isinstance(problems, (str, bytes)) or not isinstance(problems, Sequence):
+        raise TypeError(f"{fn}: problems must be a sequence (list or tuple), got {type(problems).__name__}")
     if len(problems) < n_prompts:
         raise ValueError(f"{fn}: need at least n_prompts={n_prompts} problems, got {len(problems)}")
     device = _device(policy)
-    prompt_fn = (lambda p: format_prompt(p, digits)) if prompt_fn is None else prompt_fn
-    reward_fn = addition_reward if reward_fn is None else reward_fn
     encoded = [encode(prompt_fn(p)) for p in problems]
     lengths = sorted({len(e) for e in encoded})
     if len(lengths) != 1:
         raise ValueError(f"{fn}: every prompt must have the same length, got lengths {lengths}")
     prompts_all = torch.tensor(encoded)
-    warmup = positive_int("warmup", warmup, fn)
+    n_samples = n_prompts * group
     opt = torch.optim.AdamW(policy.parameters(), lr=lr, betas=(0.9, 0.99), weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, WarmupCosine(warmup, max(steps, warmup + 1), min_factor=1.0))
     gen = torch_generator(seed)
+    ref_was_training = ref.training
     ref.eval()
-    for p in ref.parameters():
-        p.requires_grad_(False)
     hist: dict[str, list[Any]] = {"reward": [], "kl": [], "eval_step": [], "eval": []}
-    for step in range(steps + 1):
-        if evaluate is not None and (step % eval_every == 0 or step == steps):
-            hist["eval_step"].append(step)
-            hist["eval"].append(evaluate(policy))
-        if step == steps:
-            break
-        pick = torch.randint(0, len(problems), (n_prompts,), generator=gen)
-        batch = prompts_all[pick].repeat_interleave(group, dim=0).to(device)
-        seqs = policy.generate(batch, n_new, temperature=temperature, generator=gen)
-        texts = [decode(row) for row in seqs[:, batch.shape[1]:].cpu()]
-        rewards = reward_fn(texts, [problems[i] for i in pick.tolist() for _ in range(group)]).to(torch.float32)
-        adv = group_advantages(rewards.view(n_prompts, group)).reshape(-1).to(device)
-        policy.train()
-        logp = token_logprobs(policy, seqs)[:, -n_new:]
-        with torch.no_grad():
-            ref_logp = token_logprobs(ref, seqs)[:, -n_new:]
-        mask = torch.ones_like(logp, dtype=torch.bool)
-        loss, kl = grpo_loss(logp, logp.detach(), ref_logp, adv, mask, clip_eps, beta)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        hist["reward"].append(float(rewards.mean()))
-        hist["kl"].append(float(kl))
+    try:
+        for step in range(steps + 1):
+            if evaluate is not None and (step % eval_every == 0 or step == steps):
+                hist["eval_step"].append(step)
+                hist["eval"].append(evaluate(policy))
+            if step == steps:
+                break
+            pick = torch.randint(0, len(problems), (n_prompts,), generator=gen)
+            batch = prompts_all[pick].repeat_interleave(group, dim=0).to(device)
+            seqs = policy.generate(batch, n_new, temperature=temperature, generator=gen)
+            texts = [decode(row) for row in seqs[:, batch.shape[1]:].cpu()]
+            rewards = reward_fn(texts, [problems[i] for i in pick.tolist() for _ in range(group)])
+            if not isinstance(rewards, torch.Tensor) or not rewards.is_floating_point():
+                got = f"a {rewards.dtype} tensor" if isinstance(rewards, torch.Tensor) else type(rewards).__name__
+                raise TypeError(f"{fn}: reward_fn must return a floating-point tensor, got {got}")
+            if tuple(rewards.shape) != (n_samples,):
+                raise ValueError(f"{fn}: reward_fn must return one reward per sampled answer, shape ({n_samples},) "
+                                 f"(n_prompts * group), got shape {tuple(rewards.shape)}")
+            if not bool(torch.isfinite(rewards).all()):
+                raise ValueError(f"{fn}: reward_fn returned NaN or infinite rewards")
+            rewards = rewards.to(torch.float32)
+            adv = group_advantages(rewards.cpu().view(n_prompts, group)).reshape(-1).to(device)
+            policy.train()
+            logp = token_logprobs(policy, seqs)[:, -n_new:]
+            with torch.no_grad():
+                ref_logp = token_logprobs(ref, seqs)[:, -n_new:]
+            mask = torch.ones_like(logp, dtype=torch.bool)
+            loss, kl = grpo_loss(logp, logp.detach(), ref_logp, adv, mask, clip_eps, beta)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
+            opt.step()
+            sched.step()
+            hist["reward"].append(float(rewards.mean()))
+            hist["kl"].append(float(kl))
+    finally:
+        ref.train(ref_was_training)
     return hist
-

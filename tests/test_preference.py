@@ -134,3 +134,16 @@ def test_dpo_train_rejects_bad_input():
         dpo_train(model, chosen, rejected, rc, rr, **kw, evaluate=3)
     with pytest.raises(ValueError, match="dpo_train.*ref_rejected"):
         dpo_train(model, chosen, rejected, rc, torch.tensor([0.0, float("nan")]), **kw)
+
+
+def test_upcast_log_softmax_upcasts_half_precision_only():
+    from mmbook.preference import upcast_log_softmax
+
+    logits = torch.tensor([[2.0, -1.0, 0.5]], dtype=torch.float64)
+    for dtype, want in ((torch.float16, torch.float32), (torch.bfloat16, torch.float32),
+                        (torch.float32, torch.float32), (torch.float64, torch.float64)):
+        out = upcast_log_softmax(logits.to(dtype))
+        assert out.dtype == want
+        torch.testing.assert_close(out.double(), torch.log_softmax(logits.to(dtype).double(), -1), rtol=0, atol=1e-6)
+    with pytest.raises(TypeError, match="upcast_log_softmax.*logits"):
+        upcast_log_softmax(torch.tensor([1, 2]))

@@ -1,4 +1,4 @@
-"""Unit tests of mmbook.rl (REINFORCE, PPO clip, GRPO, pass@k, majority vote, the arithmetic task)."""
+"""Unit tests of mmbook.rl (REINFORCE, PPO clip, GRPO, pass@k, majority vote, the parity task)."""
 
 import math
 
@@ -9,12 +9,8 @@ import mmbook
 from mmbook.decoder import Decoder, DecoderConfig
 from mmbook.preference import token_logprobs
 from mmbook.rl import (
-    addition_problems,
-    addition_reward,
     decode,
     encode,
-    format_answer,
-    format_prompt,
     generate_answers,
     group_advantages,
     grpo_loss,
@@ -107,29 +103,26 @@ def test_majority_vote_breaks_ties_by_first_appearance():
         majority_vote("355")
 
 
-def test_arithmetic_task_formats_and_rewards():
-    assert format_prompt((7, 35)) == "07+35=" and format_answer((7, 35)) == "042"
-    assert format_answer((7, 35, 88), scratchpad=True) == "042,130" and format_answer((7, 35, 88)) == "130"
-    assert decode(encode("12+3=,")) == "12+3=,"
-    assert addition_reward(["042", "043", "1,042", "0a2"], [(7, 35)] * 4).tolist() == [1.0, 0.0, 1.0, 0.0]
-    test = addition_problems(50, seed=1)
-    train = addition_problems(100, seed=2, exclude=set(test))
-    assert len(set(test)) == 50 and not set(test) & set(train) and test == addition_problems(50, seed=1)
+def test_encode_and_decode_round_trip():
+    assert decode(encode("12+3=,")) == "12+3=," and decode(torch.tensor(encode("0110="))) == "0110="
     with pytest.raises(ValueError, match="text"):
         encode("1-2")
-    with pytest.raises(ValueError, match="cannot draw"):
-        addition_problems(101, n_terms=2, digits=1)
-    with pytest.raises(ValueError, match="problems"):
-        addition_reward(["1"], [])
+    with pytest.raises(TypeError, match="text"):
+        encode(5)
+
+
+def _parity_setup(n_bits=3):
+    mmbook.set_seed(0)
+    model = Decoder(DecoderConfig(vocab_size=13, max_seq_len=12, n_layer=1, n_head=2, d_model=16))
+    probs = parity_problems(n_bits)
+    prompts = torch.tensor([encode(parity_prompt(p)) for p in probs])
+    answers = torch.tensor([encode(parity_answer(p, scratchpad=True)) for p in probs])
+    return model, probs, prompts, answers
 
 
 def test_training_helpers_run_and_reject_bad_input():
-    mmbook.set_seed(0)
-    model = Decoder(DecoderConfig(vocab_size=13, max_seq_len=12, n_layer=1, n_head=2, d_model=16))
-    probs = addition_problems(40, seed=3)
-    prompts = torch.tensor([encode(format_prompt(p)) for p in probs])
-    answers = torch.tensor([encode(format_answer(p)) for p in probs])
-    hist = train_answers(model, prompts, answers, steps=30, batch_size=16, lr=1e-2, seed=1,
+    model, probs, prompts, answers = _parity_setup()
+    hist = train_answers(model, prompts, answers, steps=30, batch_size=8, lr=1e-2, seed=1,
                          evaluate=lambda m: 1.0, eval_every=20)
     assert hist.losses[-1] < hist.losses[0] and hist.eval_steps == [20, 30] and hist.evals == [1.0, 1.0]
     texts = generate_answers(model, prompts[:5], 3)
@@ -137,14 +130,87 @@ def test_training_helpers_run_and_reject_bad_input():
     import copy
     ref = copy.deepcopy(model)
     hist = grpo_train(model, ref, probs, steps=2, n_prompts=4, group=3, n_new=3, lr=1e-4, seed=4,
-                      evaluate=lambda m: 0.5, eval_every=1)
+                      prompt_fn=parity_prompt, reward_fn=parity_reward, evaluate=lambda m: 0.5, eval_every=1)
     assert len(hist["reward"]) == 2 and hist["eval_step"] == [0, 1, 2]
     seqs = torch.cat([prompts[:4], answers[:4]], 1)
     assert sequence_kl(ref, ref, seqs, 3).abs().max() < 1e-6
     with pytest.raises(ValueError, match="answers"):
         train_answers(model, prompts, answers[:3], steps=1, batch_size=2, lr=1e-3)
     with pytest.raises(ValueError, match="group"):
-        grpo_train(model, ref, probs, steps=1, n_prompts=2, group=1, n_new=3, lr=1e-4)
+        grpo_train(model, ref, probs, steps=1, n_prompts=2, group=1, n_new=3, lr=1e-4,
+                   prompt_fn=parity_prompt, reward_fn=parity_reward)
+
+
+def test_train_answers_follows_warmup_cosine():
+    """The learning rate train_answers hands to AdamW at every step: WarmupCosine's cosine, capped by the warm-up."""
+    from mmbook.optim import WarmupCosine
+
+    model, _, prompts, answers = _parity_setup()
+    seen = []
+    orig_step = torch.optim.AdamW.step
+
+    def spy(self, *args, **kwargs):
+        seen.append(self.param_groups[0]["lr"])
+        return orig_step(self, *args, **kwargs)
+
+    torch.optim.AdamW.step = spy
+    try:
+        train_answers(model, prompts, answers, steps=20, batch_size=4, lr=1e-2, seed=1)
+    finally:
+        torch.optim.AdamW.step = orig_step
+    cosine = WarmupCosine(0, 20)
+    assert seen == pytest.approx([1e-2 * min((s + 1) / 2, cosine(s)) for s in range(20)], rel=1e-12)
+    assert seen[0] == pytest.approx(5e-3) and seen[-1] < 1e-4  # warm-up, then the cosine towards 0
+
+
+def test_grpo_train_leaves_the_reference_as_it_was():
+    import copy
+
+    model, probs, _, _ = _parity_setup()
+    ref = copy.deepcopy(model).train()
+    before = {k: v.clone() for k, v in ref.state_dict().items()}
+    grpo_train(model, ref, probs, steps=2, n_prompts=4, group=3, n_new=3, lr=1e-3, seed=4,
+               prompt_fn=parity_prompt, reward_fn=parity_reward)
+    assert ref.training and all(p.requires_grad for p in ref.parameters())
+    assert all(torch.equal(before[k], v) for k, v in ref.state_dict().items())
+    assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())  # the policy did move
+    ref.eval().requires_grad_(False)
+    grpo_train(model, ref, probs, steps=1, n_prompts=4, group=3, n_new=3, lr=1e-3, seed=4,
+               prompt_fn=parity_prompt, reward_fn=parity_reward)
+    assert not ref.training and not any(p.requires_grad for p in ref.parameters())
+
+
+def test_grpo_train_rejects_bad_settings_and_bad_rewards():
+    import copy
+
+    model, probs, _, _ = _parity_setup()
+    ref = copy.deepcopy(model)
+    kw = {"steps": 1, "n_prompts": 4, "group": 3, "n_new": 3, "lr": 1e-3, "prompt_fn": parity_prompt,
+          "reward_fn": parity_reward}
+    for bad, match in (({"beta": -0.1}, "grpo_train.*beta"), ({"clip_eps": 1.5}, "grpo_train.*clip_eps"),
+                       ({"clip_eps": 0.0}, "grpo_train.*clip_eps"), ({"seed": -1}, "grpo_train.*seed")):
+        with pytest.raises(ValueError, match=match):
+            grpo_train(model, ref, probs, **{**kw, **bad})
+    with pytest.raises(TypeError, match="grpo_train.*seed"):
+        grpo_train(model, ref, probs, **{**kw, "seed": 1.5})
+    with pytest.raises(TypeError, match="grpo_train.*reward_fn must be callable"):
+        grpo_train(model, ref, probs, **{**kw, "reward_fn": None})
+    with pytest.raises(ValueError, match="grpo_train.*ref must be a separate"):
+        grpo_train(model, model, probs, **kw)
+    with pytest.raises(TypeError, match="prompt_fn"):
+        grpo_train(model, ref, probs, steps=1, n_prompts=4, group=3, n_new=3, lr=1e-3, reward_fn=parity_reward)
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    bad_rewards = (
+        (lambda t, p: parity_reward(t, p)[:-1], ValueError, r"reward_fn must return one reward per sampled answer, "
+                                                            r"shape \(12,\)"),
+        (lambda t, p: parity_reward(t, p).long(), TypeError, "reward_fn must return a floating-point tensor"),
+        (lambda t, p: [1.0] * len(t), TypeError, "reward_fn must return a floating-point tensor, got list"),
+        (lambda t, p: parity_reward(t, p) / 0.0 - 1.0, ValueError, "reward_fn returned NaN or infinite"),
+    )
+    for reward_fn, err, match in bad_rewards:
+        with pytest.raises(err, match="grpo_train: " + match):
+            grpo_train(model, ref, probs, **{**kw, "reward_fn": reward_fn})
+    assert all(torch.equal(start[k], v) for k, v in model.state_dict().items())  # no step was taken
 
 
 def test_bad_input_of_sampling_and_format_helpers():
@@ -162,10 +228,8 @@ def test_bad_input_of_sampling_and_format_helpers():
         decode([0, 13])
     with pytest.raises(ValueError, match="ids"):
         decode([1.0])
-    with pytest.raises(ValueError, match="terms"):
-        format_answer((7, 100))
     with pytest.raises(TypeError, match="scratchpad"):
-        format_answer((7, 35), scratchpad=1)
+        parity_answer((0, 1), scratchpad=1)
 
 
 def test_shape_mismatches_name_both_arguments():
