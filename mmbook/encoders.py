@@ -147,12 +147,12 @@ class GRUCell(nn.Module):
         return self.step(F.linear(x, self.weight_ih, self.bias_ih), h)
 
     def step(self, gi: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-        """One update from precomputed input projections ``gi = W_i{r,z,n} x + b_i{r,z,n}`` ``(batch, 3H)``.
+        """One update from the input projections ``gi = W_i{r,z,n} x + b_i{r,z,n}``, ``(batch, 3 * hidden_size)``.
 
         The input projections do not depend on ``h``, so :class:`GRU` computes them for all time
         steps in one matrix product and only the recurrent part runs step by step.
         """
-        gh = F.linear(h, self.weight_hh, self.bias_hh)  # (batch, 3H): W_h{r,z,n} h + b_h{r,z,n}
+        gh = F.linear(h, self.weight_hh, self.bias_hh)  # (batch, 3 * hidden_size): W_h{r,z,n} h + b_h{r,z,n}
         i_r, i_z, i_n = gi.chunk(3, dim=-1)
         h_r, h_z, h_n = gh.chunk(3, dim=-1)
         r = torch.sigmoid(i_r + h_r)
@@ -212,7 +212,7 @@ class GRU(nn.Module):
         layer_input, finals = x, []
         for layer, cell in enumerate(self.cells):
             h = x.new_zeros(batch, self.hidden_size) if h0 is None else h0[layer]
-            gi = F.linear(layer_input, cell.weight_ih, cell.bias_ih)  # all time steps at once: (batch, seq, 3H)
+            gi = F.linear(layer_input, cell.weight_ih, cell.bias_ih)  # all steps at once: (batch, seq, 3 * hidden_size)
             states = []
             for t in range(seq):
                 h_new = cell.step(gi[:, t], h)
