@@ -271,10 +271,10 @@ class CausalSelfAttention(nn.Module):
     """Masked multi-head self-attention with an optional KV cache.
 
     ``x`` is ``(batch, T, d_model)``. ``past`` is ``None`` or the ``(key, value)`` pair this
-    layer returned for the earlier positions, each ``(batch, n_head, P, d_head)``. Returns
+    layer returned for the earlier positions, each ``(batch, n_head, T0, d_head)``. Returns
     ``(y, present)``: ``y`` ``(batch, T, d_model)`` and ``present`` the keys and values of all
-    ``P + T`` positions (``None`` unless ``use_cache``). The new query at absolute position
-    ``P + i`` may attend to keys ``0 .. P + i`` — rows ``P ..`` of a causal mask of size ``P + T``.
+    ``T0 + T`` positions (``None`` unless ``use_cache``). The new query at absolute position
+    ``T0 + i`` may attend to keys ``0 .. T0 + i`` — rows ``T0 ..`` of a causal mask of size ``T0 + T``.
     """
 
     def __init__(self, config: GPTConfig) -> None:
@@ -298,8 +298,8 @@ class CausalSelfAttention(nn.Module):
         q, k, v = (z.view(b, t, self.n_head, self.d_head).transpose(1, 2) for z in (q, k, v))  # (B, h, T, dh)
         if past is not None:
             k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
-        s = k.shape[2]  # P + T keys
-        mask = causal_mask(s, device=x.device)[s - t:]  # (T, S): query P+i sees keys 0..P+i
+        s = k.shape[2]  # T0 + T keys
+        mask = causal_mask(s, device=x.device)[s - t:]  # (T, S): query T0+i sees keys 0..T0+i
         p_drop = self.attn_dropout.p if self.training else 0.0
         if self.fused:
             heads = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p_drop)
