@@ -403,7 +403,8 @@ def mean_nll(model: NGramLM | nn.Module, ids: torch.Tensor, *, pad_id: int = Cha
 @torch.no_grad()
 def sample(model: NGramLM | nn.Module, prompt: torch.Tensor, length: int, *, generator: torch.Generator,
            temperature: float = 1.0, banned_ids: Sequence[int] = (), pad_id: int = CharVocab.bos_id) -> torch.Tensor:
-    """Extend ``prompt`` ``(seq,)`` by ``length`` ids drawn one at a time from ``softmax(model(context) / T)``.
+    """Extend ``prompt`` ``(seq,)`` by ``length`` ids drawn one at a time from
+    ``softmax(model(context) / temperature)``.
 
     The context is the last ``model.context_size`` ids (left-padded with ``pad_id``). Ids in
     ``banned_ids`` (say ``<bos>`` and ``<unk>``) are never drawn: their logits are set to
