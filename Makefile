@@ -38,7 +38,7 @@ SITE := _build/book
 SPHINX_FLAGS := -q -b html -c book -W --keep-going -j auto
 
 .PHONY: help venv lab test test-unit test-notebooks test-gpu test-portable test-seeds test-book check-notebooks regen \
-        lint doctor \
+        lint doctor i18n-update \
         book book-serve clean
 
 help:
@@ -51,10 +51,19 @@ help:
 	@echo "make book       build the HTML book from the stored outputs into $(SITE)"
 	@echo "make book-serve serve $(SITE) on http://127.0.0.1:$(BOOK_PORT) (make lab uses port $(LAB_PORT))"
 	@echo "make lint       ruff over mmbook, tests, tools and notebooks"
+	@echo "make i18n-update  merge the English prose into the translation catalogs (locales/; DOCS= to start more)"
+	@echo "                LANG=zh_CN with lab, book or test-book: the Chinese edition"
 	@echo "make doctor     versions, device and chapter imports"
 	@echo "make clean      remove .venv, caches and built files"
 
 venv: $(STAMP)
+
+# The Chinese edition (make lab LANG=zh_CN, make book LANG=zh_CN, make test-book LANG=zh_CN): generated into
+# _build/zh_CN from the English notebooks and the message catalogs in locales/ (tools/i18n.py). LANG is also the
+# shell's locale variable, so only the exact value zh_CN selects it, and the tools themselves run with C.UTF-8.
+ifeq ($(LANG),zh_CN)
+EDITION := zh_CN
+endif
 
 # JupyterLab's settings for this environment (tools/lab): no news or update pop-up (both would fetch from the web),
 # and kernels started by Lab use encrypted sockets (no "running over TCP without encryption" warning).
@@ -75,10 +84,18 @@ $(STAMP): requirements.txt requirements-nodeps.txt pyproject.toml tools/lab/over
 
 # The book's notebooks are marked trusted for this user first (jupyter trust: their outputs come from make regen),
 # so Lab shows their stored widgets and HTML as they are, and does not log "Notebook ... is not trusted".
+ifeq ($(EDITION),zh_CN)
+lab: $(STAMP)
+	@LANG=C.UTF-8 $(PY) tools/i18n.py generate zh_CN
+	@LANG=C.UTF-8 $(PY) -m jupyter trust _build/zh_CN/chapters/*.ipynb _build/zh_CN/chapters/solutions/*.ipynb > /dev/null
+	@echo "Starting JupyterLab on the Chinese edition (_build/zh_CN/chapters) at port $(LAB_PORT); open the URL below."
+	LANG=C.UTF-8 $(PY) -m jupyterlab --no-browser --port=$(LAB_PORT) --ServerApp.root_dir=_build/zh_CN/chapters $(LAB_FLAGS)
+else
 lab: $(STAMP)
 	@$(PY) -m jupyter trust chapters/*.ipynb chapters/solutions/*.ipynb > /dev/null
 	@echo "Starting JupyterLab on chapters/ at port $(LAB_PORT) (Ctrl-C to stop); open the URL printed below."
 	$(PY) -m jupyterlab --no-browser --port=$(LAB_PORT) --ServerApp.root_dir=chapters $(LAB_FLAGS)
+endif
 
 # All four stages run even when one fails, so a single run reports every problem.
 test: $(STAMP)
@@ -122,9 +139,16 @@ test-seeds: $(STAMP)
 regen: $(STAMP)
 	REGEN_JOBS=$(JOBS) MMBOOK_DEVICE=cpu $(PY) tools/regen.py $(NB)
 
+ifeq ($(EDITION),zh_CN)
+book: $(STAMP)
+	LANG=C.UTF-8 $(PY) tools/i18n.py generate zh_CN
+	LANG=C.UTF-8 $(PY) -m sphinx $(SPHINX_FLAGS) -D language=zh_CN _build/zh_CN $(SITE)/zh_CN
+	@echo "Built $(SITE)/zh_CN/index.html (the Chinese edition; the English one is $(SITE)/index.html)."
+else
 book: $(STAMP)
 	$(PY) -m sphinx $(SPHINX_FLAGS) . $(SITE)
 	@echo "Built $(SITE)/index.html: open it in a browser, or run 'make book-serve'."
+endif
 
 book-serve: book
 	@echo "Serving the HTML book on http://127.0.0.1:$(BOOK_PORT) (Ctrl-C to stop)"
@@ -132,7 +156,12 @@ book-serve: book
 
 # Opens every page of the built book in headless Chromium (skipped with the reason where there is none).
 test-book: book
-	$(PY) -m pytest -q tests/book
+	LANG=C.UTF-8 MMBOOK_BOOK_EDITION=$(or $(EDITION),en) $(PY) -m pytest -q tests/book
+
+# Merge the English source's current prose into the translation catalogs (new blocks untranslated, changed ones
+# fuzzy); DOCS=... starts catalogs for more documents. tools/i18n.py status zh_CN shows what is left.
+i18n-update: $(STAMP)
+	$(PY) tools/i18n.py update zh_CN $(DOCS)
 
 lint: $(STAMP)
 	$(PY) -m ruff check mmbook tests tools chapters book conftest.py
