@@ -4,6 +4,8 @@
   ``load_digits``), the digit spoken (synthesised with espeak-ng in many voices, rates and
   pitches, plus noise) and its word, aligned by label. Train and test never share an image or
   a recording.
+* :func:`audio_visual_digit_sums` — an image of one digit and a recording of another, drawn
+  independently, labelled with their sum mod 10: a label that neither modality determines alone.
 * :func:`shapes_scenes` — small RGB images of coloured shapes on a grid, with captions
   ("a red circle above a blue square") and question/answer pairs about colour, shape, count,
   existence and spatial relation.
@@ -13,6 +15,7 @@ Synthesised recordings are cached under ``data/cache/`` (git-ignored; rebuilt on
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,13 +35,16 @@ __all__ = [
     "QUESTION_KINDS",
     "RELATIONS",
     "SHAPES",
+    "AudioVisualDigitSums",
     "AudioVisualDigits",
     "Scene",
     "ShapeObject",
     "ShapesScenes",
     "WordVocab",
+    "audio_visual_digit_sums",
     "audio_visual_digits",
     "cache_dir",
+    "caption_truth",
     "describe_scene",
     "render_scene",
     "scene_questions",
@@ -189,6 +195,45 @@ class AudioVisualDigits(Dataset):
         }
 
 
+def _digit_images_split(seed: int, test_fraction: float) -> tuple[torch.Tensor, torch.Tensor, np.ndarray, np.ndarray]:
+    """scikit-learn's digits as ``(1797, 1, 8, 8)`` images in [0, 1] and ``(1797,)`` labels, with the train and
+    test indices of a split stratified by label (``test_fraction``, seeded)."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    digits = load_digits()
+    images = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    labels = torch.tensor(digits.target, dtype=torch.int64)
+    idx_train, idx_test = train_test_split(
+        np.arange(len(labels)), test_size=test_fraction, stratify=digits.target, random_state=_book_seed(seed)
+    )
+    return images, labels, idx_train, idx_test
+
+
+def _recording_pools(rec: dict[str, object], split: str, seed: int, test_fraction: float, recordings_per_digit: int,
+                     held_out_voices: Sequence[str] | None, fn: str) -> dict[int, np.ndarray]:
+    """For each digit, the indices into ``rec`` (:func:`spoken_digit_recordings`) of the recordings that ``split``
+    may use: a seeded ``test_fraction`` share of each digit's recordings for ``"test"`` and the rest otherwise, or,
+    with ``held_out_voices``, the recordings in those voices for ``"test"`` and the others otherwise."""
+    rng = numpy_rng(seed)
+    rec_labels = rec["labels"].numpy()
+    n_test = max(1, int(round(test_fraction * recordings_per_digit)))
+    pools = {}
+    held = None if held_out_voices is None else np.isin(np.array(rec["voices"]), list(held_out_voices))
+    for digit in range(10):
+        rows = np.flatnonzero(rec_labels == digit)
+        if held is None:
+            perm = rng.permutation(rows)
+            pools[digit] = np.sort(perm[:n_test] if split == "test" else perm[n_test:])
+            continue
+        pools[digit] = rows[held[rows]] if split == "test" else rows[~held[rows]]
+        if pools[digit].size == 0:
+            raise ValueError(f"{fn}: with recordings_per_digit={recordings_per_digit}, no recording of digit "
+                             f"{digit} is in the {split} voices (held_out_voices={list(held_out_voices)!r}); "
+                             f"use more recordings per digit")
+    return pools
+
+
 def audio_visual_digits(
     split: str = "train",
     seed: int = 0,
@@ -235,34 +280,11 @@ def audio_visual_digits(
         if bad or len(set(held_out_voices)) != len(held_out_voices) or len(held_out_voices) >= len(VOICE_VARIANTS):
             raise ValueError(f"{fn}: held_out_voices must be distinct names from {VOICE_VARIANTS}, leaving at "
                              f"least one voice for training; got {held_out_voices!r}")
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-
-    digits = load_digits()
-    images = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0
-    labels = torch.tensor(digits.target, dtype=torch.int64)
-    idx_train, idx_test = train_test_split(
-        np.arange(len(labels)), test_size=test_fraction, stratify=digits.target, random_state=_book_seed(seed)
-    )
+    images, labels, idx_train, idx_test = _digit_images_split(seed, test_fraction)
     idx = np.sort(idx_train if split == "train" else idx_test)
 
     rec = spoken_digit_recordings(recordings_per_digit, sample_rate, duration, seed=0)
-    rng = numpy_rng(seed)
-    rec_labels = rec["labels"].numpy()
-    n_test = max(1, int(round(test_fraction * recordings_per_digit)))
-    pools = {}
-    held = None if held_out_voices is None else np.isin(np.array(rec["voices"]), list(held_out_voices))
-    for digit in range(10):
-        rows = np.flatnonzero(rec_labels == digit)
-        if held is None:
-            perm = rng.permutation(rows)
-            pools[digit] = np.sort(perm[:n_test] if split == "test" else perm[n_test:])
-            continue
-        pools[digit] = rows[held[rows]] if split == "test" else rows[~held[rows]]
-        if pools[digit].size == 0:
-            raise ValueError(f"{fn}: with recordings_per_digit={recordings_per_digit}, no recording of digit "
-                             f"{digit} is in the {split} voices (held_out_voices={list(held_out_voices)!r}); "
-                             f"use more recordings per digit")
+    pools = _recording_pools(rec, split, seed, test_fraction, recordings_per_digit, held_out_voices, fn)
     pair_rng = numpy_rng(seed * 7919 + (1 if split == "test" else 0))
     chosen = np.array([pair_rng.choice(pools[int(labels[i])]) for i in idx], dtype=np.int64)
     if snr_db is None:
@@ -277,6 +299,102 @@ def audio_visual_digits(
         sample_rate=sample_rate,
         snr_db=snr,
         noise_seed=seed * 2 + (1 if split == "test" else 0),
+    )
+
+
+class AudioVisualDigitSums(AudioVisualDigits):
+    """Pairs of a handwritten digit ``a`` and an independently drawn spoken digit ``b``, labelled
+    ``(a + b) mod 10``; see :func:`audio_visual_digit_sums`.
+
+    ``labels`` ``(N,)`` is the target ``(image_digits + spoken_digits) % 10``; ``image_digits`` and
+    ``spoken_digits`` ``(N,)`` int64 are what each modality shows. Item ``i`` is the dict of
+    :class:`AudioVisualDigits` with ``word`` the *spoken* word, plus ``image_digit`` and ``spoken_digit``.
+    """
+
+    def __init__(self, images: torch.Tensor, image_digits: torch.Tensor, spoken_digits: torch.Tensor,
+                 recording_index: torch.Tensor, recordings: torch.Tensor, sample_rate: int, snr_db: torch.Tensor,
+                 noise_seed: int) -> None:
+        super().__init__(images, (image_digits + spoken_digits) % 10, recording_index, recordings, sample_rate,
+                         snr_db, noise_seed)
+        self.image_digits, self.spoken_digits = image_digits, spoken_digits
+
+    def __getitem__(self, index: int) -> dict[str, object]:
+        index = _check_item(index, len(self), "AudioVisualDigitSums")
+        item = super().__getitem__(index)
+        spoken = int(self.spoken_digits[index])
+        return item | {"word": DIGIT_WORDS[spoken], "image_digit": int(self.image_digits[index]),
+                       "spoken_digit": spoken}
+
+
+def audio_visual_digit_sums(
+    split: str = "train",
+    seed: int = 0,
+    pairs_per_image: int = 3,
+    val_fraction: float = 0.2,
+    recordings_per_digit: int = 40,
+    test_fraction: float = 0.25,
+    sample_rate: int = 16000,
+    duration: float = 1.0,
+    snr_db: tuple[float, float] | None = (10.0, 30.0),
+) -> AudioVisualDigitSums:
+    """A task that needs both modalities: an image of digit ``a``, a recording of digit ``b``, label ``(a + b) mod 10``.
+
+    The images are those of :func:`audio_visual_digits` (same ``seed`` and ``test_fraction``): ``"test"`` takes its
+    test images, and its training images are split again, stratified by digit, into ``"train"`` and ``"val"``
+    (``val_fraction`` of them, seeded), so the three splits never share an image. Each image appears in
+    ``pairs_per_image`` examples; each example draws the spoken digit ``b`` uniformly from 0..9, independently of
+    the image, and one recording of ``b`` from the split's recordings (``"test"`` uses the test recordings of
+    :func:`audio_visual_digits`, ``"train"`` and ``"val"`` the others), with its own Gaussian noise at a
+    signal-to-noise ratio drawn uniformly from ``snr_db`` (``None``: clean). Because ``b`` is uniform and
+    independent of ``a``, the label is independent of either modality alone. Returns an
+    :class:`AudioVisualDigitSums` of ``pairs_per_image`` times the split's number of images.
+    """
+    fn = "audio_visual_digit_sums"
+    if split not in ("train", "val", "test"):
+        raise ValueError(f"{fn}: split must be 'train', 'val' or 'test', got {split!r}")
+    seed = _check_int("seed", seed, fn, 0)
+    pairs_per_image = _check_int("pairs_per_image", pairs_per_image, fn, 1, 100)
+    for name, value in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
+        if not isinstance(value, float) or not 0.05 <= value <= 0.5:
+            raise ValueError(f"{fn}: {name} must be a float in [0.05, 0.5], got {value!r}")
+    if snr_db is not None:
+        if not isinstance(snr_db, Sequence) or isinstance(snr_db, str) or len(snr_db) != 2:
+            raise TypeError(f"{fn}: snr_db must be None or a (low, high) pair of numbers, got {snr_db!r}")
+        low, high = (check_number(f"snr_db[{i}]", v, fn) for i, v in enumerate(snr_db))
+        if low > high:
+            raise ValueError(f"{fn}: snr_db must be None or a (low, high) pair with low <= high, got {snr_db!r}")
+    recordings_per_digit = _check_int("recordings_per_digit", recordings_per_digit, fn, 4, 1000)
+    from sklearn.model_selection import train_test_split
+
+    images, labels, idx_train, idx_test = _digit_images_split(seed, test_fraction)
+    if split == "test":
+        idx = np.sort(idx_test)
+    else:
+        idx_train = np.sort(idx_train)
+        idx_fit, idx_val = train_test_split(idx_train, test_size=val_fraction, stratify=labels[idx_train].numpy(),
+                                            random_state=_book_seed(seed * 7919 + 5))
+        idx = np.sort(idx_fit if split == "train" else idx_val)
+    rec = spoken_digit_recordings(recordings_per_digit, sample_rate, duration, seed=0)
+    pools = _recording_pools(rec, "test" if split == "test" else "train", seed, test_fraction, recordings_per_digit,
+                             None, fn)
+    part = ("train", "val", "test").index(split)
+    pair_rng = numpy_rng(seed * 7919 + 11 + part)
+    rows = np.repeat(idx, pairs_per_image)
+    spoken = pair_rng.integers(0, 10, size=rows.size)
+    chosen = np.array([pair_rng.choice(pools[int(b)]) for b in spoken], dtype=np.int64)
+    if snr_db is None:
+        snr = torch.full((rows.size,), float("inf"))
+    else:
+        snr = torch.from_numpy(pair_rng.uniform(snr_db[0], snr_db[1], size=rows.size).astype(np.float32))
+    return AudioVisualDigitSums(
+        images=images[rows],
+        image_digits=labels[rows],
+        spoken_digits=torch.from_numpy(spoken.astype(np.int64)),
+        recording_index=torch.from_numpy(chosen),
+        recordings=rec["waveforms"],
+        sample_rate=sample_rate,
+        snr_db=snr,
+        noise_seed=seed * 3 + 100 + part,
     )
 
 
@@ -367,6 +485,46 @@ def describe_scene(scene: Scene, rng: np.random.Generator | None = None) -> str:
     for extra in objs[2:]:
         text += f" and a {extra.name}"
     return text
+
+
+def _parse_caption(caption: object, fn: str) -> tuple[list[tuple[str, str]], str | None]:
+    check_instance("captions", caption, fn, str, "a str")
+    colours, shapes = "|".join(COLOURS), "|".join(SHAPES)
+    obj = rf"a ({colours}) ({shapes})"
+    match = re.fullmatch(rf"{obj}(?: ({'|'.join(RELATIONS)}) {obj})?((?: and {obj})*)", caption)
+    if match is None:
+        raise ValueError(f"{fn}: captions must look like 'a <colour> <shape>[ <relation> a <colour> <shape>]"
+                         f"[ and a <colour> <shape> ...]' with a colour in {tuple(COLOURS)}, a shape in {SHAPES} "
+                         f"and a relation in {RELATIONS}, got {caption!r}")
+    named = [(match[1], match[2])] + ([(match[4], match[5])] if match[3] is not None else [])
+    return named + re.findall(rf" and {obj}", match[6]), match[3]
+
+
+def caption_truth(scenes: Sequence[Scene], captions: Sequence[str]) -> torch.Tensor:
+    """Which captions are true of which scenes: ``(len(scenes), len(captions))`` bool, entry ``[i, j]`` true when
+    every object caption ``j`` names is in scene ``i`` and, for ``"a <object> <relation> a <object>[ and a
+    <object> ...]"``, the relation holds between the first two.
+
+    A caption of the form :func:`describe_scene` writes is true of its own scene, and it can be true of others:
+    ``"a red circle left of a blue square"`` also describes a scene with the red circle above *and* left of the
+    blue square, and it means the same as ``"a blue square right of a red circle"``. A caption naming one object
+    twice is never true (the objects of a scene are distinct).
+    """
+    fn = "caption_truth"
+    for name, items in (("scenes", scenes), ("captions", captions)):
+        if isinstance(items, str) or not isinstance(items, Sequence):
+            raise TypeError(f"{fn}: {name} must be a sequence, got {type(items).__name__}")
+    distinct = sorted(set(captions))  # a few hundred distinct captions at most: decide each once per scene
+    column = {c: k for k, c in enumerate(distinct)}
+    parsed = [_parse_caption(c, fn) for c in distinct]
+    rows = []
+    for scene in scenes:
+        by_name = {(o.colour, o.shape): o for o in _check_scene(scene, fn).objects}
+        rows.append([len(set(named)) == len(named) and all(n in by_name for n in named)
+                     and (relation is None or _holds(by_name[named[0]], relation, by_name[named[1]]))
+                     for named, relation in parsed])
+    table = torch.tensor(rows, dtype=torch.bool).reshape(len(scenes), len(distinct))
+    return table[:, [column[c] for c in captions]]
 
 
 def scene_questions(scene: Scene, rng: np.random.Generator) -> list[tuple[str, str, str]]:
