@@ -175,7 +175,8 @@ def glossary_terms() -> list[tuple[tuple[str, ...], tuple[str, ...]]]:
     """``(english_forms, chinese_forms)`` of every row of ``docs/glossary.md``.
 
     English forms: the term without a parenthesised part, and an abbreviation in parentheses on its own
-    ("Dynamic time warping (DTW)" gives both); alternatives separated by " / " are forms of the same term.
+    ("Dynamic time warping (DTW)" gives both; "Additive path (GRU)" only the first: GRU is context, its letters
+    are not drawn from the term's); alternatives separated by " / " are forms of the same term.
     Chinese forms: the alternatives of the 中文 column, each without a parenthesised gloss.
     """
     terms = []
@@ -188,10 +189,16 @@ def glossary_terms() -> list[tuple[tuple[str, ...], tuple[str, ...]]]:
         for alternative in english.split(" / "):
             bare = re.sub(r"\s*\([^)]*\)", "", alternative).strip()
             forms.append(bare)
-            forms += [a for a in re.findall(r"\(([A-Z][A-Za-z0-9-]+)\)", alternative)]
+            forms += [a for a in re.findall(r"\(([A-Z][A-Za-z0-9-]+)\)", alternative) if _abbreviates(a, bare)]
         zh = [re.sub(r"[（(][^）)]*[）)]", "", a).strip() for a in chinese.split(" / ")]
         terms.append((tuple(f for f in forms if len(f) >= 3), tuple(z for z in zh if z)))
     return terms
+
+
+def _abbreviates(abbreviation: str, term: str) -> bool:
+    """Whether the letters of ``abbreviation`` appear in order in ``term`` (MLP in "Multilayer perceptron")."""
+    letters = iter(term.lower())
+    return all(ch in letters for ch in abbreviation.lower() if ch.isalpha())
 
 
 def template_path(document: Path) -> Path:
