@@ -10,6 +10,7 @@ from mmbook.data import (
     ShapeObject,
     WordVocab,
     audio_visual_digits,
+    caption_truth,
     describe_scene,
     render_scene,
     scene_questions,
@@ -170,3 +171,41 @@ def test_nan_noise_bounds_and_silent_conversions_are_refused():
         scene_questions(Scene([ShapeObject("circle", "red", 0, 0)], grid=3), None)
     with pytest.raises(TypeError, match="qa_pairs: kinds must be a sequence of kinds"):
         shapes_scenes(2).qa_pairs("colour")
+
+
+def test_caption_truth_against_the_grid():
+    circle_above_left = Scene([ShapeObject("circle", "red", 0, 0), ShapeObject("square", "blue", 1, 2)], grid=3)
+    circle_below = Scene([ShapeObject("circle", "red", 2, 1), ShapeObject("square", "blue", 0, 1)], grid=3)
+    captions = ["a red circle above a blue square", "a red circle left of a blue square",
+                "a blue square right of a red circle", "a blue square below a red circle",
+                "a red circle below a blue square", "a red circle right of a blue square", "a red circle",
+                "a green circle", "a red circle above a red circle", "a blue square above a red circle"]
+    truth = caption_truth([circle_above_left, circle_below], captions)
+    assert truth.dtype == torch.bool and truth.shape == (2, 10)
+    assert truth[0].tolist() == [True, True, True, True, False, False, True, False, False, False]
+    assert truth[1].tolist() == [False, False, False, False, True, False, True, False, False, True]
+    three = Scene([ShapeObject("circle", "red", 0, 0), ShapeObject("square", "blue", 1, 0),
+                   ShapeObject("triangle", "green", 2, 2)], grid=3)
+    extras = ["a red circle above a blue square and a green triangle",
+              "a red circle above a blue square and a yellow triangle"]
+    assert caption_truth([three], extras).tolist() == [[True, False]]
+    scenes = shapes_scenes(60, seed=7, min_objects=1, max_objects=3)
+    full = caption_truth(scenes.scenes, scenes.captions)
+    assert full.diagonal().all()  # every generated caption is true of its own scene
+    same = torch.tensor([[a == b for b in scenes.captions] for a in scenes.captions])
+    assert not (same & ~full).any()  # identical captions are true of each other's scenes
+    assert caption_truth(scenes.scenes[:2], []).shape == (2, 0)
+
+
+def test_caption_truth_rejects_bad_input():
+    scene = Scene([ShapeObject("circle", "red", 0, 0)], grid=3)
+    with pytest.raises(ValueError, match="caption_truth: captions must look like"):
+        caption_truth([scene], ["a red circle beside a blue square"])
+    with pytest.raises(ValueError, match="caption_truth: captions must look like"):
+        caption_truth([scene], ["a pink circle"])
+    with pytest.raises(TypeError, match="caption_truth: captions must be a str"):
+        caption_truth([scene], [3])
+    with pytest.raises(TypeError, match="caption_truth: captions must be a sequence"):
+        caption_truth([scene], "a red circle")
+    with pytest.raises(TypeError, match="caption_truth: scene must be a Scene"):
+        caption_truth(["a red circle"], ["a red circle"])
