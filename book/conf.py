@@ -85,6 +85,23 @@ def _finish_site(app, exception) -> None:  # noqa: ANN001 - Sphinx's event signa
     (outdir / "index.html").write_text(_REDIRECT.format(title=project), encoding="utf-8")
 
 
+def _chinese_search() -> type:
+    """Sphinx 9.0's Chinese search language with its stemmer named as the code it ships.
+
+    For the Latin words of a Chinese page it loads the English snowball stemmer's JavaScript (``EnglishStemmer``)
+    but writes ``window.Stemmer = ChineseStemmer`` into ``language_data.js``, a class that does not exist: every page
+    of the Chinese edition would log a ReferenceError and its search box would not work. The class name in that line
+    comes from ``language_name``. Chinese words are split by jieba (a pinned requirement).
+    """
+    from sphinx.search.zh import SearchChinese
+
+    class SearchChineseFixed(SearchChinese):
+        language_name = "English"  # the stemmer class of english-stemmer.js, which this language loads
+
+    return SearchChineseFixed
+
+
 def setup(app) -> dict[str, bool]:  # noqa: ANN001 - Sphinx's extension signature
     app.connect("build-finished", _finish_site)
+    app.add_search_language(_chinese_search())
     return {"parallel_read_safe": True, "parallel_write_safe": True}
