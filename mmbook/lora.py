@@ -44,6 +44,7 @@ class LoRALinear(nn.Module):
     ``lora_A`` ``(r, in)`` is drawn Kaiming-uniform (``a = sqrt(5)``, ``nn.Linear``'s rule) from a generator seeded
     with ``seed`` (through :func:`mmbook.torch_generator`); ``lora_B`` ``(out, r)`` starts at zero. The base layer's
     parameters are frozen. :meth:`merge` folds the update into ``base.weight``; :meth:`unmerge` takes it out again.
+    There is no dropout on the adapter's input (``peft``'s ``lora_dropout``; its default 0 computes the same map).
     """
 
     def __init__(self, base: nn.Linear, r: int, alpha: float, *, seed: int = 0) -> None:

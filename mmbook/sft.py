@@ -21,7 +21,6 @@ set from :data:`TASKS` (short word manipulations with checkable answers, every a
 
 from __future__ import annotations
 
-import math
 import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import NamedTuple
@@ -36,6 +35,7 @@ from mmbook.core import python_rng, torch_generator
 from mmbook.decoder import Decoder, DecoderOutput
 from mmbook.gqa import repeat_kv
 from mmbook.moe import SparseMoE
+from mmbook.optim import WarmupCosine
 
 __all__ = [
     "BASE_CONFIG",
@@ -84,7 +84,9 @@ class ChatByteTokenizer:
     """Bytes 0-255 plus ``<|im_start|>`` = 256 and ``<|im_end|>`` = 257 (``vocab_size`` 258).
 
     ``encode(text)`` maps the two marker strings to their ids and everything else to its UTF-8 bytes;
-    ``decode(ids)`` inverts it (invalid UTF-8 is replaced, so a model's output always decodes).
+    ``decode(ids)`` inverts it (invalid UTF-8 is replaced, so a model's output always decodes). The marker strings
+    become special ids wherever they occur, in user text too: a user who types ``<|im_end|>`` closes their own
+    turn (template injection). Real tokenizers encode user content with special tokens switched off.
     """
 
     im_start_id = 256
@@ -155,8 +157,9 @@ def tokenize_chat(messages: Sequence[Mapping[str, str]], encode: Callable[[str],
 
     Each piece of :func:`chat_segments` is encoded separately with ``encode`` (text -> ids; it must turn
     ``<|im_start|>`` and ``<|im_end|>`` into their special ids), so the mask follows the pieces exactly. For a
-    byte-level BPE tokenizer this equals encoding the whole text whenever an answer does not begin with a space
-    (the pre-tokenizer splits at the newline before it); the chapter checks that on its data.
+    byte-level BPE tokenizer this equals encoding the whole text unless a piece boundary falls inside a
+    pre-tokenizer piece: an answer that begins with two whitespace characters lets the whole text merge the
+    template's newline with the first of them. The chapter checks both cases.
     """
     fn = "tokenize_chat"
     if not callable(encode):
@@ -331,6 +334,8 @@ def packed_forward(model: Decoder, ids: torch.Tensor, positions: torch.Tensor, d
     x = _blocks(model, x, positions, document_mask(doc_ids)[:, None], start_layer, c.n_layer)
     if not all_logits:
         keep = targets != -100
+        if not bool(keep.any()):
+            raise ValueError(f"{fn}: targets has no position that is not -100 (all_logits=False needs one)")
         logits = model.lm_head(model.norm(x[keep]))  # (n_targets, vocab_size)
         return DecoderOutput(logits, F.cross_entropy(logits, targets[keep]), None, None)
     logits = model.lm_head(model.norm(x))
@@ -397,8 +402,13 @@ def evaluate_instructions(model: nn.Module, tokenizer: ChatByteTokenizer,
     check_instance("model", model, fn, Decoder, "a mmbook Decoder")
     check_instance("tokenizer", tokenizer, fn, ChatByteTokenizer, "a ChatByteTokenizer")
     max_new_tokens = positive_int("max_new_tokens", max_new_tokens, fn)
-    if not conversations:
-        raise ValueError(f"{fn}: conversations must not be empty")
+    if isinstance(conversations, (str, bytes)) or not isinstance(conversations, Sequence) or not conversations:
+        raise ValueError(f"{fn}: conversations must be a non-empty list of chats")
+    for i, conv in enumerate(conversations):
+        if (isinstance(conv, (str, bytes)) or not isinstance(conv, Sequence) or len(conv) < 2
+                or not isinstance(conv[-1], Mapping) or conv[-1].get("role") != "assistant"):
+            raise ValueError(f"{fn}: conversations[{i}] must be a chat of two or more messages ending in the "
+                             "assistant's reference answer")
     device = model.embed_tokens.weight.device
     prompts = [tokenize_chat(conv[:-1], tokenizer.encode, add_generation_prompt=True)[0] for conv in conversations]
     responses: list[str] = [""] * len(prompts)
@@ -419,14 +429,17 @@ def evaluate_instructions(model: nn.Module, tokenizer: ChatByteTokenizer,
 
 
 def train_sft(model: nn.Module, batch: PackedBatch, *, steps: int, batch_size: int, lr: float, warmup: int = 10,
-              weight_decay: float = 0.0, clip: float = 1.0, seed: int = 0, start_layer: int = 0) -> list[float]:
+              weight_decay: float = 0.0, clip: float = 1.0, seed: int = 0, start_layer: int = 0,
+              callback: Callable[[int, nn.Module], None] | None = None, every: int = 1) -> list[float]:
     """Fine-tune the trainable parameters of ``model`` for ``steps`` AdamW steps on rows of a :class:`PackedBatch`.
 
     Each step draws ``batch_size`` rows (a seeded generator, :func:`mmbook.torch_generator`) and minimises the
     assistant-only loss of :func:`packed_forward`. Only parameters with ``requires_grad`` are optimised (all of
-    them for full fine-tuning, the adapters after :func:`mmbook.lora.apply_lora`). Warm-up then cosine decay to
-    ``0.1 lr``, as :func:`mmbook.pretrain.train_lm`. With ``start_layer = k`` the first ``k`` blocks must be
-    frozen: their output (:func:`packed_hidden`) is computed once for all rows and the steps run the rest.
+    them for full fine-tuning, the adapters after :func:`mmbook.lora.apply_lora`). The learning rate follows
+    :class:`mmbook.optim.WarmupCosine`: ``warmup`` steps of linear warm-up, then a cosine towards ``0.1 lr`` at
+    step ``steps``. With ``start_layer = k`` the first ``k`` blocks must be frozen: their output (:func:`packed_hidden`)
+    is computed once for all rows and the steps run the rest. ``callback(step, model)``, if given, is called in eval
+    mode after every ``every``-th step (``step`` counts from 1), e.g. to record a validation loss along the way.
     Returns the loss of every step; the model is left in eval mode.
     """
     fn = "train_sft"
@@ -438,6 +451,9 @@ def train_sft(model: nn.Module, batch: PackedBatch, *, steps: int, batch_size: i
     warmup = positive_int("warmup", warmup, fn)
     weight_decay = check_number("weight_decay", weight_decay, fn, 0.0)
     clip = check_number("clip", clip, fn, 0.0, low_open=True)
+    if callback is not None and not callable(callback):
+        raise TypeError(f"{fn}: callback must be a function callback(step, model), got {type(callback).__name__}")
+    every = positive_int("every", every, fn)
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError(f"{fn}: model has no trainable parameters")
@@ -446,6 +462,8 @@ def train_sft(model: nn.Module, batch: PackedBatch, *, steps: int, batch_size: i
               (n.startswith("embed_tokens") or any(n.startswith(f"layers.{i}.") for i in range(start_layer)))]
     if start_layer and frozen:
         raise ValueError(f"{fn}: start_layer={start_layer} needs the blocks below it frozen, but {frozen[0]} trains")
+    if warmup >= steps:
+        raise ValueError(f"{fn}: warmup must be smaller than steps, got warmup={warmup}, steps={steps}")
     device = model.embed_tokens.weight.device
     hidden = None
     if start_layer:
@@ -454,13 +472,12 @@ def train_sft(model: nn.Module, batch: PackedBatch, *, steps: int, batch_size: i
                                                                                         batch.doc_ids)), start_layer)
                                 for i in range(0, batch.ids.shape[0], 16)])
     optimizer = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=weight_decay)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min((s + 1) / warmup, 0.1 + 0.45 * (1 + math.cos(math.pi * s / steps))))
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, WarmupCosine(warmup, steps, min_factor=0.1))
     generator = torch_generator(seed)
     rows = batch.ids.shape[0]
     losses = []
     model.train()
-    for _ in range(steps):
+    for step in range(1, steps + 1):
         pick = torch.randint(rows, (batch_size,), generator=generator)
         ids, targets, positions, doc_ids = (t[pick].to(device) for t in batch)
         h = None if hidden is None else hidden[pick.to(device)]
@@ -472,6 +489,10 @@ def train_sft(model: nn.Module, batch: PackedBatch, *, steps: int, batch_size: i
         optimizer.step()
         schedule.step()
         losses.append(loss.item())
+        if callback is not None and step % every == 0:
+            model.eval()
+            callback(step, model)
+            model.train()
     model.eval()
     return losses
 

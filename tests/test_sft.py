@@ -231,3 +231,39 @@ def test_bad_inputs_of_the_base_and_the_evaluation_are_named():
         evaluate_instructions(model, "bytes", [CHAT])
     with pytest.raises(ValueError, match="evaluate_instructions: conversations"):
         evaluate_instructions(model, TOK, [])
+
+
+def test_evaluation_rejects_a_chat_without_its_reference_answer():
+    model = _model()
+    with pytest.raises(ValueError, match=r"evaluate_instructions: conversations\[1\]"):
+        evaluate_instructions(model, TOK, [CHAT, CHAT[:1]])
+    with pytest.raises(ValueError, match=r"evaluate_instructions: conversations\[0\]"):
+        evaluate_instructions(model, TOK, [[CHAT[1], CHAT[0]]])
+    with pytest.raises(ValueError, match="evaluate_instructions: conversations"):
+        evaluate_instructions(model, TOK, "Capitals: abc")
+
+
+def test_packed_forward_without_any_target_is_rejected():
+    model = _model()
+    batch = pack_examples([tokenize_chat(CHAT, TOK.encode)], 64)
+    empty = torch.full_like(batch.targets, -100)
+    with pytest.raises(ValueError, match="packed_forward: targets has no position"):
+        packed_forward(model, batch.ids, batch.positions, batch.doc_ids, empty, all_logits=False)
+
+
+def test_train_sft_callback_schedule_and_bad_arguments(one_thread):
+    model = _model()
+    batch = pack_examples([tokenize_chat(c, TOK.encode) for c in instruction_dataset(["first"], ["abc", "wxyz"])], 64)
+    seen = []
+
+    def record(step, m):
+        seen.append((step, m.training))
+
+    losses = train_sft(model, batch, steps=12, batch_size=2, lr=1e-3, warmup=2, seed=0, callback=record, every=5)
+    assert len(losses) == 12 and seen == [(5, False), (10, False)] and not model.training
+    with pytest.raises(ValueError, match="train_sft: warmup must be smaller than steps"):
+        train_sft(model, batch, steps=5, batch_size=2, lr=1e-3, warmup=5)
+    with pytest.raises(TypeError, match="train_sft: callback"):
+        train_sft(model, batch, steps=12, batch_size=2, lr=1e-3, warmup=2, callback="not a function")
+    with pytest.raises(ValueError, match="train_sft: every"):
+        train_sft(model, batch, steps=12, batch_size=2, lr=1e-3, warmup=2, every=0)
