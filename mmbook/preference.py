@@ -164,8 +164,9 @@ def dpo_train(policy: nn.Module, chosen: torch.Tensor, rejected: torch.Tensor, r
     seeded by ``seed``) from the sequences ``chosen`` / ``rejected`` ``(N, T)``, whose frozen reference
     log-probabilities ``ref_chosen`` / ``ref_rejected`` ``(N,)`` were computed once (:func:`sequence_logprob`
     with ``response_mask`` ``(N, T)``). ``evaluate(policy)``, if given, runs before training and every
-    ``eval_every`` steps. Returns ``{"loss", "chosen_reward", "rejected_reward"}`` per step (the batch means of
-    :func:`dpo_loss`'s implicit rewards) and ``{"eval_step", "eval"}``."""
+    ``eval_every`` steps. Returns ``{"loss", "chosen_reward", "rejected_reward", "reward_accuracy"}`` per step (the
+    batch means of :func:`dpo_loss`'s implicit rewards, and the fraction of the batch's pairs whose chosen answer
+    has the larger implicit reward) and ``{"eval_step", "eval"}``."""
     fn = "dpo_train"
     check_instance("policy", policy, fn, nn.Module, "a torch.nn.Module")
     check_tensor("chosen", chosen, fn, "int", 2, "(N, T)")
@@ -186,7 +187,8 @@ def dpo_train(policy: nn.Module, chosen: torch.Tensor, rejected: torch.Tensor, r
         raise TypeError(f"{fn}: evaluate must be a callable evaluate(policy) or None, got {type(evaluate).__name__}")
     opt = torch.optim.Adam(policy.parameters(), lr=lr)
     gen = torch_generator(seed)
-    hist: dict[str, list] = {"loss": [], "chosen_reward": [], "rejected_reward": [], "eval_step": [], "eval": []}
+    hist: dict[str, list] = {"loss": [], "chosen_reward": [], "rejected_reward": [], "reward_accuracy": [],
+                             "eval_step": [], "eval": []}
     if evaluate is not None:
         hist["eval_step"].append(0)
         hist["eval"].append(evaluate(policy))
@@ -202,6 +204,7 @@ def dpo_train(policy: nn.Module, chosen: torch.Tensor, rejected: torch.Tensor, r
         hist["loss"].append(out.loss.item())
         hist["chosen_reward"].append(out.chosen_rewards.mean().item())
         hist["rejected_reward"].append(out.rejected_rewards.mean().item())
+        hist["reward_accuracy"].append((out.chosen_rewards > out.rejected_rewards).float().mean().item())
         if evaluate is not None and step % eval_every == 0:
             hist["eval_step"].append(step)
             hist["eval"].append(evaluate(policy))

@@ -77,14 +77,32 @@ def _clipped(logp_new: torch.Tensor, logp_old: torch.Tensor, advantages: torch.T
 
 
 def ppo_clip_loss(logp_new: torch.Tensor, logp_old: torch.Tensor, advantages: torch.Tensor,
-                  clip_eps: float = 0.2) -> torch.Tensor:
+                  clip_eps: float = 0.2, mask: torch.Tensor | None = None) -> torch.Tensor:
     """PPO's clipped surrogate, negated: ``-mean(min(rho A, clip(rho, 1-eps, 1+eps) A))``, ``rho = pi/pi_old``.
 
-    ``logp_new`` / ``logp_old``: ``(batch,)`` (per response) or ``(batch, T)`` (per token, every token counted);
-    ``advantages``: ``(batch,)``.
+    ``logp_new`` / ``logp_old``: ``(batch,)`` (per response) or ``(batch, T)`` (per token); ``advantages``:
+    ``(batch,)``. Per token, ``mask`` ``(batch, T)`` bool (True on response tokens, at least one per row) is
+    required: the terms are averaged over each response's tokens, then over responses (padding never counts).
     """
-    clip_eps = _check_ratio_inputs("ppo_clip_loss", logp_new, logp_old, advantages, clip_eps)
-    return -_clipped(logp_new, logp_old, advantages, clip_eps).mean()
+    fn = "ppo_clip_loss"
+    clip_eps = _check_ratio_inputs(fn, logp_new, logp_old, advantages, clip_eps)
+    if logp_new.ndim == 1:
+        if mask is not None:
+            raise ValueError(f"{fn}: mask is for per-token log-probabilities (batch, T); logp_new has shape "
+                             f"{tuple(logp_new.shape)}")
+        return -_clipped(logp_new, logp_old, advantages, clip_eps).mean()
+    if logp_new.ndim != 2:
+        raise ValueError(f"{fn}: logp_new must be (batch,) or (batch, T), got shape {tuple(logp_new.shape)}")
+    if mask is None:
+        raise ValueError(f"{fn}: per-token log-probabilities (batch, T) need mask (batch, T), True on response "
+                         "tokens, so that padding is not averaged in")
+    check_tensor("mask", mask, fn, "bool", 2, "(batch, T)")
+    check_same_shape(fn, logp_new=logp_new, mask=mask)
+    if not bool(mask.any(dim=1).all()):
+        raise ValueError(f"{fn}: every row of mask must mark at least one response token")
+    m = mask.to(logp_new.dtype)
+    per_seq = (_clipped(logp_new, logp_old, advantages, clip_eps) * m).sum(1) / m.sum(1)
+    return -per_seq.mean()
 
 
 def group_advantages(rewards: torch.Tensor, eps: float = 1e-6, scale: bool = True) -> torch.Tensor:
@@ -235,8 +253,14 @@ def noisy_parity_trace(bits: Sequence[int], p: float, generator: torch.Generator
 def parity_reward(texts: Sequence[str], problems: Sequence[Sequence[int]]) -> torch.Tensor:
     """1.0 where the last character of a generated answer is the parity of the problem's bits, else 0.0
     (``(len(texts),)`` float32): a verifiable reward for answer-only and scratchpad answers alike."""
+    fn = "parity_reward"
+    if isinstance(texts, (str, bytes)) or not isinstance(texts, Sequence):
+        raise TypeError(f"{fn}: texts must be a sequence (list or tuple) of str, got {type(texts).__name__}")
     if len(texts) != len(problems):
-        raise ValueError(f"parity_reward: got {len(texts)} texts for {len(problems)} problems")
+        raise ValueError(f"{fn}: got {len(texts)} texts for {len(problems)} problems")
+    for i, t in enumerate(texts):
+        if not isinstance(t, str):
+            raise TypeError(f"{fn}: texts[{i}] must be a str (a decoded answer), got {type(t).__name__}")
     return torch.tensor([1.0 if t[-1:] == parity_answer(p) else 0.0 for t, p in zip(texts, problems, strict=True)])
 
 

@@ -112,6 +112,9 @@ def test_dpo_train_widens_the_margin_and_records_the_implicit_rewards():
     hist = dpo_train(model, chosen, rejected, rc, rr, response_mask=mask, steps=20, batch=2, lr=1e-2, beta=0.5,
                      seed=0, evaluate=lambda m: calls.append(1) or len(calls), eval_every=10)
     assert len(hist["loss"]) == len(hist["chosen_reward"]) == len(hist["rejected_reward"]) == 20
+    assert len(hist["reward_accuracy"]) == 20 and all(a in (0.0, 0.5, 1.0) for a in hist["reward_accuracy"])
+    assert hist["reward_accuracy"][0] == 0.0  # policy = reference: every implicit reward is 0, no pair is ordered
+    assert hist["reward_accuracy"][-1] == 1.0
     assert hist["eval_step"] == [0, 10, 20] and hist["eval"] == [1, 2, 3]
     assert abs(hist["loss"][0] - math.log(2)) < 1e-6  # policy = reference at the first step
     assert hist["loss"][-1] < hist["loss"][0]

@@ -53,6 +53,23 @@ def test_ppo_clip_loss_clips_only_in_the_direction_of_the_advantage():
         ppo_clip_loss(new, old, adv[:3], 0.2)
 
 
+def test_ppo_clip_loss_per_token_averages_each_response_over_its_masked_tokens():
+    new = torch.log(torch.tensor([[1.5, 0.5, 9.0], [1.5, 0.5, 1.0]]))
+    adv = torch.tensor([1.0, -1.0])
+    mask = torch.tensor([[True, True, False], [True, True, True]])
+    # row 0: min(1.5, 1.2) = 1.2, min(0.5, 0.8) = 0.5 (the padded 9.0 never counts); row 1: -1.5, -0.8, -1.0
+    expected = -((1.2 + 0.5) / 2 + (-1.5 - 0.8 - 1.0) / 3) / 2
+    assert abs(ppo_clip_loss(new, torch.zeros(2, 3), adv, 0.2, mask=mask).item() - expected) < 1e-6
+    with pytest.raises(ValueError, match="ppo_clip_loss: per-token log-probabilities .* need mask"):
+        ppo_clip_loss(new, torch.zeros(2, 3), adv, 0.2)
+    with pytest.raises(ValueError, match="ppo_clip_loss: mask is for per-token"):
+        ppo_clip_loss(new[:, 0], torch.zeros(2), adv, 0.2, mask=mask)
+    with pytest.raises(ValueError, match="ppo_clip_loss: every row of mask"):
+        ppo_clip_loss(new, torch.zeros(2, 3), adv, 0.2, mask=torch.tensor([[True] * 3, [False] * 3]))
+    with pytest.raises(ValueError, match="ppo_clip_loss"):
+        ppo_clip_loss(new, torch.zeros(2, 3), adv, 0.2, mask=mask[:, :2])
+
+
 def test_group_advantages_and_kl_k3():
     r = torch.tensor([[1.0, 0.0, 0.0, 1.0], [1.0, 1.0, 1.0, 1.0]])
     a = group_advantages(r)
@@ -265,6 +282,10 @@ def test_parity_task_formats_rewards_and_rejects_bad_input():
         parity_problems(0)
     with pytest.raises(ValueError, match="problems"):
         parity_reward(["1"], [])
+    with pytest.raises(TypeError, match=r"texts\[1\] must be a str"):
+        parity_reward(["1", [0, 1]], [(0, 1)] * 2)  # token lists would otherwise score a silent 0.0
+    with pytest.raises(TypeError, match="texts must be a sequence"):
+        parity_reward("01", [(0, 1)] * 2)
 
 
 def test_grpo_train_takes_a_reward_and_a_prompt_function():
