@@ -7,7 +7,9 @@ For every document that has a catalog in ``locales/<lang>/LC_MESSAGES/``:
 * a translation keeps its block's inline math, inline code, link targets and heading level exactly;
 * a glossary term (``docs/glossary.md``) in the English is rendered with the glossary's Chinese term (or kept
   in English), and the first use in a notebook gives the English term too (case-insensitive matching with a
-  plural ending, except for names with inner capitals such as ZeRO); a translator can waive one message
+  plural ending, except for names with inner capitals such as ZeRO; a term inside a longer glossary term, such as
+  "precision" in "mixed precision", is rendered as the longer term's translation says, though its first use still
+  gives the English); a translator can waive one message
   for one term with the comment ``glossary-ignore: <term>`` (a word used in another sense);
 * the generated notebook has the English notebook's cells, code, outputs, execution counts and metadata
   exactly, so the strict nbval run of the English notebook verifies the translated one.
@@ -130,15 +132,22 @@ def test_glossary_terms_are_translated_consistently(document: Path) -> None:
         waived = {c.split(":", 1)[1].strip().lower() for c in message.user_comments
                   if c.startswith("glossary-ignore:")}
         english_text = _KEPT.sub(" ", msgid)
-        for english_forms, chinese_forms in terms:
-            used = [f for f in english_forms if re.search(rf"(?<![\w-]){re.escape(f)}(?:s|es)?(?![\w-])",
-                                                           english_text, _case(f))]
-            if not used or used[0].lower() in waived:
+        spans = [(m.start(), m.end(), index, form) for index, (english_forms, _) in enumerate(terms)
+                 for form in english_forms
+                 for m in re.finditer(rf"(?<![\w-]){re.escape(form)}(?:s|es)?(?![\w-])", english_text, _case(form))]
+        # A term counts where it is not part of a longer term ("spectrogram" in "log-mel spectrogram",
+        # "precision" in "mixed precision"): the longer term's own translation is checked instead.
+        standalone = [(index, form) for a, b, index, form in spans
+                      if not any(c <= a and b <= d and (d - c) > (b - a) and j != index for c, d, j, _ in spans)]
+        for index, (english_forms, chinese_forms) in enumerate(terms):
+            anywhere = [form for _, _, j, form in spans if j == index]  # inside a longer term too
+            used = [form for j, form in standalone if j == index]
+            if not anywhere or anywhere[0].lower() in waived:
                 continue
             text = message.string
             kept_in_english = any(f.lower() in text.lower() for f in english_forms)
             squeezed = text.replace(" ", "")  # "He 初始化" and "He初始化" are the same term
-            if not kept_in_english and not any(z.replace(" ", "") in squeezed for z in chinese_forms):
+            if used and not kept_in_english and not any(z.replace(" ", "") in squeezed for z in chinese_forms):
                 problems.append(f"{used[0]!r} -> none of {chinese_forms} in {text[:50]!r}")
             key = english_forms[0].lower()
             if key not in seen and document.suffix == ".ipynb":
