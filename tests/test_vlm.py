@@ -19,6 +19,7 @@ from mmbook.vlm import (
     pretrain_patch_encoder,
     pretrained_shapes_vlm,
     shapes_vlm_examples,
+    shapes_vlm_history,
     shapes_vocab,
     train_shapes_vlm,
     train_vlm,
@@ -223,6 +224,36 @@ def test_train_shapes_vlm_stage_2_packed_or_one_turn_per_example():
         model, vocab, log = train_shapes_vlm(0, "cpu", recipe)
         assert set(log["history"]) == {"encoder", "lm", "align", "full"} and len(log["history"]["full"]) == 2
         assert all(math.isfinite(x) for x in log["history"]["full"]) and not model.training
+
+
+def test_recipe_rejects_bad_settings_and_align_epochs_0_skips_stage_1(tmp_path, monkeypatch):
+    for kwargs, error, match in [({"align_epochs": -1}, ValueError, "align_epochs must be an int >= 0"),
+                                 ({"full_epochs": 0}, ValueError, "full_epochs must be a positive int"),
+                                 ({"full_lr": float("nan")}, ValueError, "ShapesVLMRecipe: full_lr must be a positive"),
+                                 ({"full_batch_size": 0}, ValueError, "ShapesVLMRecipe: full_batch_size must be a pos"),
+                                 ({"full_packed": 1}, TypeError, "ShapesVLMRecipe: full_packed must be True or False")]:
+        with pytest.raises(error, match=match):
+            ShapesVLMRecipe(**kwargs)
+    with pytest.raises(TypeError, match="pretrained_shapes_vlm: recipe must be a ShapesVLMRecipe, got dict"):
+        pretrained_shapes_vlm(0, "cpu", recipe={"full_epochs": 9})
+    with pytest.raises(TypeError, match="shapes_vlm_history: recipe must be a ShapesVLMRecipe, got str"):
+        shapes_vlm_history(0, recipe="one turn")
+    # align_epochs=0: stage 2 starts from the blind LM and a fresh projector (the ablation "stage 2 only"); the
+    # recipe reaches the cache through pretrained_shapes_vlm's recipe argument and keys it
+    monkeypatch.setenv("MMBOOK_CACHE_DIR", str(tmp_path))
+    tiny = {"train_scenes": 24, "d_model": 16, "n_layer": 1, "n_head": 2, "d_vision": 16, "encoder_epochs": 1,
+            "lm_epochs": 1, "full_epochs": 1, "batch_size": 8, "full_packed": False}
+    skip = ShapesVLMRecipe(align_epochs=0, **tiny)
+    model, vocab = pretrained_shapes_vlm(0, "cpu", recipe=skip)
+    history = shapes_vlm_history(0, recipe=skip)
+    assert history["align"] == [] and len(history["full"]) == 1 and model.lm.config.d_model == 16
+    blind, _ = pretrained_shapes_vlm(0, "cpu", stage="lm", recipe=skip)
+    aligned, _ = pretrained_shapes_vlm(0, "cpu", stage="align", recipe=skip)
+    assert all(torch.equal(a, b) for a, b in zip(blind.state_dict().values(), aligned.state_dict().values(),
+                                                  strict=True))
+    assert len(list(tmp_path.rglob("*.pt"))) == 1
+    pretrained_shapes_vlm(0, "cpu", recipe=ShapesVLMRecipe(align_epochs=1, **tiny))  # another recipe: its own file
+    assert len(list(tmp_path.rglob("*.pt"))) == 2
 
 
 def test_pretrain_patch_encoder_does_not_depend_on_the_global_random_state(setup):
