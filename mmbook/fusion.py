@@ -17,10 +17,11 @@ name           what it computes                                               re
 
 :class:`MultimodalClassifier` puts per-modality encoders, a fusion module and a classification
 head together (feature-level, or *early*, fusion, optionally with modality dropout during
-training); :class:`LateFusionClassifier` averages the predictions of unimodal classifiers
-(decision-level, or *late*, fusion). :func:`audio_visual_features` prepares the noisy
-audio-visual digits of chapter 11, and :func:`trace_shapes` records the shapes that flow
-through a model, for debugging.
+training); :class:`LateFusionClassifier` combines the predictions of unimodal classifiers by the
+sum or the product rule (decision-level, or *late*, fusion). :func:`audio_visual_features` prepares
+the noisy audio-visual digits of chapter 11 and :func:`digit_sum_features` its digit-sum task, whose
+label needs both modalities; :func:`trace_shapes` records the shapes that flow through a model, for
+debugging.
 """
 
 from __future__ import annotations
@@ -60,6 +61,7 @@ __all__ = [
     "WeightedSumFusion",
     "audio_visual_features",
     "corrupt_images",
+    "digit_sum_features",
     "drop_modalities",
     "fusion_classifier",
     "make_fusion",
@@ -488,33 +490,56 @@ def fusion_classifier(dims: Sequence[int], method: str = "concat", d_embed: int 
 
 
 class LateFusionClassifier(nn.Module):
-    """Decision-level (*late*) fusion: average the predictions of unimodal classifiers.
+    """Decision-level (*late*) fusion: combine the predictions of unimodal classifiers.
 
-    ``forward(x_1, ..., x_M)`` runs ``classifiers[m](x_m)`` -> logits ``(batch, num_classes)``
-    and combines them with ``combine="probs"`` (default): ``log(mean_m softmax(logits_m))``, the
-    log of the averaged class probabilities, or ``combine="logits"``: ``mean_m logits_m``
-    (a product of experts). Both return ``(batch, num_classes)`` scores whose arg-max is the
-    prediction and on which ``cross_entropy`` is well defined.
+    ``forward(x_1, ..., x_M)`` runs ``classifiers[m](x_m)`` -> logits ``(batch, num_classes)``, turns them into
+    log-posteriors ``log p_m(y | x_m) = log_softmax(logits_m)`` and returns ``(batch, num_classes)`` normalised
+    log-probabilities (``logsumexp`` over classes is 0; ``nll_loss`` and ``cross_entropy`` apply) by one of
+    Kittler et al.'s rules:
+
+    * ``combine="product"``: the product rule, ``log_softmax_y( sum_m log p_m(y | x_m) - (M - 1) log p(y) )``.
+      It is the Bayes posterior ``p(y | x_1, ..., x_M)`` when the modalities are conditionally independent
+      given ``y`` and each classifier returns its modality's posterior. ``prior`` ``(num_classes,)`` is
+      ``p(y)`` (positive, summing to 1); ``None`` means uniform, and then the ``(M - 1) log p(y)`` term is a
+      constant that the normalisation removes. ``combine="logits"`` is accepted as the former name of this rule.
+    * ``combine="probs"`` (default): the sum rule, ``log( mean_m p_m(y | x_m) )`` (a mixture; ``prior`` unused).
     """
 
-    def __init__(self, classifiers: Sequence[nn.Module], combine: str = "probs") -> None:
+    def __init__(self, classifiers: Sequence[nn.Module], combine: str = "probs",
+                 prior: torch.Tensor | None = None) -> None:
         super().__init__()
         fn = "LateFusionClassifier"
         if not isinstance(classifiers, (list, tuple)) or len(classifiers) < 1 or not all(
                 isinstance(c, nn.Module) for c in classifiers):
             raise TypeError(f"{fn}: classifiers must be a non-empty list of nn.Module, got {classifiers!r}")
-        if combine not in ("probs", "logits"):
-            raise ValueError(f"{fn}: combine must be 'probs' or 'logits', got {combine!r}")
+        if combine not in ("probs", "product", "logits"):
+            raise ValueError(f"{fn}: combine must be 'probs' (sum rule) or 'product' (product rule; 'logits' is "
+                             f"its former name), got {combine!r}")
         self.classifiers = nn.ModuleList(classifiers)
-        self.combine = combine
+        self.combine = "product" if combine == "logits" else combine
+        if prior is not None:
+            prior = check_float_tensor("prior", prior, fn)
+            if prior.ndim != 1 or not bool((prior > 0).all()) or abs(prior.double().sum().item() - 1) > 1e-5:
+                raise ValueError(f"{fn}: prior must be a 1-D tensor of positive class probabilities summing to 1, "
+                                 f"got shape {tuple(prior.shape)} and sum {prior.double().sum().item():.6g}")
+            if self.combine != "product":
+                raise ValueError(f"{fn}: prior is used by the product rule only; got combine={combine!r}")
+        self.register_buffer("log_prior", None if prior is None else prior.detach().log().clone())
 
     def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
         if len(inputs) != len(self.classifiers):
             raise ValueError(f"LateFusionClassifier: expected {len(self.classifiers)} inputs, got {len(inputs)}")
-        logits = torch.stack([c(x) for c, x in zip(self.classifiers, inputs, strict=True)])  # (M, batch, C)
-        if self.combine == "logits":
-            return logits.mean(dim=0)
-        return torch.logsumexp(torch.log_softmax(logits, dim=-1), dim=0) - math.log(len(self.classifiers))
+        log_post = torch.stack([torch.log_softmax(c(x), dim=-1)
+                                for c, x in zip(self.classifiers, inputs, strict=True)])  # (M, batch, C)
+        if self.combine == "probs":
+            return torch.logsumexp(log_post, dim=0) - math.log(len(self.classifiers))
+        scores = log_post.sum(dim=0)  # (batch, C)
+        if self.log_prior is not None:
+            if self.log_prior.shape[0] != scores.shape[-1]:
+                raise ValueError(f"LateFusionClassifier: prior has {self.log_prior.shape[0]} classes, the "
+                                 f"classifiers return {scores.shape[-1]}")
+            scores = scores - (len(self.classifiers) - 1) * self.log_prior.to(scores.dtype)
+        return torch.log_softmax(scores, dim=-1)
 
 
 # ----------------------------------------------------------------------------- data for chapter 11
@@ -549,6 +574,17 @@ def corrupt_images(images: torch.Tensor, noise_std: float = 0.4, occlusion: int 
     return out.to(images.device)
 
 
+def _speech_features(ds: object, n_mfcc: int, segments: int, fn: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """MFCCs ``(N, n_mfcc, frames)`` of a dataset's noisy waveforms and their ``(N, n_mfcc * segments)`` summary."""
+    from mmbook.audio import mfcc
+
+    coeffs = mfcc(ds.waveforms(), sample_rate=ds.sample_rate, n_mfcc=n_mfcc,
+                  melkwargs={"n_fft": 400, "hop_length": 320, "n_mels": 40})
+    if segments > coeffs.shape[-1]:
+        raise ValueError(f"{fn}: segments must be <= the number of frames ({coeffs.shape[-1]}), got {segments}")
+    return coeffs, nn.functional.adaptive_avg_pool1d(coeffs, segments).flatten(1)
+
+
 def audio_visual_features(split: str = "train", seed: int = 0, snr_db: tuple[float, float] = (-15.0, -5.0),
                           image_noise: float = 0.3, occlusion: int = 3, n_mfcc: int = 20,
                           segments: int = 5) -> dict[str, torch.Tensor]:
@@ -564,7 +600,6 @@ def audio_visual_features(split: str = "train", seed: int = 0, snr_db: tuple[flo
       segments and flattened (a coarse picture of how the spectrum changes through the word);
     * ``"labels"`` ``(N,)`` int64 and ``"image_clean"`` ``(N, 64)``.
     """
-    from mmbook.audio import mfcc
     from mmbook.data import audio_visual_digits
 
     fn = "audio_visual_features"
@@ -574,18 +609,47 @@ def audio_visual_features(split: str = "train", seed: int = 0, snr_db: tuple[flo
     if n_mfcc > 40:
         raise ValueError(f"{fn}: n_mfcc must be <= 40 (the number of mel bands), got {n_mfcc}")
     ds = audio_visual_digits(split, seed=seed, snr_db=snr_db)
-    coeffs = mfcc(ds.waveforms(), sample_rate=ds.sample_rate, n_mfcc=n_mfcc,
-                  melkwargs={"n_fft": 400, "hop_length": 320, "n_mels": 40})
-    if segments > coeffs.shape[-1]:
-        raise ValueError(f"{fn}: segments must be <= the number of frames ({coeffs.shape[-1]}), got {segments}")
+    coeffs, audio = _speech_features(ds, n_mfcc, segments, fn)
     generator = torch_generator(seed * 2 + (1 if split == "test" else 0))
     images = corrupt_images(ds.images, image_noise, occlusion, generator)
     return {
         "image": images.flatten(1),
         "image_clean": ds.images.flatten(1).clone(),
         "mfcc": coeffs,
-        "audio": nn.functional.adaptive_avg_pool1d(coeffs, segments).flatten(1),
+        "audio": audio,
         "labels": ds.labels.clone(),
+    }
+
+
+def digit_sum_features(split: str = "train", seed: int = 0, pairs_per_image: int = 3,
+                       snr_db: tuple[float, float] | None = (10.0, 30.0), n_mfcc: int = 20,
+                       segments: int = 5) -> dict[str, torch.Tensor]:
+    """Chapter 11's digit-sum task as feature tensors: the label ``(a + b) mod 10`` needs both modalities.
+
+    From :func:`mmbook.data.audio_visual_digit_sums` (``split`` one of ``"train"``, ``"val"``, ``"test"``;
+    ``seed``, ``pairs_per_image``, speech at ``snr_db``), with the features of :func:`audio_visual_features`
+    but clean images:
+
+    * ``"image"`` ``(N, 64)``: the 8x8 image of digit ``a``, flattened, in [0, 1];
+    * ``"audio"`` ``(N, n_mfcc * segments)``: the segment-averaged MFCCs of the noisy recording of digit ``b``;
+    * ``"labels"`` ``(N,)`` int64 ``(a + b) % 10``; ``"image_digits"`` and ``"spoken_digits"`` ``(N,)`` int64,
+      ``a`` and ``b``.
+    """
+    from mmbook.data import audio_visual_digit_sums
+
+    fn = "digit_sum_features"
+    n_mfcc = _check_positive_int("n_mfcc", n_mfcc, fn)
+    segments = _check_positive_int("segments", segments, fn)
+    if n_mfcc > 40:
+        raise ValueError(f"{fn}: n_mfcc must be <= 40 (the number of mel bands), got {n_mfcc}")
+    ds = audio_visual_digit_sums(split, seed=seed, pairs_per_image=pairs_per_image, snr_db=snr_db)
+    _, audio = _speech_features(ds, n_mfcc, segments, fn)
+    return {
+        "image": ds.images.flatten(1).clone(),
+        "audio": audio,
+        "labels": ds.labels.clone(),
+        "image_digits": ds.image_digits.clone(),
+        "spoken_digits": ds.spoken_digits.clone(),
     }
 
 

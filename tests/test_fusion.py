@@ -20,6 +20,7 @@ from mmbook.fusion import (
     WeightedSumFusion,
     audio_visual_features,
     corrupt_images,
+    digit_sum_features,
     drop_modalities,
     fusion_classifier,
     make_fusion,
@@ -151,7 +152,33 @@ def test_late_fusion_averages_probabilities_or_logits():
     ref = torch.log((torch.softmax(a(x), -1) + torch.softmax(b(y), -1)) / 2)
     torch.testing.assert_close(probs, ref, **TOL32)
     torch.testing.assert_close(probs.exp().sum(-1), torch.ones(6), **TOL32)
-    torch.testing.assert_close(LateFusionClassifier([a, b], "logits")(x, y), (a(x) + b(y)) / 2, **TOL32)
+    product = LateFusionClassifier([a, b], "product")(x, y)
+    ref = torch.log_softmax(torch.log_softmax(a(x), -1) + torch.log_softmax(b(y), -1), -1)
+    torch.testing.assert_close(product, ref, **TOL32)
+    torch.testing.assert_close(LateFusionClassifier([a, b], "logits")(x, y), product)  # the former name
+    assert torch.equal(product.argmax(-1), (a(x) + b(y)).argmax(-1))  # a uniform prior: the arg-max of summed logits
+
+
+def test_product_rule_is_the_bayes_posterior_of_conditionally_independent_modalities():
+    # a discrete world: p(y, x1, x2) = p(y) p(x1 | y) p(x2 | y), x1 in 0..5, x2 in 0..6, four classes
+    g = torch.Generator().manual_seed(3)
+    prior = torch.softmax(torch.randn(4, generator=g, dtype=torch.float64), 0)
+    lik1 = torch.softmax(2 * torch.randn(4, 6, generator=g, dtype=torch.float64), 1)
+    lik2 = torch.softmax(2 * torch.randn(4, 7, generator=g, dtype=torch.float64), 1)
+    joint = prior[:, None, None] * lik1[:, :, None] * lik2[:, None, :]
+    exact = (joint / joint.sum(0)).permute(1, 2, 0).reshape(42, 4)  # p(y | x1, x2), rows (x1, x2)
+    # unimodal "classifiers" that return the log of their exact posteriors for a one-hot input
+    post1, post2 = prior[:, None] * lik1, prior[:, None] * lik2
+    clf1, clf2 = nn.Linear(6, 4, bias=False).double(), nn.Linear(7, 4, bias=False).double()
+    with torch.no_grad():
+        clf1.weight.copy_((post1 / post1.sum(0)).log())
+        clf2.weight.copy_((post2 / post2.sum(0)).log())
+    x1 = torch.eye(6, dtype=torch.float64).repeat_interleave(7, 0)
+    x2 = torch.eye(7, dtype=torch.float64).repeat(6, 1)
+    fused = LateFusionClassifier([clf1, clf2], "product", prior=prior)(x1, x2)
+    torch.testing.assert_close(fused.exp(), exact, rtol=0, atol=1e-12)
+    without_prior = LateFusionClassifier([clf1, clf2], "product")(x1, x2)
+    assert (without_prior.exp() - exact).abs().max() > 1e-2  # the (M - 1) log p(y) term matters
 
 
 def test_classifier_shapes_and_modality_dropout_only_in_training():
@@ -265,6 +292,16 @@ def test_classifiers_reject_bad_arguments():
         LateFusionClassifier([nn.Linear(3, 4)], combine="max")
     with pytest.raises(TypeError, match="classifiers"):
         LateFusionClassifier([])
+    with pytest.raises(ValueError, match="prior"):
+        LateFusionClassifier([nn.Linear(3, 4)], "product", prior=torch.tensor([0.5, 0.6, -0.1]))
+    with pytest.raises(ValueError, match="prior"):
+        LateFusionClassifier([nn.Linear(3, 4)], "product", prior=torch.full((2, 2), 0.25))
+    with pytest.raises(ValueError, match="product rule only"):
+        LateFusionClassifier([nn.Linear(3, 4)], "probs", prior=torch.full((4,), 0.25))
+    with pytest.raises(TypeError, match="prior"):
+        LateFusionClassifier([nn.Linear(3, 4)], "product", prior=[0.25] * 4)
+    with pytest.raises(ValueError, match="prior has 3 classes"):
+        LateFusionClassifier([nn.Linear(3, 4)], "product", prior=torch.full((3,), 1 / 3))(torch.randn(2, 3))
     with pytest.raises(ValueError, match="expected 1 inputs"):
         LateFusionClassifier([nn.Linear(3, 4)])(torch.randn(2, 3), torch.randn(2, 3))
 
@@ -319,3 +356,64 @@ def test_dtype_mixes_nan_noise_and_caller_names():
         audio_visual_features(image_noise=float("nan"))  # the caller's name, not corrupt_images' noise_std
     with pytest.raises(ValueError, match="fusion_classifier: method must be one of 'sum', 'concat'"):
         fusion_classifier([3, 5], method="attn")  # not make_fusion's "name"
+
+
+def test_digit_sums_label_needs_both_modalities_and_splits_are_disjoint():
+    from mmbook.data import audio_visual_digit_sums, audio_visual_digits
+
+    parts = {s: audio_visual_digit_sums(s, recordings_per_digit=8, pairs_per_image=2) for s in ("train", "val", "test")}
+    images = {s: {tuple(x.flatten().tolist()) for x in d.images} for s, d in parts.items()}
+    assert not images["train"] & images["val"] and not images["train"] & images["test"]
+    assert not images["val"] & images["test"]
+    # train + val are the images of audio_visual_digits' training split, each used pairs_per_image times
+    reference = audio_visual_digits("train", recordings_per_digit=8)
+    assert len(parts["train"]) + len(parts["val"]) == 2 * len(reference)
+    assert len(parts["test"]) == 2 * len(audio_visual_digits("test", recordings_per_digit=8))
+    for d in parts.values():
+        assert torch.equal(d.labels, (d.image_digits + d.spoken_digits) % 10)
+        assert torch.equal(d.labels, torch.tensor([d[i]["label"].item() for i in range(len(d))]))
+        item = d[3]
+        assert item["word"] == ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight",
+                                "nine")[item["spoken_digit"]]
+        rec_labels = torch.arange(10).repeat_interleave(8)
+        assert torch.equal(rec_labels[d.recording_index], d.spoken_digits)
+    assert not set(parts["test"].recording_index.tolist()) & set(parts["train"].recording_index.tolist())
+    # the spoken digit is drawn independently of the image: every (a, b) cell is populated
+    d = audio_visual_digit_sums("train", recordings_per_digit=8, pairs_per_image=3)
+    cells = torch.bincount(d.image_digits * 10 + d.spoken_digits, minlength=100)
+    assert cells.min() > 5
+    again = audio_visual_digit_sums("train", recordings_per_digit=8, pairs_per_image=3)
+    assert torch.equal(again.spoken_digits, d.spoken_digits) and torch.equal(again.waveform(4), d.waveform(4))
+
+
+def test_digit_sum_features_are_the_documented_transforms():
+    from mmbook.audio import mfcc
+    from mmbook.data import audio_visual_digit_sums
+
+    feats = digit_sum_features("val", pairs_per_image=1)
+    ds = audio_visual_digit_sums("val", pairs_per_image=1)
+    n = len(ds)
+    assert feats["image"].shape == (n, 64) and feats["audio"].shape == (n, 100)
+    assert torch.equal(feats["image"], ds.images.flatten(1)) and torch.equal(feats["labels"], ds.labels)
+    assert torch.equal(feats["spoken_digits"], ds.spoken_digits) and torch.equal(feats["image_digits"], ds.image_digits)
+    ref = mfcc(ds.waveform(3), n_mfcc=20, melkwargs={"n_fft": 400, "hop_length": 320, "n_mels": 40})
+    torch.testing.assert_close(feats["audio"][3].view(20, 5)[:, 0], ref[:, :11].mean(1), rtol=1e-4, atol=1e-3)
+
+
+def test_digit_sums_reject_bad_arguments():
+    from mmbook.data import audio_visual_digit_sums
+
+    with pytest.raises(ValueError, match="split"):
+        audio_visual_digit_sums("validation")
+    with pytest.raises(ValueError, match="pairs_per_image"):
+        audio_visual_digit_sums("train", pairs_per_image=0)
+    with pytest.raises(ValueError, match="val_fraction"):
+        audio_visual_digit_sums("train", val_fraction=0.9)
+    with pytest.raises(ValueError, match="snr_db"):
+        audio_visual_digit_sums("train", snr_db=(30.0, 10.0))
+    with pytest.raises(TypeError, match="snr_db"):
+        audio_visual_digit_sums("train", snr_db=10.0)
+    with pytest.raises(ValueError, match="n_mfcc"):
+        digit_sum_features("test", n_mfcc=41)
+    with pytest.raises(TypeError, match="segments"):
+        digit_sum_features("test", segments=2.5)
