@@ -3,14 +3,16 @@
 Building blocks of chapter 13:
 
 * :func:`clip_logits` and :func:`clip_loss` — cosine similarities scaled by a learned temperature, and the
-  symmetric InfoNCE loss of CLIP (optionally with extra hard-negative texts, as in NegCLIP).
+  symmetric InfoNCE loss of CLIP (optionally with extra hard-negative texts, as in NegCLIP);
+  :func:`siglip_loss` — SigLIP's pairwise sigmoid loss with a learned scale and bias.
 * :class:`BagOfWordsEncoder` and :class:`TransformerTextEncoder` — two text towers, one blind to word order and
   one that is not (it reuses :class:`mmbook.crossmodal.TextTransformer`).
 * :class:`DualEncoder` — two towers, L2-normalised embeddings and a learned logit scale;
-  :func:`train_dual_encoder` trains one, :func:`encode` embeds a whole data set in batches.
+  :func:`train_dual_encoder` trains one (with either loss), :func:`distinct_group_batches` builds batches
+  without duplicates, :func:`encode` embeds a whole data set in batches.
 * :func:`recall_at_k`, :func:`prompt_ensemble`, :func:`zero_shot_classify` — retrieval and zero-shot evaluation.
 * :func:`swap_relation` and :func:`swap_attributes` — the relation- and attribute-swapped twins of a shapes caption
-  for the compositionality test.
+  for the compositionality test; :func:`converse_caption` — the same statement the other way round.
 
 Convention: ``logit_scale`` is the *multiplier* ``1 / temperature`` (positive), as in open_clip's loss; CLIP and
 ``transformers`` store its logarithm as the parameter and pass ``logit_scale.exp()``.
@@ -25,7 +27,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from mmbook.checks import check_device, check_finite, check_instance, check_like, check_number
+from mmbook.checks import check_choice, check_device, check_finite, check_instance, check_int, check_like, check_number
 from mmbook.checks import positive_int as _positive_int
 from mmbook.core import torch_generator
 from mmbook.crossmodal import TextTransformer, _check_ids, masked_mean
@@ -37,9 +39,12 @@ __all__ = [
     "TransformerTextEncoder",
     "clip_logits",
     "clip_loss",
+    "converse_caption",
+    "distinct_group_batches",
     "encode",
     "prompt_ensemble",
     "recall_at_k",
+    "siglip_loss",
     "swap_attributes",
     "swap_relation",
     "train_dual_encoder",
@@ -142,12 +147,54 @@ def clip_loss(
             raise ValueError(f"{fn}: hard_negatives must be (M, {text_embeds.shape[1]}), got "
                              f"{tuple(hard_negatives.shape)}")
         texts = torch.cat([text_embeds, hard_negatives], dim=0)
+    _check_scale(logit_scale, fn)
     logits = clip_logits(image_embeds, texts, logit_scale)  # (N, N + M)
     n = image_embeds.shape[0]
     targets = torch.arange(n, device=logits.device)
     image_to_text = nn.functional.cross_entropy(logits, targets)
     text_to_image = nn.functional.cross_entropy(logits[:, :n].T, targets)
     return 0.5 * (image_to_text + text_to_image)
+
+
+def siglip_loss(
+    image_embeds: torch.Tensor,
+    text_embeds: torch.Tensor,
+    logit_scale: torch.Tensor | float,
+    logit_bias: torch.Tensor | float,
+) -> torch.Tensor:
+    """SigLIP's pairwise sigmoid loss for ``N`` matching pairs ``(image_i, text_i)``.
+
+    With ``L = logit_scale * cos + logit_bias`` the ``(N, N)`` logits (cosines of the L2-normalised
+    ``image_embeds`` and ``text_embeds``, both ``(N, embed_dim)``) and ``z_ij = +1`` on the diagonal, ``-1`` off
+    it, every pair is its own binary classification, matching or not:
+
+    ``-(1 / N) * sum_i sum_j log sigmoid(z_ij * L[i, j])``
+
+    a sum over the ``N`` candidates and a mean over the ``N`` images (SigLIP's normalisation; no softmax, so
+    no row or column couples the pairs). ``logit_scale`` ``= exp(t')`` is positive, as in :func:`clip_loss`;
+    ``logit_bias`` ``b`` is any finite number or scalar tensor (SigLIP starts at ``t' = log 10``, ``b = -10``).
+    Returns a scalar tensor.
+    """
+    fn = "siglip_loss"
+    image_embeds = _check_embeds("image_embeds", image_embeds, fn)
+    text_embeds = _check_embeds("text_embeds", text_embeds, fn)
+    if image_embeds.shape != text_embeds.shape:
+        raise ValueError(f"{fn}: image_embeds and text_embeds must have the same shape (N, embed_dim) -- row i of "
+                         f"each is a matching pair -- got {tuple(image_embeds.shape)} and {tuple(text_embeds.shape)}")
+    if isinstance(logit_bias, torch.Tensor):
+        if logit_bias.numel() != 1 or not torch.is_floating_point(logit_bias):
+            raise ValueError(f"{fn}: logit_bias must be a floating-point scalar, got a {logit_bias.dtype} tensor "
+                             f"of shape {tuple(logit_bias.shape)}")
+        if not bool(torch.isfinite(logit_bias).all()):
+            raise ValueError(f"{fn}: logit_bias must be finite, got {logit_bias.item()}")
+        logit_bias = logit_bias.reshape(())
+    else:
+        logit_bias = check_number("logit_bias", logit_bias, fn)
+    _check_scale(logit_scale, fn)
+    logits = clip_logits(image_embeds, text_embeds, logit_scale) + logit_bias  # (N, N)
+    n = logits.shape[0]
+    signs = 2 * torch.eye(n, dtype=logits.dtype, device=logits.device) - 1  # +1 matching, -1 not
+    return -nn.functional.logsigmoid(signs * logits).sum() / n
 
 
 # ----------------------------------------------------------------------------- text towers
@@ -241,12 +288,15 @@ class DualEncoder(nn.Module):
     ``log(1 / init_temperature)`` and :attr:`logit_scale` ``= exp(log_logit_scale)`` is clipped at
     ``max_logit_scale`` (CLIP: 100) so that training cannot make the softmax arbitrarily sharp.
 
+    ``init_logit_bias`` (default ``None``: no bias) adds a learned scalar :attr:`logit_bias` for
+    :func:`siglip_loss` (SigLIP starts at ``init_temperature = 0.1``, ``init_logit_bias = -10``).
+
     ``forward(media, ids, lengths)`` returns ``(media_embeds, text_embeds, logit_scale)``: two ``(batch,
     embed_dim)`` unit-norm tensors and a scalar, the arguments of :func:`clip_loss`.
     """
 
     def __init__(self, media_encoder: nn.Module, text_encoder: nn.Module, init_temperature: float = 0.07,
-                 max_logit_scale: float = 100.0) -> None:
+                 max_logit_scale: float = 100.0, init_logit_bias: float | None = None) -> None:
         super().__init__()
         fn = "DualEncoder"
         for name, module in (("media_encoder", media_encoder), ("text_encoder", text_encoder)):
@@ -260,6 +310,9 @@ class DualEncoder(nn.Module):
         self.media_encoder, self.text_encoder = media_encoder, text_encoder
         self.log_logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / init_temperature)))
         self.max_logit_scale = float(max_logit_scale)
+        self.logit_bias: nn.Parameter | None = None
+        if init_logit_bias is not None:
+            self.logit_bias = nn.Parameter(torch.tensor(check_number("init_logit_bias", init_logit_bias, fn)))
 
     @property
     def logit_scale(self) -> torch.Tensor:
@@ -283,9 +336,24 @@ class DualEncoder(nn.Module):
         return media_embeds, text_embeds, self.logit_scale
 
 
+def distinct_group_batches(groups: torch.Tensor, batch_size: int, seed: int = 0) -> list[torch.Tensor]:
+    """Batches in which no two items share a group label, for ``groups`` ``(N,)`` integer labels.
+
+    Shuffle (a generator seeded with ``seed``), number the items of each group 0, 1, 2, ... in that order, and cut
+    every level (all items numbered ``r``) into batches of at most ``batch_size`` separately; the batches come in
+    shuffled order. Returns a list of index tensors (int64) that together hold every index once. A level smaller
+    than ``batch_size`` gives a smaller batch: with ``G`` groups no batch can exceed ``G`` items.
+    """
+    fn = "distinct_group_batches"
+    batch_size = _positive_int("batch_size", batch_size, fn)
+    if not isinstance(groups, torch.Tensor) or groups.ndim != 1 or groups.numel() == 0 \
+            or torch.is_floating_point(groups) or groups.dtype == torch.bool or groups.is_complex():
+        raise ValueError(f"{fn}: groups must be a non-empty 1-D integer tensor (N,), got "
+                         f"{getattr(groups, 'dtype', type(groups).__name__)} {tuple(getattr(groups, 'shape', ()))}")
+    return _distinct_group_batches(groups.cpu(), batch_size, torch_generator(seed))
+
+
 def _distinct_group_batches(groups: torch.Tensor, batch_size: int, generator: torch.Generator) -> list[torch.Tensor]:
-    """Batches (index tensors) in which no two items share a group label: shuffle, number the items of each group
-    0, 1, 2, ..., and cut every level (all items numbered r) into batches separately."""
     order = torch.randperm(groups.numel(), generator=generator)
     shuffled = groups[order]
     rank = torch.zeros_like(order)
@@ -314,16 +382,24 @@ def train_dual_encoder(
     device: torch.device | str | None = None,
     groups: torch.Tensor | None = None,
     hard_negatives: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None,
+    loss: str = "clip",
+    contrast_size: int | None = None,
 ) -> list[float]:
-    """Train a :class:`DualEncoder` with :func:`clip_loss`, AdamW and a one-cycle learning-rate schedule.
+    """Train a :class:`DualEncoder` with :func:`clip_loss` (or :func:`siglip_loss`), AdamW and a one-cycle
+    learning-rate schedule.
 
     Pair ``i`` is ``media[i]`` ``(N, ...)`` with the caption ``ids[i]`` ``(N, T)`` of length ``lengths[i]``.
     Batches are drawn by a generator seeded with ``seed`` (the last one may be smaller). Options:
 
-    * ``groups`` ``(N,)`` int labels: no batch holds two items of one group. Use it when many pairs share a
-      caption (e.g. only ten digit words): two identical captions in a batch would be *false negatives*.
+    * ``groups`` ``(N,)`` int labels: no batch holds two items of one group (:func:`distinct_group_batches`).
+      Use it when pairs share a caption (e.g. only ten digit words): two identical captions in a batch would be
+      *false negatives*.
     * ``hard_negatives(rows) -> (ids, lengths)``: extra negative captions for the batch ``rows`` (NegCLIP),
-      passed to :func:`clip_loss` as ``hard_negatives``.
+      passed to :func:`clip_loss` as ``hard_negatives`` (``loss="clip"`` only).
+    * ``loss``: ``"clip"`` (symmetric InfoNCE) or ``"siglip"`` (sigmoid; the model needs a ``logit_bias``).
+    * ``contrast_size``: the loss of a batch is the mean of the losses of its consecutive chunks of
+      ``contrast_size`` pairs (the last may be smaller), so each pair meets only ``contrast_size - 1`` negatives
+      while the batches, steps and learning rates stay those of ``batch_size``. ``None``: the whole batch.
 
     Returns the mean training loss of each epoch.
     """
@@ -349,6 +425,14 @@ def train_dual_encoder(
     check_number("weight_decay", weight_decay, fn, 0.0)
     if hard_negatives is not None:
         check_instance("hard_negatives", hard_negatives, fn, Callable, "a callable rows -> (ids, lengths) or None")
+    check_choice("loss", loss, fn, ("clip", "siglip"))
+    if loss == "siglip" and model.logit_bias is None:
+        raise ValueError(f"{fn}: loss='siglip' needs a model with a logit_bias (DualEncoder(..., init_logit_bias="
+                         "-10.0)), got one without")
+    if loss == "siglip" and hard_negatives is not None:
+        raise ValueError(f"{fn}: hard_negatives works with loss='clip' only, got loss='siglip'")
+    if contrast_size is not None:
+        contrast_size = check_int("contrast_size", contrast_size, fn, 2)
     device = check_device("device", device, fn) if device is not None else next(model.parameters()).device
     model.to(device).train()
     generator = torch_generator(seed)
@@ -374,12 +458,20 @@ def train_dual_encoder(
             if hard_negatives is not None:
                 neg_ids, neg_lengths = hard_negatives(rows)
                 negatives = model.encode_text(neg_ids.to(device), neg_lengths.to(device))
-            loss = clip_loss(media_embeds, text_embeds, scale, hard_negatives=negatives)
+            chunk = rows.numel() if contrast_size is None else contrast_size
+            losses = []
+            for start in range(0, rows.numel(), chunk):
+                part = slice(start, start + chunk)
+                if loss == "siglip":
+                    losses.append(siglip_loss(media_embeds[part], text_embeds[part], scale, model.logit_bias))
+                else:
+                    losses.append(clip_loss(media_embeds[part], text_embeds[part], scale, hard_negatives=negatives))
+            batch_loss = torch.stack(losses).mean()
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            batch_loss.backward()
             optimizer.step()
             scheduler.step()
-            total += loss.item() * rows.numel()
+            total += batch_loss.item() * rows.numel()
             count += rows.numel()
         history.append(total / count)
     return history
@@ -488,6 +580,18 @@ def swap_relation(caption: str) -> str:
     is kept). The twin uses exactly the same words, and is false whenever the original is true."""
     c1, s1, rel, c2, s2, rest = _parse(caption, "swap_relation").groups()
     return f"a {c2} {s2} {rel} a {c1} {s1}{rest}"
+
+
+_CONVERSE = {"above": "below", "below": "above", "left of": "right of", "right of": "left of"}
+
+
+def converse_caption(caption: str) -> str:
+    """The same statement the other way round: ``"a red circle left of a blue square"`` ->
+    ``"a blue square right of a red circle"`` (anything after the second object is kept). Unlike
+    :func:`swap_relation`'s twin, the converse is true exactly when the original is: the two are one meaning
+    in two word orders."""
+    c1, s1, rel, c2, s2, rest = _parse(caption, "converse_caption").groups()
+    return f"a {c2} {s2} {_CONVERSE[rel]} a {c1} {s1}{rest}"
 
 
 def swap_attributes(caption: str) -> str:

@@ -12,9 +12,12 @@ from mmbook.contrastive import (
     TransformerTextEncoder,
     clip_logits,
     clip_loss,
+    converse_caption,
+    distinct_group_batches,
     encode,
     prompt_ensemble,
     recall_at_k,
+    siglip_loss,
     swap_attributes,
     swap_relation,
     train_dual_encoder,
@@ -346,3 +349,151 @@ def test_nan_never_becomes_a_hit_or_a_class_and_dtype_mixes_are_named():
         encode(3, pairs)
     with pytest.raises(ValueError, match="encode: device must name a torch device"):
         encode(model.encode_media, pairs, device="tpu")
+
+
+# ----------------------------------------------------------------------------- SigLIP, chunks, groups, converse
+def _loop_siglip(image, text, scale, bias):
+    """SigLIP's sigmoid loss with Python loops (float64 via math): -(1/N) sum_ij log sigmoid(z_ij * logit_ij)."""
+    def unit(rows):
+        return [[x / math.sqrt(sum(y * y for y in r)) for x in r] for r in rows]
+
+    u, v = unit(image.tolist()), unit(text.tolist())
+    n = len(u)
+    total = 0.0
+    for i in range(n):
+        for j in range(n):
+            logit = scale * sum(a * b for a, b in zip(u[i], v[j], strict=True)) + bias
+            z = 1.0 if i == j else -1.0
+            total += math.log1p(math.exp(-z * logit))  # -log sigmoid(z * logit)
+    return total / n
+
+
+def test_siglip_loss_matches_loop_and_transformers_siglip_model():
+    torch.manual_seed(11)
+    image, text = torch.randn(5, 4, dtype=torch.float64), torch.randn(5, 4, dtype=torch.float64)
+    assert siglip_loss(image, text, 10.0, -10.0).item() == pytest.approx(_loop_siglip(image, text, 10.0, -10.0),
+                                                                          rel=1e-12)
+    bias = torch.tensor(0.7, dtype=torch.float64)
+    assert siglip_loss(image, text, torch.tensor(3.0, dtype=torch.float64), bias).item() == pytest.approx(
+        _loop_siglip(image, text, 3.0, 0.7), rel=1e-12)
+    transformers = pytest.importorskip("transformers")
+    transformers.logging.set_verbosity_error()
+    config = transformers.SiglipConfig(
+        text_config={"vocab_size": 30, "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
+                     "num_attention_heads": 2, "max_position_embeddings": 10},
+        vision_config={"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
+                       "num_attention_heads": 2, "image_size": 16, "patch_size": 8},
+    )
+    model = transformers.SiglipModel(config).double().eval()
+    with torch.no_grad():
+        model.logit_scale.fill_(math.log(10.0))  # SigLIP's initial t' and b, not transformers' zeros
+        model.logit_bias.fill_(-10.0)
+        out = model(input_ids=torch.randint(0, 30, (4, 6)),
+                    pixel_values=torch.rand(4, 3, 16, 16, dtype=torch.float64), return_loss=True)
+    ours = siglip_loss(out.image_embeds, out.text_embeds, model.logit_scale.exp(), model.logit_bias)
+    torch.testing.assert_close(ours, out.loss, rtol=1e-12, atol=1e-12)  # float64, rounding order only
+
+
+def test_siglip_loss_gradients_and_exchange_symmetry():
+    torch.manual_seed(12)
+    image, text = torch.randn(6, 3, dtype=torch.float64), torch.randn(6, 3, dtype=torch.float64)
+    torch.testing.assert_close(siglip_loss(text, image, 5.0, -2.0), siglip_loss(image, text, 5.0, -2.0),
+                               rtol=1e-14, atol=1e-14)  # the signs z are symmetric: transposing changes nothing
+    t = torch.tensor(1.5, dtype=torch.float64, requires_grad=True)
+    b = torch.tensor(-3.0, dtype=torch.float64, requires_grad=True)
+    siglip_loss(image, text, t.exp(), b).backward()
+    eps = 1e-6
+    d_t = (siglip_loss(image, text, math.exp(1.5 + eps), -3.0) - siglip_loss(image, text, math.exp(1.5 - eps),
+                                                                             -3.0)) / (2 * eps)
+    d_b = (siglip_loss(image, text, math.exp(1.5), -3.0 + eps) - siglip_loss(image, text, math.exp(1.5),
+                                                                             -3.0 - eps)) / (2 * eps)
+    assert t.grad.item() == pytest.approx(d_t.item(), rel=1e-6)
+    assert b.grad.item() == pytest.approx(d_b.item(), rel=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("image", "text", "scale", "bias", "error", "match"),
+    [
+        (torch.randn(4, 3), torch.randn(5, 3), 1.0, 0.0, ValueError, "siglip_loss: image_embeds and text_embeds"),
+        (torch.randn(4), torch.randn(4), 1.0, 0.0, ValueError, "2-D"),
+        (torch.randn(4, 3), torch.randn(4, 3), 0.0, 0.0, ValueError, "siglip_loss: logit_scale must be positive"),
+        (torch.randn(4, 3), torch.randn(4, 3), 1.0, math.nan, ValueError, "siglip_loss: logit_bias"),
+        (torch.randn(4, 3), torch.randn(4, 3), 1.0, torch.tensor([1.0, 2.0]), ValueError, "logit_bias"),
+        (torch.randn(4, 3), torch.randn(4, 3), 1.0, torch.tensor(math.inf), ValueError, "logit_bias must be finite"),
+        (torch.randn(4, 3), torch.randn(4, 3), 1.0, "0", TypeError, "siglip_loss: logit_bias must be a number"),
+        (torch.randint(0, 3, (4, 3)), torch.randn(4, 3), 1.0, 0.0, TypeError, "text_embeds|image_embeds"),
+    ],
+)
+def test_siglip_loss_rejects_bad_input(image, text, scale, bias, error, match):
+    with pytest.raises(error, match=match):
+        siglip_loss(image, text, scale, bias)
+
+
+def test_train_dual_encoder_siglip_and_contrast_size():
+    media, ids, lengths, labels = _toy_pairs()
+    torch.manual_seed(13)
+    model = DualEncoder(nn.Linear(6, 8), BagOfWordsEncoder(10, embed_dim=8, d_model=8), init_temperature=0.1,
+                        init_logit_bias=-10.0)
+    assert isinstance(model.logit_bias, nn.Parameter) and model.logit_bias.item() == -10.0
+    history = train_dual_encoder(model, media, ids, lengths, epochs=15, batch_size=6, lr=3e-2, seed=0,
+                                 groups=labels, loss="siglip")
+    assert history[-1] < history[0] and model.logit_bias.item() != -10.0
+    model.eval()
+    sim = encode(model.encode_media, media) @ encode(model.encode_text, ids, lengths).T
+    assert recall_at_k(sim, 1, labels[:, None] == labels[None, :]) >= 0.9
+    # contrast_size = batch_size is the whole batch: bit-identical training; a smaller one changes it
+    runs = []
+    for contrast_size in (None, 6, 2):
+        torch.manual_seed(14)
+        model = DualEncoder(nn.Linear(6, 8), BagOfWordsEncoder(10, embed_dim=8, d_model=8))
+        runs.append(train_dual_encoder(model, media, ids, lengths, epochs=2, batch_size=6, seed=1, groups=labels,
+                                       contrast_size=contrast_size))
+    assert runs[0] == runs[1] and runs[0] != runs[2]
+    # chunks of 2 average the per-chunk losses: the first epoch's first chunk losses are each at most log 2 + ...
+    assert all(math.isfinite(x) for x in runs[2])
+
+
+def test_train_dual_encoder_rejects_bad_loss_options():
+    media, ids, lengths, _ = _toy_pairs(12)
+    plain = DualEncoder(nn.Linear(6, 8), BagOfWordsEncoder(10, embed_dim=8))
+    with pytest.raises(ValueError, match="train_dual_encoder: loss='siglip' needs a model with a logit_bias"):
+        train_dual_encoder(plain, media, ids, lengths, loss="siglip")
+    with pytest.raises(ValueError, match="train_dual_encoder: loss must be one of"):
+        train_dual_encoder(plain, media, ids, lengths, loss="infonce")
+    with pytest.raises(ValueError, match="train_dual_encoder: contrast_size must be"):
+        train_dual_encoder(plain, media, ids, lengths, contrast_size=1)
+    with pytest.raises(TypeError, match="train_dual_encoder: contrast_size must be an int"):
+        train_dual_encoder(plain, media, ids, lengths, contrast_size=2.5)
+    biased = DualEncoder(nn.Linear(6, 8), BagOfWordsEncoder(10, embed_dim=8), init_logit_bias=-1.0)
+    with pytest.raises(ValueError, match="hard_negatives works with loss='clip' only"):
+        train_dual_encoder(biased, media, ids, lengths, loss="siglip",
+                           hard_negatives=lambda rows: (ids[rows], lengths[rows]))
+    with pytest.raises(ValueError, match="DualEncoder: init_logit_bias must be a finite number"):
+        DualEncoder(nn.Linear(6, 8), BagOfWordsEncoder(10, embed_dim=8), init_logit_bias=math.inf)
+
+
+def test_distinct_group_batches_public():
+    labels = torch.arange(50) % 7
+    batches = distinct_group_batches(labels, 5, seed=2)
+    assert sorted(torch.cat(batches).tolist()) == list(range(50))
+    assert all(len(set(labels[b].tolist())) == len(b) <= 5 for b in batches)
+    assert [b.tolist() for b in batches] == [b.tolist() for b in distinct_group_batches(labels, 5, seed=2)]
+    assert max(b.numel() for b in distinct_group_batches(labels, 100)) == 7  # at most one item per group
+    for bad in (labels.float(), labels[None], torch.zeros(0, dtype=torch.int64), labels.bool(), [0, 1]):
+        with pytest.raises(ValueError, match="distinct_group_batches: groups must be"):
+            distinct_group_batches(bad, 4)
+    with pytest.raises(ValueError, match="distinct_group_batches: batch_size"):
+        distinct_group_batches(labels, 0)
+
+
+def test_converse_caption():
+    caption = "a red circle left of a blue square"
+    assert converse_caption(caption) == "a blue square right of a red circle"
+    assert converse_caption(converse_caption(caption)) == caption
+    assert converse_caption("a green triangle above a red circle and a blue square") == \
+        "a red circle below a green triangle and a blue square"
+    assert sorted(converse_caption(caption).split()) == sorted(caption.replace("left", "right").split())
+    with pytest.raises(ValueError, match="converse_caption: caption must look like"):
+        converse_caption("a red circle")
+    with pytest.raises(TypeError, match="converse_caption: caption must be a str"):
+        converse_caption(None)
