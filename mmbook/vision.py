@@ -130,10 +130,10 @@ def max_pool2d(x: torch.Tensor, kernel_size: int, stride: int | None = None) -> 
 def receptive_field(kernel_sizes: Sequence[int], strides: Sequence[int] | None = None) -> int:
     """Receptive field (in input pixels, along one axis) of one output unit of a stack of layers.
 
-    Layer ``l`` has kernel ``k_l`` and stride ``s_l`` (default 1; pooling counts as a layer).
-    ``r_0 = 1`` and ``r_l = r_{l-1} + (k_l - 1) * s_1 s_2 ... s_{l-1}``: each layer widens the
-    field by ``k_l - 1`` of its *input* units, and one input unit of layer ``l`` is
-    ``s_1 ... s_{l-1}`` pixels apart from the next.
+    Layer ``ℓ`` has kernel ``k_ℓ`` and stride ``s_ℓ`` (default 1; pooling counts as a layer).
+    ``r_0 = 1`` and ``r_ℓ = r_{ℓ-1} + (k_ℓ - 1) * s_1 s_2 ... s_{ℓ-1}``: each layer widens the
+    field by ``k_ℓ - 1`` of its *input* units, and one input unit of layer ``ℓ`` is
+    ``s_1 ... s_{ℓ-1}`` pixels apart from the next.
     """
     fn = "receptive_field"
     kernels = list(kernel_sizes) if isinstance(kernel_sizes, Sequence) and not isinstance(kernel_sizes, str) else []
