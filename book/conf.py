@@ -101,7 +101,13 @@ def _chinese_search() -> type:
     return SearchChineseFixed
 
 
+def _register_chinese_search(app, config) -> None:  # noqa: ANN001 - Sphinx's event signature
+    """Only the Chinese edition registers the Chinese search language (which imports jieba)."""
+    if str(config.language).startswith("zh"):
+        app.add_search_language(_chinese_search())
+
+
 def setup(app) -> dict[str, bool]:  # noqa: ANN001 - Sphinx's extension signature
     app.connect("build-finished", _finish_site)
-    app.add_search_language(_chinese_search())
+    app.connect("config-inited", _register_chinese_search)
     return {"parallel_read_safe": True, "parallel_write_safe": True}
