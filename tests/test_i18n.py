@@ -153,12 +153,14 @@ def test_glossary_terms_are_translated_consistently(document: Path) -> None:
             if key not in seen and document.suffix == ".ipynb":
                 seen.add(key)
                 if not kept_in_english:
-                    problems.append(f"first use of {used[0]!r} without the English term: {text[:50]!r}")
+                    problems.append(f"first use of {anywhere[0]!r} without the English term: {text[:50]!r}")
     assert not problems, f"{document}: {len(problems)} terminology problems: " + "; ".join(problems[:6])
 
 
-@pytest.mark.parametrize("document", [d for d in CATALOGUED if d.suffix == ".ipynb"] or
-                         [Path("chapters/00_how_to_use_this_book.ipynb")])
+_NOTEBOOKS = [d for d in CATALOGUED if d.suffix == ".ipynb"] or [Path("chapters/00_how_to_use_this_book.ipynb")]
+
+
+@pytest.mark.parametrize("document", _NOTEBOOKS, ids=[d.as_posix() for d in _NOTEBOOKS])
 def test_generated_notebook_has_the_same_code_and_outputs(document: Path, tmp_path: Path) -> None:
     i18n.generate_document(document, LANG, tmp_path)
     english = json.loads((ROOT / document).read_text(encoding="utf-8"))
