@@ -57,6 +57,7 @@ from mmbook.gpt import GPT, GPTConfig, GPTOutput
 
 __all__ = [
     "CAPTION_PROMPT",
+    "CHAPTER14_RECIPE",
     "PARTS",
     "ShapesVLMRecipe",
     "VLMExamples",
@@ -643,6 +644,10 @@ class ShapesVLMRecipe:
             check_number(name, getattr(self, name), fn, 0.0, low_open=True)
         check_bool("packed", self.packed, fn)
         check_bool("full_packed", self.full_packed, fn)
+
+
+# The recipe chapter 14 trains (and chapter 15 loads): one turn per example in stage 2, 64 to a batch, 9 epochs.
+CHAPTER14_RECIPE = ShapesVLMRecipe(full_packed=False, full_batch_size=64, full_epochs=9)
 
 
 def _build(vocab: WordVocab, recipe: ShapesVLMRecipe) -> VisionLanguageModel:

@@ -44,7 +44,8 @@ def test_question_sets():
     assert set(SPOKEN_DOC_QUESTIONS) <= {q for q, _ in DOC_QUESTIONS}
     titles = {d.split("\n", 1)[0] for d in load_documents()}
     assert all(set(topics) <= titles for _, topics in DOC_QUESTIONS)
-    assert len({q for q, _ in DOC_QUESTIONS}) == len(DOC_QUESTIONS) == 50 and len(OUT_OF_SCOPE_QUESTIONS) == 16
+    assert len({q for q, _ in DOC_QUESTIONS}) == len(DOC_QUESTIONS) == 50 and len(OUT_OF_SCOPE_QUESTIONS) == 64
+    assert len(set(OUT_OF_SCOPE_QUESTIONS)) == 64 and not set(OUT_OF_SCOPE_QUESTIONS) & {q for q, _ in DOC_QUESTIONS}
     generated = {q for _, q, _, k in shapes_scenes(300, seed=0).qa_pairs() if k != "relation"}
     assert generated <= set(SPOKEN_VQA_QUESTIONS)  # every non-relation generator question can be spoken
 

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from mmbook.data import WordVocab, shapes_scenes
 from mmbook.vlm import (
     CAPTION_PROMPT,
+    CHAPTER14_RECIPE,
     ShapesVLMRecipe,
     VisionLanguageModel,
     VLMExamples,
@@ -224,6 +225,30 @@ def test_train_shapes_vlm_stage_2_packed_or_one_turn_per_example():
         model, vocab, log = train_shapes_vlm(0, "cpu", recipe)
         assert set(log["history"]) == {"encoder", "lm", "align", "full"} and len(log["history"]["full"]) == 2
         assert all(math.isfinite(x) for x in log["history"]["full"]) and not model.training
+
+
+def test_chapter14_recipe_is_the_one_chapter_14_trains():
+    # Chapter 15 loads CHAPTER14_RECIPE and says it is chapter 14's model (the same cache entry): the recipe
+    # chapter 14's notebook builds, read from its source (a ShapesVLMRecipe(...) call or the constant itself).
+    import ast
+    import json
+    from pathlib import Path
+
+    notebook = Path(__file__).resolve().parents[1] / "chapters" / "14_vision_language_model.ipynb"
+    found = []
+    for cell in json.loads(notebook.read_text(encoding="utf-8"))["cells"]:
+        if cell["cell_type"] != "code":
+            continue
+        for node in ast.walk(ast.parse("".join(cell["source"]))):
+            if isinstance(node, ast.Assign) and [getattr(t, "id", None) for t in node.targets] == ["recipe"]:
+                value = node.value
+                if isinstance(value, ast.Name) and value.id == "CHAPTER14_RECIPE":
+                    found.append(CHAPTER14_RECIPE)
+                elif isinstance(value, ast.Call) and getattr(value.func, "id", None) == "ShapesVLMRecipe":
+                    assert not value.args, "chapter 14's recipe: keyword arguments only"
+                    found.append(ShapesVLMRecipe(**{k.arg: ast.literal_eval(k.value) for k in value.keywords}))
+    assert found == [CHAPTER14_RECIPE]
+    assert CHAPTER14_RECIPE != ShapesVLMRecipe()  # not the package default: its own cache entry
 
 
 def test_recipe_rejects_bad_settings_and_align_epochs_0_skips_stage_1(tmp_path, monkeypatch):
