@@ -14,7 +14,8 @@ Building blocks of chapter 12, all batch-first:
 * :class:`PerceiverResampler` — a fixed number of learned latents that cross-attend to any number
   of patches.
 * :class:`VQAModel` — visual question answering baselines and fusions (question only, image only,
-  concatenation, FiLM, cross-attention) with one interface, and :func:`train_vqa` / :func:`predict_vqa`.
+  concatenation, FiLM, cross-attention, gated cross-attention, a Perceiver resampler) with one interface, and
+  :func:`train_vqa` / :func:`fit_vqa` (epochs chosen on a validation split) / :func:`predict_vqa`.
 
 Attention itself is :class:`mmbook.attention.MultiHeadAttention` (boolean masks, ``True`` = may attend).
 """
@@ -22,7 +23,7 @@ Attention itself is :class:`mmbook.attention.MultiHeadAttention` (boolean masks,
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 from torch import nn
@@ -52,13 +53,14 @@ __all__ = [
     "SelfAttentionBlock",
     "TextTransformer",
     "VQAModel",
+    "fit_vqa",
     "masked_mean",
     "predict_vqa",
     "sincos_position_embedding_2d",
     "train_vqa",
 ]
 
-FUSIONS = ("question", "image", "concat", "film", "cross")
+FUSIONS = ("question", "image", "concat", "film", "cross", "gated", "perceiver")
 
 
 # ----------------------------------------------------------------------------- argument checks
@@ -457,34 +459,50 @@ class VQAModel(nn.Module):
     * ``"film"`` — the question's ``(gamma, beta)`` modulate the image's feature maps,
       then ``MLP([q; mean of modulated patches])``;
     * ``"cross"`` — the question tokens cross-attend to the patches (``num_cross`` blocks,
-      each followed by a self-attention block over the question), then ``MLP(mean of tokens)``.
+      each followed by a self-attention block over the question), then ``MLP(mean of tokens)``;
+    * ``"gated"`` — as ``"cross"`` with Flamingo's :class:`GatedCrossAttentionBlock` (``tanh`` gates at 0:
+      the model starts as the question-only model);
+    * ``"perceiver"`` — a :class:`PerceiverResampler` turns the patches into ``num_latents`` tokens, which
+      the question tokens cross-attend to as in ``"cross"``.
+
+    ``head_hidden`` is the width of the MLP head's hidden layer (default ``2 * d_model``): with
+    ``text_layers`` it lets a late-fusion model be given the same parameter count as an attention model.
 
     ``q`` is the masked mean of the :class:`TextTransformer` tokens. ``forward(images, ids,
     lengths, image_index=None)``: ids ``(batch, T)``, lengths ``(batch,)``, and images ``(batch, 3,
     32, 32)`` — or, with ``image_index`` ``(batch,)``, ``(num_images, 3, 32, 32)`` with question ``i``
     about image ``image_index[i]`` (each image is then encoded once however many questions ask about
-    it). Returns logits ``(batch, num_answers)``. After a forward pass of a ``"cross"`` model,
-    ``last_attention`` holds the last block's weights ``(batch, num_heads, T, grid * grid)``.
+    it). Returns logits ``(batch, num_answers)``. After a forward pass of a ``"cross"`` or ``"gated"``
+    model, ``last_attention`` holds the last block's weights ``(batch, num_heads, T, grid * grid)``
+    (``(batch, num_heads, T, num_latents)`` for ``"perceiver"``).
     """
 
     def __init__(self, fusion: str, vocab_size: int, num_answers: int, d_model: int = 64, num_heads: int = 4,
-                 grid: int = 3, num_cross: int = 1, text_layers: int = 1) -> None:
+                 grid: int = 3, num_cross: int = 1, text_layers: int = 1, head_hidden: int | None = None,
+                 num_latents: int = 4) -> None:
         super().__init__()
+        fn = "VQAModel"
         if fusion not in FUSIONS:
-            raise ValueError(f"VQAModel: fusion must be one of {FUSIONS}, got {fusion!r}")
-        num_answers = _positive_int("num_answers", num_answers, "VQAModel")
-        num_cross = _positive_int("num_cross", num_cross, "VQAModel")
+            raise ValueError(f"{fn}: fusion must be one of {FUSIONS}, got {fusion!r}")
+        num_answers = _positive_int("num_answers", num_answers, fn)
+        num_cross = _positive_int("num_cross", num_cross, fn)
+        d_model = _positive_int("d_model", d_model, fn)
+        head_hidden = 2 * d_model if head_hidden is None else _positive_int("head_hidden", head_hidden, fn)
+        num_latents = _positive_int("num_latents", num_latents, fn)
         self.fusion = fusion
         self.text = TextTransformer(vocab_size, d_model, num_heads, num_layers=text_layers)
         self.image = PatchEncoder(d_model, grid)
         if fusion == "film":
             self.film = FiLM(d_model, d_model)
-        if fusion == "cross":
-            self.cross = nn.ModuleList(CrossAttentionBlock(d_model, num_heads) for _ in range(num_cross))
+        if fusion in ("cross", "gated", "perceiver"):
+            block = GatedCrossAttentionBlock if fusion == "gated" else CrossAttentionBlock
+            self.cross = nn.ModuleList(block(d_model, num_heads) for _ in range(num_cross))
             self.mix = nn.ModuleList(SelfAttentionBlock(d_model, num_heads) for _ in range(num_cross))
         width = 2 * d_model if fusion in ("concat", "film") else d_model
-        self.head = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, 2 * d_model), nn.GELU(),
-                                  nn.Linear(2 * d_model, num_answers))
+        self.head = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, head_hidden), nn.GELU(),
+                                  nn.Linear(head_hidden, num_answers))
+        if fusion == "perceiver":  # built last: the other fusions draw the same initial weights as before
+            self.resampler = PerceiverResampler(d_model, num_latents, num_heads)
         self.last_attention: torch.Tensor | None = None
 
     def forward(self, images: torch.Tensor, ids: torch.Tensor, lengths: torch.Tensor,
@@ -521,6 +539,8 @@ class VQAModel(nn.Module):
             return self.head(patches.mean(dim=1))
         if self.fusion == "concat":
             return self.head(torch.cat([q, patches.mean(dim=1)], dim=-1))
+        if self.fusion == "perceiver":
+            patches = self.resampler(patches)  # (batch, num_latents, d_model)
         mask = keep[:, None, :]
         for cross, mix in zip(self.cross, self.mix, strict=True):
             tokens, weights = cross(tokens, patches)
@@ -559,6 +579,52 @@ def _scene_batches(scene_index: torch.Tensor, num_scenes: int, scenes_per_batch:
     return batches
 
 
+def _vqa_epochs(
+    fn: str, model: VQAModel, images: torch.Tensor, scene_index: torch.Tensor, ids: torch.Tensor,
+    lengths: torch.Tensor, answers: torch.Tensor, epochs: int, scenes_per_batch: int, lr: float, seed: int,
+    device: torch.device | str | None,
+) -> Iterator[float]:
+    """Check the arguments, then train epoch by epoch, yielding each epoch's mean training loss."""
+    epochs = _positive_int("epochs", epochs, fn)
+    scenes_per_batch = _positive_int("scenes_per_batch", scenes_per_batch, fn)
+    if not isinstance(model, VQAModel):
+        raise TypeError(f"{fn}: model must be a VQAModel, got {type(model).__name__}")
+    _check_vqa_data(fn, images, scene_index, ids, lengths, answers)
+    check_ids("answers", answers, fn, model.head[-1].out_features)  # not cross_entropy's "Target 5 is out of bounds"
+    check_number("lr", lr, fn, 0.0, low_open=True)
+    device = check_device("device", device, fn) if device is not None else next(model.parameters()).device
+    return _vqa_epoch_losses(model, images, scene_index, ids, lengths, answers, epochs, scenes_per_batch, lr, seed,
+                             device)
+
+
+def _vqa_epoch_losses(model: VQAModel, images: torch.Tensor, scene_index: torch.Tensor, ids: torch.Tensor,
+                      lengths: torch.Tensor, answers: torch.Tensor, epochs: int, scenes_per_batch: int, lr: float,
+                      seed: int, device: torch.device) -> Iterator[float]:
+    model.to(device).train()
+    num_scenes = images.shape[0]
+    images, ids, lengths, answers = images.to(device), ids.to(device), lengths.to(device), answers.to(device)
+    # the fused implementation updates all parameters in one kernel: several times faster for small models
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01,
+                                  fused=device.type in ("cpu", "cuda"))
+    generator = torch_generator(seed)
+    steps = epochs * math.ceil(num_scenes / scenes_per_batch)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.15)
+    for _ in range(epochs):
+        model.train()
+        total, count = 0.0, 0
+        for scenes, rows, image_index in _scene_batches(scene_index, num_scenes, scenes_per_batch, generator):
+            scenes, rows, image_index = scenes.to(device), rows.to(device), image_index.to(device)
+            logits = model(images[scenes], ids[rows], lengths[rows], image_index)
+            loss = nn.functional.cross_entropy(logits, answers[rows])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            total += loss.item() * rows.numel()
+            count += rows.numel()
+        yield total / max(count, 1)
+
+
 def train_vqa(
     model: VQAModel,
     images: torch.Tensor,
@@ -581,39 +647,52 @@ def train_vqa(
     image is encoded once per batch; the order is drawn by a generator seeded with ``seed``.
     Returns the mean training loss of each epoch (per question).
     """
-    fn = "train_vqa"
-    epochs = _positive_int("epochs", epochs, fn)
-    scenes_per_batch = _positive_int("scenes_per_batch", scenes_per_batch, fn)
-    if not isinstance(model, VQAModel):
-        raise TypeError(f"{fn}: model must be a VQAModel, got {type(model).__name__}")
-    _check_vqa_data(fn, images, scene_index, ids, lengths, answers)
-    check_ids("answers", answers, fn, model.head[-1].out_features)  # not cross_entropy's "Target 5 is out of bounds"
-    check_number("lr", lr, fn, 0.0, low_open=True)
-    device = check_device("device", device, fn) if device is not None else next(model.parameters()).device
-    model.to(device).train()
-    num_scenes = images.shape[0]
-    images, ids, lengths, answers = images.to(device), ids.to(device), lengths.to(device), answers.to(device)
-    # the fused implementation updates all parameters in one kernel: several times faster for small models
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01,
-                                  fused=device.type in ("cpu", "cuda"))
-    generator = torch_generator(seed)
-    steps = epochs * math.ceil(num_scenes / scenes_per_batch)
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.15)
-    history = []
-    for _ in range(epochs):
-        total, count = 0.0, 0
-        for scenes, rows, image_index in _scene_batches(scene_index, num_scenes, scenes_per_batch, generator):
-            scenes, rows, image_index = scenes.to(device), rows.to(device), image_index.to(device)
-            logits = model(images[scenes], ids[rows], lengths[rows], image_index)
-            loss = nn.functional.cross_entropy(logits, answers[rows])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            total += loss.item() * rows.numel()
-            count += rows.numel()
-        history.append(total / max(count, 1))
-    return history
+    return list(_vqa_epochs("train_vqa", model, images, scene_index, ids, lengths, answers, epochs,
+                            scenes_per_batch, lr, seed, device))
+
+
+def fit_vqa(
+    model: VQAModel,
+    train: Sequence[torch.Tensor],
+    validation: Sequence[torch.Tensor],
+    *,
+    epochs: int = 10,
+    scenes_per_batch: int = 64,
+    lr: float = 3e-3,
+    seed: int = 0,
+    device: torch.device | str | None = None,
+) -> dict[str, object]:
+    """Train as :func:`train_vqa` and keep the epoch with the best validation accuracy (early stopping).
+
+    ``train`` and ``validation`` are each ``(images, scene_index, ids, lengths, answers)`` as
+    :func:`train_vqa` takes them (two disjoint sets of scenes). After every epoch the model answers
+    the validation questions; at the end the weights of the epoch with the highest validation accuracy
+    (the earliest, on a tie) are restored. The test set plays no part in the choice. Returns a dict
+    with ``"loss"`` (training loss per epoch), ``"validation"`` (validation accuracy per epoch) and
+    ``"best_epoch"`` (1-based).
+    """
+    fn = "fit_vqa"
+    check_instance("model", model, fn, VQAModel, "a VQAModel")
+    for name, split in (("train", train), ("validation", validation)):
+        if isinstance(split, torch.Tensor) or not isinstance(split, Sequence) or len(split) != 5:
+            raise TypeError(f"{fn}: {name} must be a sequence (images, scene_index, ids, lengths, answers), "
+                            f"got {type(split).__name__}" + (f" of length {len(split)}"
+                                                             if isinstance(split, Sequence) else ""))
+    v_images, v_scene_index, v_ids, v_lengths, v_answers = validation
+    _check_vqa_data(fn, v_images, v_scene_index, v_ids, v_lengths, v_answers)
+    if v_ids.shape[0] == 0:
+        raise ValueError(f"{fn}: validation must hold at least one question")
+    check_ids("validation answers", v_answers, fn, model.head[-1].out_features)
+    losses, accuracies, best, best_state = [], [], -1.0, None
+    for loss in _vqa_epochs(fn, model, *train, epochs, scenes_per_batch, lr, seed, device):
+        losses.append(loss)
+        predicted = predict_vqa(model, v_images, v_scene_index, v_ids, v_lengths)
+        accuracies.append((predicted == v_answers.cpu()).double().mean().item())
+        if accuracies[-1] > best:
+            best = accuracies[-1]
+            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    model.load_state_dict(best_state)
+    return {"loss": losses, "validation": accuracies, "best_epoch": accuracies.index(best) + 1}
 
 
 @torch.no_grad()

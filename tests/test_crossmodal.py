@@ -16,6 +16,7 @@ from mmbook.crossmodal import (
     SelfAttentionBlock,
     TextTransformer,
     VQAModel,
+    fit_vqa,
     masked_mean,
     predict_vqa,
     sincos_position_embedding_2d,
@@ -236,7 +237,7 @@ def _tiny_data(n_scenes=12, per_scene=2, vocab=10, seed=0):
     return images, scene_index, ids, lengths, answers
 
 
-@pytest.mark.parametrize("fusion", ["question", "image", "concat", "film", "cross"])
+@pytest.mark.parametrize("fusion", ["question", "image", "concat", "film", "cross", "gated", "perceiver"])
 def test_vqa_model_image_index_matches_repeated_images(fusion):
     torch.manual_seed(0)
     model = VQAModel(fusion, vocab_size=10, num_answers=6, d_model=16, num_heads=2).eval()
@@ -245,7 +246,7 @@ def test_vqa_model_image_index_matches_repeated_images(fusion):
     b = model(images[scene_index], ids, lengths)
     assert a.shape == (24, 6)
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
-    if fusion == "cross":
+    if fusion in ("cross", "gated"):
         assert model.last_attention.shape == (24, 2, 5, 9)
 
 
@@ -283,7 +284,7 @@ def test_train_and_predict_vqa():
 def test_negative_indices_empty_questions_and_dtype_mixes_are_refused():
     images = torch.rand(2, 3, 32, 32)
     ids, lengths = torch.randint(0, 10, (2, 5)), torch.tensor([5, 3])
-    for fusion in ("question", "image", "concat", "film", "cross"):
+    for fusion in ("question", "image", "concat", "film", "cross", "gated", "perceiver"):
         model = VQAModel(fusion, 10, 5, d_model=16, num_heads=2)
         for bad in (-1, 2):  # -1 silently meant the last image
             with pytest.raises(ValueError, match=r"VQAModel: image_index must lie in \[0, 2\)"):
@@ -320,3 +321,68 @@ def test_negative_indices_empty_questions_and_dtype_mixes_are_refused():
         TextTransformer(10, causal="no")
     with pytest.raises(TypeError, match="masked_mean: x must be a floating-point tensor"):
         masked_mean(torch.ones(2, 3, 4, dtype=torch.long), None)
+
+
+def test_gated_and_perceiver_fusions():
+    torch.manual_seed(0)
+    images, scene_index, ids, lengths, _ = _tiny_data()
+    gated = VQAModel("gated", 10, 6, d_model=16, num_heads=2).eval()
+    # tanh gates at 0: the image cannot reach the answer, so any other image gives bit-for-bit the same logits
+    torch.testing.assert_close(gated(images, ids, lengths, scene_index),
+                               gated(torch.rand_like(images), ids, lengths, scene_index), rtol=0, atol=0)
+    assert gated.last_attention.shape == (24, 2, 5, 9)
+    with torch.no_grad():
+        gated.cross[0].alpha_attn.fill_(1.0)
+    assert not torch.equal(gated(images, ids, lengths, scene_index),
+                           gated(torch.rand_like(images), ids, lengths, scene_index))
+    perceiver = VQAModel("perceiver", 10, 6, d_model=16, num_heads=2, num_latents=3).eval()
+    logits = perceiver(images, ids, lengths, scene_index)
+    assert logits.shape == (24, 6) and perceiver.last_attention.shape == (24, 2, 5, 3)
+    torch.testing.assert_close(logits, perceiver(images[scene_index], ids, lengths), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="num_latents"):
+        VQAModel("perceiver", 10, 6, num_latents=0)
+
+
+def test_vqa_head_hidden_sets_the_parameter_count():
+    base = VQAModel("concat", 10, 6, d_model=16, num_heads=2, text_layers=0)
+    wide = VQAModel("concat", 10, 6, d_model=16, num_heads=2, text_layers=0, head_hidden=50)
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    # the head's hidden layer: (2 d + 1) weights and biases in, (num_answers) weights out per unit, 18 more units
+    assert count(wide) - count(base) == (50 - 32) * (2 * 16 + 1 + 6)
+    assert wide.head[1].out_features == 50 and base.head[1].out_features == 32
+    for bad in (0, -3):
+        with pytest.raises(ValueError, match="head_hidden"):
+            VQAModel("concat", 10, 6, head_hidden=bad)
+    with pytest.raises(TypeError, match="head_hidden"):
+        VQAModel("concat", 10, 6, head_hidden=2.5)
+
+
+def test_fit_vqa_keeps_the_best_validation_epoch():
+    torch.manual_seed(0)
+    train, validation = _tiny_data(n_scenes=40), _tiny_data(n_scenes=12, seed=1)
+    model = VQAModel("concat", 10, 6, d_model=16, num_heads=2)
+    fit = fit_vqa(model, train, validation, epochs=5, scenes_per_batch=8, lr=1e-2, seed=0)
+    assert len(fit["loss"]) == len(fit["validation"]) == 5
+    best = max(fit["validation"])
+    assert fit["best_epoch"] == fit["validation"].index(best) + 1  # the earliest best epoch
+    restored = (predict_vqa(model, *validation[:4]) == validation[4]).double().mean().item()
+    assert restored == best  # the weights of that epoch are back
+    # the same training without validation: the same losses (the validation passes draw no random numbers)
+    torch.manual_seed(0)
+    again = VQAModel("concat", 10, 6, d_model=16, num_heads=2)
+    assert train_vqa(again, *train, epochs=5, scenes_per_batch=8, lr=1e-2, seed=0) == pytest.approx(fit["loss"])
+
+
+def test_fit_vqa_bad_input():
+    train, validation = _tiny_data(n_scenes=10), _tiny_data(n_scenes=4)
+    model = VQAModel("concat", 10, 6, d_model=16, num_heads=2)
+    with pytest.raises(TypeError, match="model"):
+        fit_vqa(nn.Linear(2, 2), train, validation)
+    with pytest.raises(TypeError, match="validation"):
+        fit_vqa(model, train, validation[0])
+    with pytest.raises(TypeError, match="train"):
+        fit_vqa(model, train[:4], validation)
+    with pytest.raises(ValueError, match="answers"):
+        fit_vqa(model, train, (*validation[:4], validation[4] + 100))
+    with pytest.raises(ValueError, match="epochs"):
+        fit_vqa(model, train, validation, epochs=0)
