@@ -28,9 +28,10 @@ from mmbook.checks import (
     positive_int,
 )
 from mmbook.core import torch_generator
+from mmbook.optim import WarmupCosine
 
 __all__ = ["DPOOutput", "RewardModel", "bradley_terry_loss", "dpo_loss", "dpo_train", "kl_optimal_policy",
-           "sequence_logprob", "token_logprobs", "upcast_log_softmax"]
+           "policy_optimizer", "ranked_pairs", "sequence_logprob", "token_logprobs", "upcast_log_softmax"]
 
 
 def bradley_terry_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor) -> torch.Tensor:
@@ -156,17 +157,61 @@ def sequence_logprob(model: nn.Module, ids: torch.Tensor, response_mask: torch.T
     return (logp * response_mask[:, 1:].to(logp.dtype)).sum(-1)
 
 
+def policy_optimizer(params: Any, lr: float, steps: int, warmup: int = 10
+                     ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    """The optimiser that :func:`dpo_train` and :func:`mmbook.rl.grpo_train` share, so that their runs differ only
+    in the loss and the data: AdamW with betas 0.9 and 0.99 and no weight decay, its learning rate ``lr`` reached
+    linearly over ``warmup`` steps and then constant (:class:`mmbook.optim.WarmupCosine` with final factor 1; Adam's
+    first steps move every weight by about ``lr`` whatever the size of its noisy gradient). Call
+    ``scheduler.step()`` after every ``optimizer.step()``; the callers clip the gradient norm to 1 before each step.
+    Returns ``(optimizer, scheduler)``."""
+    fn = "policy_optimizer"
+    lr = check_number("lr", lr, fn, 0.0, low_open=True)
+    steps = positive_int("steps", steps, fn)
+    warmup = positive_int("warmup", warmup, fn)
+    params = list(params)
+    if not params:
+        raise ValueError(f"{fn}: params must hold at least one parameter, got none")
+    opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.99), weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, WarmupCosine(warmup, max(steps, warmup + 1), min_factor=1.0))
+    return opt, sched
+
+
+def ranked_pairs(rewards: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Preference pairs from graded samples: ``rewards`` ``(n_prompts, k)`` holds 0/1 rewards of ``k`` samples per
+    prompt; within each prompt the ``j``-th rewarded sample is paired with the ``j``-th unrewarded one, as long as
+    both kinds last (``min(#1, #0)`` pairs per prompt; a prompt whose samples all agree gives none). Returns the flat
+    indices ``(chosen, rejected)``, int64 ``(n_pairs,)``, into the ``n_prompts * k`` samples in row-major order."""
+    fn = "ranked_pairs"
+    check_float_tensor("rewards", rewards, fn, 2, "(n_prompts, k)", finite=True)
+    if not bool(((rewards == 0) | (rewards == 1)).all()):
+        raise ValueError(f"{fn}: rewards must be 0 or 1 (a verifier's verdicts), got values "
+                         f"{sorted(set(rewards.flatten().tolist()))[:6]}")
+    k = rewards.shape[1]
+    chosen: list[int] = []
+    rejected: list[int] = []
+    for i, row in enumerate(rewards.tolist()):
+        right = [i * k + j for j, r in enumerate(row) if r == 1.0]
+        wrong = [i * k + j for j, r in enumerate(row) if r == 0.0]
+        n = min(len(right), len(wrong))
+        chosen += right[:n]
+        rejected += wrong[:n]
+    return torch.tensor(chosen, dtype=torch.long), torch.tensor(rejected, dtype=torch.long)
+
+
 def dpo_train(policy: nn.Module, chosen: torch.Tensor, rejected: torch.Tensor, ref_chosen: torch.Tensor,
               ref_rejected: torch.Tensor, *, response_mask: torch.Tensor, steps: int, batch: int, lr: float,
-              beta: float, seed: int = 0, evaluate: Callable[[nn.Module], Any] | None = None,
+              beta: float, seed: int = 0, warmup: int = 10, evaluate: Callable[[nn.Module], Any] | None = None,
               eval_every: int = 10) -> dict[str, list]:
-    """Offline DPO: ``steps`` Adam steps on minibatches of ``batch`` pairs drawn with replacement (a generator
-    seeded by ``seed``) from the sequences ``chosen`` / ``rejected`` ``(N, T)``, whose frozen reference
-    log-probabilities ``ref_chosen`` / ``ref_rejected`` ``(N,)`` were computed once (:func:`sequence_logprob`
-    with ``response_mask`` ``(N, T)``). ``evaluate(policy)``, if given, runs before training and every
-    ``eval_every`` steps. Returns ``{"loss", "chosen_reward", "rejected_reward", "reward_accuracy"}`` per step (the
-    batch means of :func:`dpo_loss`'s implicit rewards, and the fraction of the batch's pairs whose chosen answer
-    has the larger implicit reward) and ``{"eval_step", "eval"}``."""
+    """Offline DPO: ``steps`` steps of :func:`policy_optimizer` (the optimiser and schedule of
+    :func:`mmbook.rl.grpo_train`, ``warmup`` steps of warm-up; gradient norm clipped to 1) on minibatches of
+    ``batch`` pairs drawn with replacement (a generator seeded by ``seed``) from the sequences ``chosen`` /
+    ``rejected`` ``(N, T)``, whose frozen reference log-probabilities ``ref_chosen`` / ``ref_rejected`` ``(N,)``
+    were computed once (:func:`sequence_logprob` with ``response_mask`` ``(N, T)``). ``evaluate(policy)``, if
+    given, runs before training and every ``eval_every`` steps. Returns ``{"loss", "chosen_reward",
+    "rejected_reward", "reward_accuracy"}`` per step (the batch means of :func:`dpo_loss`'s implicit rewards, and
+    the fraction of the batch's pairs whose chosen answer has the larger implicit reward) and
+    ``{"eval_step", "eval"}``."""
     fn = "dpo_train"
     check_instance("policy", policy, fn, nn.Module, "a torch.nn.Module")
     check_tensor("chosen", chosen, fn, "int", 2, "(N, T)")
@@ -183,9 +228,10 @@ def dpo_train(policy: nn.Module, chosen: torch.Tensor, rejected: torch.Tensor, r
                                                                      ("eval_every", eval_every)))
     lr = check_number("lr", lr, fn, 0.0, low_open=True)
     beta = check_number("beta", beta, fn, 0.0, low_open=True)
+    warmup = positive_int("warmup", warmup, fn)
     if evaluate is not None and not callable(evaluate):
         raise TypeError(f"{fn}: evaluate must be a callable evaluate(policy) or None, got {type(evaluate).__name__}")
-    opt = torch.optim.Adam(policy.parameters(), lr=lr)
+    opt, sched = policy_optimizer(policy.parameters(), lr, steps, warmup)
     gen = torch_generator(seed)
     hist: dict[str, list] = {"loss": [], "chosen_reward": [], "rejected_reward": [], "reward_accuracy": [],
                              "eval_step": [], "eval": []}
@@ -198,9 +244,11 @@ def dpo_train(policy: nn.Module, chosen: torch.Tensor, rejected: torch.Tensor, r
         out = dpo_loss(sequence_logprob(policy, chosen[idx], response_mask[idx]),
                        sequence_logprob(policy, rejected[idx], response_mask[idx]),
                        ref_chosen[idx], ref_rejected[idx], beta=beta)
-        opt.zero_grad()
+        opt.zero_grad(set_to_none=True)
         out.loss.backward()
+        nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
         opt.step()
+        sched.step()
         hist["loss"].append(out.loss.item())
         hist["chosen_reward"].append(out.chosen_rewards.mean().item())
         hist["rejected_reward"].append(out.rejected_rewards.mean().item())

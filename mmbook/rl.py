@@ -31,12 +31,12 @@ from mmbook.checks import (
 )
 from mmbook.core import torch_generator
 from mmbook.optim import WarmupCosine
-from mmbook.preference import token_logprobs, upcast_log_softmax
+from mmbook.preference import policy_optimizer, token_logprobs, upcast_log_softmax
 
 __all__ = ["VOCAB", "TrainHistory", "decode", "encode", "generate_answers", "group_advantages", "grpo_loss",
            "grpo_train", "kl_k3", "majority_vote",
            "noisy_parity_trace", "parity_answer", "parity_problems", "parity_prompt", "parity_reward",
-           "pass_at_k", "ppo_clip_loss", "reinforce_loss", "sequence_kl", "train_answers"]
+           "pass_at_k", "ppo_clip_loss", "reinforce_loss", "sample_and_grade", "sequence_kl", "train_answers"]
 
 VOCAB = "0123456789+=,"
 _INDEX = {ch: i for i, ch in enumerate(VOCAB)}
@@ -341,6 +341,33 @@ def generate_answers(model: nn.Module, prompts: torch.Tensor, n_new: int, temper
 
 
 @torch.no_grad()
+def sample_and_grade(model: nn.Module, prompts: torch.Tensor, problems: Sequence[Any], *, k: int, n_new: int,
+                     reward_fn: Callable[[Sequence[str], Sequence[Any]], torch.Tensor], temperature: float = 1.0,
+                     generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Samples ``k`` answers of ``n_new`` tokens for each of the prompts ``(N, P)`` (the problems ``problems[i]``)
+    at ``temperature`` with ``generator``, and grades them with ``reward_fn(texts, problems)`` (e.g.
+    :func:`parity_reward`). Returns ``(sequences, rewards)``: the prompts with their answers ``(N * k, P + n_new)``
+    on the model's device (the ``k`` samples of a prompt consecutive) and the rewards ``(N, k)``."""
+    fn = "sample_and_grade"
+    check_instance("model", model, fn, nn.Module, "a torch.nn.Module")
+    check_tensor("prompts", prompts, fn, "int", 2, "(N, P)")
+    if isinstance(problems, (str, bytes)) or not isinstance(problems, Sequence):
+        raise TypeError(f"{fn}: problems must be a sequence (list or tuple), got {type(problems).__name__}")
+    if len(problems) != prompts.shape[0]:
+        raise ValueError(f"{fn}: problems must hold one problem per prompt ({prompts.shape[0]}), got {len(problems)}")
+    k = positive_int("k", k, fn)
+    n_new = positive_int("n_new", n_new, fn)
+    temperature = check_number("temperature", temperature, fn, 0.0, low_open=True)
+    if not callable(reward_fn):
+        raise TypeError(f"{fn}: reward_fn must be callable, got {type(reward_fn).__name__}")
+    batch = prompts.repeat_interleave(k, 0).to(_device(model))
+    seqs = model.generate(batch, n_new, temperature=temperature, generator=generator)
+    texts = [decode(row) for row in seqs[:, prompts.shape[1]:].cpu()]
+    rewards = reward_fn(texts, [p for p in problems for _ in range(k)])
+    return seqs, rewards.reshape(prompts.shape[0], k)
+
+
+@torch.no_grad()
 def sequence_kl(policy: nn.Module, ref: nn.Module, ids: torch.Tensor, n_response: int) -> torch.Tensor:
     """Exact ``KL(pi(.|prefix) || pi_ref(.|prefix))`` summed over the last ``n_response`` positions of each
     sequence ``ids`` ``(N, T)`` (the full next-token distributions, not a sampled estimate): ``(N,)``. With
@@ -358,17 +385,19 @@ def grpo_train(policy: nn.Module, ref: nn.Module, problems: Sequence[Any], *, st
                clip_eps: float = 0.2, temperature: float = 1.0, seed: int = 0, warmup: int = 10,
                evaluate: Callable[[nn.Module], Any] | None = None, eval_every: int = 10) -> dict[str, list[Any]]:
     """GRPO with a verifiable reward: each step draws ``n_prompts`` problems, samples ``group`` answers of
-    ``n_new`` tokens per problem at ``temperature``, and takes one AdamW step (betas 0.9 and 0.99, no weight
-    decay, gradient norm clipped to 1) on :func:`grpo_loss` (on-policy, so ``logp_old`` is the detached current
-    policy and the ratio is 1 at the step); the learning rate rises linearly over ``warmup`` steps and then stays
-    constant (:class:`mmbook.optim.WarmupCosine` with final factor 1; Adam's first steps move every weight by about
-    ``lr`` whatever the size of its noisy gradient).
+    ``n_new`` tokens per problem at ``temperature``, and takes one step of
+    :func:`mmbook.preference.policy_optimizer` (AdamW, betas 0.9 and 0.99, no weight decay, a linear warm-up over
+    ``warmup`` steps, then a constant learning rate; the optimiser of :func:`mmbook.preference.dpo_train`; gradient
+    norm clipped to 1) on :func:`grpo_loss` (on-policy, so ``logp_old`` is the detached current policy and the
+    ratio is 1 at the step).
 
     ``prompt_fn(problem)`` writes a problem's prompt over :data:`VOCAB` (every prompt must have the same length, e.g.
     :func:`parity_prompt`) and ``reward_fn(texts, problems)`` grades the ``n_prompts * group`` sampled answers: it
     must return a floating tensor ``(n_prompts * group,)`` of finite rewards (e.g. :func:`parity_reward`). ``beta``
-    multiplies the ``k3`` KL estimate averaged over an answer's tokens (so per answer of ``n_new`` tokens the
-    penalty is ``beta / n_new`` times the sequence KL's estimate). ``ref`` is only read: its log-probabilities are
+    multiplies the ``k3`` KL estimate averaged over an answer's tokens; the clipped advantage term is averaged over
+    the same tokens, so the ``1 / n_new`` scales both terms alike, and ``beta`` is the price of one nat of the
+    answer's sequence KL in units of the standardised group advantage (in units of the raw reward, ``beta`` times
+    the group's reward standard deviation). ``ref`` is only read: its log-probabilities are
     computed without gradients in eval mode, and its mode is restored afterwards (its ``requires_grad`` flags are
     never touched), so it may be the same model a later run trains.
 
@@ -407,8 +436,7 @@ def grpo_train(policy: nn.Module, ref: nn.Module, problems: Sequence[Any], *, st
         raise ValueError(f"{fn}: every prompt must have the same length, got lengths {lengths}")
     prompts_all = torch.tensor(encoded)
     n_samples = n_prompts * group
-    opt = torch.optim.AdamW(policy.parameters(), lr=lr, betas=(0.9, 0.99), weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, WarmupCosine(warmup, max(steps, warmup + 1), min_factor=1.0))
+    opt, sched = policy_optimizer(policy.parameters(), lr, steps, warmup)
     gen = torch_generator(seed)
     ref_was_training = ref.training
     ref.eval()

@@ -150,3 +150,54 @@ def test_upcast_log_softmax_upcasts_half_precision_only():
         torch.testing.assert_close(out.double(), torch.log_softmax(logits.to(dtype).double(), -1), rtol=0, atol=1e-6)
     with pytest.raises(TypeError, match="upcast_log_softmax.*logits"):
         upcast_log_softmax(torch.tensor([1, 2]))
+
+
+def test_policy_optimizer_is_adamw_with_a_warmup_then_constant_rate():
+    from mmbook.preference import policy_optimizer
+
+    w = torch.nn.Parameter(torch.zeros(3))
+    opt, sched = policy_optimizer([w], 1e-3, steps=20, warmup=4)
+    assert isinstance(opt, torch.optim.AdamW)
+    group = opt.param_groups[0]
+    assert group["betas"] == (0.9, 0.99) and group["weight_decay"] == 0.0
+    rates = []
+    for _ in range(8):
+        rates.append(opt.param_groups[0]["lr"])
+        w.grad = torch.ones(3)
+        opt.step()
+        sched.step()
+    assert rates == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3, 1e-3, 1e-3, 1e-3, 1e-3])
+
+
+def test_policy_optimizer_rejects_bad_input():
+    from mmbook.preference import policy_optimizer
+
+    w = torch.nn.Parameter(torch.zeros(3))
+    with pytest.raises(ValueError, match="policy_optimizer.*lr"):
+        policy_optimizer([w], 0.0, steps=10)
+    with pytest.raises(ValueError, match="policy_optimizer.*warmup"):
+        policy_optimizer([w], 1e-3, steps=10, warmup=0)
+    with pytest.raises(ValueError, match="policy_optimizer.*params"):
+        policy_optimizer([], 1e-3, steps=10)
+
+
+def test_ranked_pairs_pairs_right_with_wrong_within_each_prompt():
+    from mmbook.preference import ranked_pairs
+
+    rewards = torch.tensor([[1.0, 0.0, 1.0, 0.0], [1.0, 1.0, 1.0, 0.0], [0.0, 0.0, 0.0, 0.0]])
+    chosen, rejected = ranked_pairs(rewards)
+    assert chosen.tolist() == [0, 2, 4] and rejected.tolist() == [1, 3, 7]
+    assert chosen.dtype == torch.long and bool((rewards.flatten()[chosen] == 1).all())
+    assert bool((rewards.flatten()[rejected] == 0).all())
+    assert (chosen // 4).tolist() == (rejected // 4).tolist()  # never across prompts
+
+
+def test_ranked_pairs_rejects_bad_input():
+    from mmbook.preference import ranked_pairs
+
+    with pytest.raises(ValueError, match="ranked_pairs.*0 or 1"):
+        ranked_pairs(torch.tensor([[0.5, 1.0]]))
+    with pytest.raises(ValueError, match="ranked_pairs.*rewards"):
+        ranked_pairs(torch.tensor([1.0, 0.0]))
+    with pytest.raises(TypeError, match="ranked_pairs.*rewards"):
+        ranked_pairs(torch.tensor([[1, 0]]))

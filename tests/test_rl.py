@@ -346,3 +346,34 @@ def test_sequence_kl_is_the_sequence_level_kl_by_enumeration():
     assert abs(lp_pi.exp().sum().item() - 1) < 1e-12  # the 125 responses are all there is
     torch.testing.assert_close(weighted, exact, rtol=1e-12, atol=1e-14)
     assert exact.item() > 1e-3 and abs(reverse.item() - exact.item()) > 1e-4
+
+
+def test_sample_and_grade_groups_the_samples_of_each_prompt():
+    from mmbook.rl import sample_and_grade
+
+    model, probs, prompts, _ = _parity_setup()
+    seqs, rewards = sample_and_grade(model, prompts[:3], probs[:3], k=4, n_new=3, reward_fn=parity_reward,
+                                     generator=mmbook.torch_generator(5))
+    assert seqs.shape == (12, prompts.shape[1] + 3) and rewards.shape == (3, 4)
+    assert bool((seqs[:, :prompts.shape[1]] == prompts[:3].repeat_interleave(4, 0)).all())
+    texts = [decode(r) for r in seqs[:, prompts.shape[1]:]]
+    want = parity_reward(texts, [p for p in probs[:3] for _ in range(4)]).view(3, 4)
+    assert torch.equal(rewards, want)
+    again, _ = sample_and_grade(model, prompts[:3], probs[:3], k=4, n_new=3, reward_fn=parity_reward,
+                                generator=mmbook.torch_generator(5))
+    assert torch.equal(seqs, again)  # the generator makes it reproducible
+
+
+def test_sample_and_grade_rejects_bad_input():
+    from mmbook.rl import sample_and_grade
+
+    model, probs, prompts, _ = _parity_setup()
+    kw = {"k": 2, "n_new": 3, "reward_fn": parity_reward}
+    with pytest.raises(ValueError, match="sample_and_grade.*problems"):
+        sample_and_grade(model, prompts[:3], probs[:2], **kw)
+    with pytest.raises(ValueError, match="sample_and_grade.*k"):
+        sample_and_grade(model, prompts[:3], probs[:3], **{**kw, "k": 0})
+    with pytest.raises(TypeError, match="sample_and_grade.*reward_fn"):
+        sample_and_grade(model, prompts[:3], probs[:3], **{**kw, "reward_fn": None})
+    with pytest.raises(TypeError, match="sample_and_grade.*prompts"):
+        sample_and_grade(model, prompts[:3].float(), probs[:3], **kw)
