@@ -187,7 +187,9 @@ class DecoderBlock(nn.Module):
     """Pre-norm block: ``x + attn(norm_1(x))``, then ``+ mlp(norm_2(.))``; ``(B, T, d) -> (B, T, d)``.
 
     ``forward(x, past, use_cache)`` returns ``(x, present, router_logits)``; ``router_logits`` is ``None``
-    unless the feed-forward network is a mixture of experts.
+    unless the feed-forward network is a mixture of experts. The keywords ``positions`` and ``attn_mask`` go to
+    :class:`mmbook.gqa.GroupedQueryAttention` (explicit RoPE positions and a mask in place of the causal one:
+    :func:`mmbook.sft.packed_forward` runs packed conversations through this same block this way).
     """
 
     def __init__(self, config: DecoderConfig) -> None:
@@ -210,8 +212,10 @@ class DecoderBlock(nn.Module):
                                              activation="gelu", kernels="torch" if c.fused else "mmbook"))
 
     def forward(self, x: torch.Tensor, past: tuple[torch.Tensor, torch.Tensor] | None = None,
-                use_cache: bool = False) -> tuple[torch.Tensor, Any, torch.Tensor | None]:
-        a, present = self.self_attn(self.input_layernorm(x), past, use_cache)
+                use_cache: bool = False, *, positions: torch.Tensor | None = None,
+                attn_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, Any, torch.Tensor | None]:
+        a, present = self.self_attn(self.input_layernorm(x), past, use_cache, positions=positions,
+                                    attn_mask=attn_mask)
         x = x + a
         m = self.mlp(self.post_attention_layernorm(x))
         if isinstance(self.mlp, SparseMoE):

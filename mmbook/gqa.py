@@ -163,7 +163,11 @@ class GroupedQueryAttention(nn.Module):
         return self.n_head // self.n_kv_head
 
     def forward(self, x: torch.Tensor, past: tuple[torch.Tensor, torch.Tensor] | None = None,
-                use_cache: bool = False) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
+                use_cache: bool = False, *, positions: torch.Tensor | None = None,
+                attn_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
+        """``positions`` ``(T,)`` or ``(batch, T)`` replaces the default ``P, P + 1, ...`` (RoPE only);
+        ``attn_mask`` ``(batch or 1, 1, T, P + T)`` bool, ``True`` where a query may attend to a key, replaces the
+        causal (and sliding-window) mask: packed sequences pass their block-diagonal document mask here."""
         fn = "GroupedQueryAttention"
         check_float_tensor("x", x, fn, ndim=3, shape=f"(batch, T, {self.d_model})")
         if x.shape[-1] != self.d_model or x.shape[1] < 1:
@@ -174,18 +178,24 @@ class GroupedQueryAttention(nn.Module):
         if past is not None:
             _check_past(past, b, self.n_kv_head, self.head_dim, x, fn)
         p = 0 if past is None else past[0].shape[2]
-        q = self.q_proj(x).view(b, t, self.n_head, self.head_dim).transpose(1, 2)  # (B, h, T, hd)
-        k = self.k_proj(x).view(b, t, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, h_kv, T, hd)
-        v = self.v_proj(x).view(b, t, self.n_kv_head, self.head_dim).transpose(1, 2)
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        if self.rope:
-            positions = torch.arange(p, p + t, device=x.device)
-            q = apply_rope(q, positions, self.rope_base, self.rope_pairing)
-            k = apply_rope(k, positions, self.rope_base, self.rope_pairing)
+        if positions is not None:
+            if not self.rope:
+                raise ValueError(f"{fn}: positions needs rope=True (this layer leaves positions to the caller)")
+            if not isinstance(positions, torch.Tensor) or positions.shape not in ((t,), (b, t)):
+                raise ValueError(f"{fn}: positions must have shape ({t},) or ({b}, {t}), got "
+                                 f"{tuple(positions.shape) if isinstance(positions, torch.Tensor) else positions!r}")
+        if attn_mask is not None:
+            s = p + t
+            if not isinstance(attn_mask, torch.Tensor) or attn_mask.dtype != torch.bool or attn_mask.ndim != 4 \
+                    or attn_mask.shape[0] not in (1, b) or tuple(attn_mask.shape[1:]) != (1, t, s):
+                raise ValueError(f"{fn}: attn_mask must be a bool tensor ({b} or 1, 1, {t}, {s}), got "
+                                 f"{tuple(attn_mask.shape) if isinstance(attn_mask, torch.Tensor) else attn_mask!r}")
+            if self.kernel == "flash":
+                raise ValueError(f"{fn}: attn_mask is not supported by kernel='flash' (causal only)")
+        q, k, v = self.project(x, torch.arange(p, p + t, device=x.device) if positions is None else positions)
         if past is not None:
             k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
-        heads = self._attend(q, k, v)  # (B, h, T, hd)
+        heads = self._attend(q, k, v, attn_mask)  # (B, h, T, hd)
         y = self.o_proj(heads.transpose(1, 2).reshape(b, t, self.n_head * self.head_dim))
         return y, ((k, v) if use_cache else None)
 
@@ -204,8 +214,14 @@ class GroupedQueryAttention(nn.Module):
             k = apply_rope(k, positions, self.rope_base, self.rope_pairing)
         return q, k, v
 
-    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                attn_mask: torch.Tensor | None = None) -> torch.Tensor:
         t, s = q.shape[2], k.shape[2]
+        if attn_mask is not None:
+            k, v = repeat_kv(k, self.n_rep), repeat_kv(v, self.n_rep)
+            if self.kernel == "torch":
+                return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+            return scaled_dot_product_attention(q, k, v, attn_mask)[0]
         if self.kernel == "flash":
             from mmbook.flash import flash_attention
 

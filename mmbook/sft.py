@@ -33,8 +33,7 @@ from mmbook.chat import IM_END, IM_START, chatml_prompt
 from mmbook.checks import check_bool, check_ids, check_instance, check_int, check_int_tensor, check_number, positive_int
 from mmbook.core import python_rng, torch_generator
 from mmbook.decoder import Decoder, DecoderOutput
-from mmbook.gqa import repeat_kv
-from mmbook.moe import SparseMoE
+from mmbook.moe import load_balancing_loss
 from mmbook.optim import WarmupCosine
 
 __all__ = [
@@ -274,17 +273,15 @@ def _check_packed(model: Decoder, ids: torch.Tensor, positions: torch.Tensor, do
 
 
 def _blocks(model: Decoder, x: torch.Tensor, positions: torch.Tensor, allowed: torch.Tensor, start: int,
-            stop: int) -> torch.Tensor:
-    b, t, _ = x.shape
+            stop: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Blocks ``start`` to ``stop`` of ``model`` (their own :meth:`mmbook.decoder.DecoderBlock.forward`) at explicit
+    positions and with the mask ``allowed``; returns the residual stream and the routers' logits (MoE layers)."""
+    router_logits: list[torch.Tensor] = []
     for block in model.layers[start:stop]:
-        attn = block.self_attn
-        q, k, v = attn.project(block.input_layernorm(x), positions)
-        heads = F.scaled_dot_product_attention(q, repeat_kv(k, attn.n_rep), repeat_kv(v, attn.n_rep),
-                                               attn_mask=allowed)
-        x = x + attn.o_proj(heads.transpose(1, 2).reshape(b, t, attn.n_head * attn.head_dim))
-        m = block.mlp(block.post_attention_layernorm(x))
-        x = x + (m.hidden if isinstance(block.mlp, SparseMoE) else m)
-    return x
+        x, _, routed = block(x, positions=positions, attn_mask=allowed)
+        if routed is not None:
+            router_logits.append(routed)
+    return x, router_logits
 
 
 def packed_hidden(model: Decoder, ids: torch.Tensor, positions: torch.Tensor, doc_ids: torch.Tensor,
@@ -295,7 +292,7 @@ def packed_hidden(model: Decoder, ids: torch.Tensor, positions: torch.Tensor, do
     fn = "packed_hidden"
     _check_packed(model, ids, positions, doc_ids, fn)
     n_layers = check_int("n_layers", n_layers, fn, 0, model.config.n_layer)
-    return _blocks(model, model.embed_tokens(ids), positions, document_mask(doc_ids)[:, None], 0, n_layers)
+    return _blocks(model, model.embed_tokens(ids), positions, document_mask(doc_ids)[:, None], 0, n_layers)[0]
 
 
 def packed_forward(model: Decoder, ids: torch.Tensor, positions: torch.Tensor, doc_ids: torch.Tensor,
@@ -309,8 +306,10 @@ def packed_forward(model: Decoder, ids: torch.Tensor, positions: torch.Tensor, d
     mean loss over the targets that are not ``-100``. With ``start_layer = k`` and ``hidden`` from
     :func:`packed_hidden` (``k`` layers), the first ``k`` blocks are skipped. With ``all_logits=False`` (and
     ``targets``) the output layer runs only where a target exists and ``logits`` is ``(n_targets, vocab_size)``:
-    with a 49k-token vocabulary and short answers that is most of the cost saved. Needs ``positional="rope"`` and
-    no sliding window.
+    with a 49k-token vocabulary and short answers that is most of the cost saved. Each block is the model's own
+    :class:`mmbook.decoder.DecoderBlock` (called with the positions and the mask), so a mixture-of-experts model
+    returns its ``router_logits`` as :meth:`~mmbook.decoder.Decoder.forward` does, for the load-balancing loss.
+    Needs ``positional="rope"`` and no sliding window.
     """
     fn = "packed_forward"
     _check_packed(model, ids, positions, doc_ids, fn)
@@ -331,18 +330,19 @@ def packed_forward(model: Decoder, ids: torch.Tensor, positions: torch.Tensor, d
             raise ValueError(f"{fn}: targets must have the shape of ids {tuple(ids.shape)}, got {tuple(targets.shape)}")
     elif not all_logits:
         raise ValueError(f"{fn}: all_logits=False needs targets")
-    x = _blocks(model, x, positions, document_mask(doc_ids)[:, None], start_layer, c.n_layer)
+    x, routed = _blocks(model, x, positions, document_mask(doc_ids)[:, None], start_layer, c.n_layer)
+    router_logits = routed or None
     if not all_logits:
         keep = targets != -100
         if not bool(keep.any()):
             raise ValueError(f"{fn}: targets has no position that is not -100 (all_logits=False needs one)")
         logits = model.lm_head(model.norm(x[keep]))  # (n_targets, vocab_size)
-        return DecoderOutput(logits, F.cross_entropy(logits, targets[keep]), None, None)
+        return DecoderOutput(logits, F.cross_entropy(logits, targets[keep]), None, router_logits)
     logits = model.lm_head(model.norm(x))
     loss = None
     if targets is not None:
         loss = F.cross_entropy(logits.reshape(b * t, -1), targets.reshape(-1), ignore_index=-100)
-    return DecoderOutput(logits, loss, None, None)
+    return DecoderOutput(logits, loss, None, router_logits)
 
 
 def make_words(n: int, seed: int, min_len: int = 3, max_len: int = 6) -> list[str]:
@@ -430,7 +430,8 @@ def evaluate_instructions(model: nn.Module, tokenizer: ChatByteTokenizer,
 
 def train_sft(model: nn.Module, batch: PackedBatch, *, steps: int, batch_size: int, lr: float, warmup: int = 10,
               weight_decay: float = 0.0, clip: float = 1.0, seed: int = 0, start_layer: int = 0,
-              callback: Callable[[int, nn.Module], None] | None = None, every: int = 1) -> list[float]:
+              callback: Callable[[int, nn.Module], None] | None = None, every: int = 1,
+              aux_loss_weight: float = 0.01) -> list[float]:
     """Fine-tune the trainable parameters of ``model`` for ``steps`` AdamW steps on rows of a :class:`PackedBatch`.
 
     Each step draws ``batch_size`` rows (a seeded generator, :func:`mmbook.torch_generator`) and minimises the
@@ -440,7 +441,9 @@ def train_sft(model: nn.Module, batch: PackedBatch, *, steps: int, batch_size: i
     step ``steps``. With ``start_layer = k`` the first ``k`` blocks must be frozen: their output (:func:`packed_hidden`)
     is computed once for all rows and the steps run the rest. ``callback(step, model)``, if given, is called in eval
     mode after every ``every``-th step (``step`` counts from 1), e.g. to record a validation loss along the way.
-    Returns the loss of every step; the model is left in eval mode.
+    A mixture-of-experts model also minimises ``aux_loss_weight`` times :func:`mmbook.moe.load_balancing_loss`
+    of its routers (as in pretraining; Mixtral and Qwen3-MoE use 0.01 or less). Returns the answer loss of every
+    step (without the auxiliary term); the model is left in eval mode.
     """
     fn = "train_sft"
     check_instance("model", model, fn, Decoder, "a mmbook Decoder")
@@ -454,6 +457,7 @@ def train_sft(model: nn.Module, batch: PackedBatch, *, steps: int, batch_size: i
     if callback is not None and not callable(callback):
         raise TypeError(f"{fn}: callback must be a function callback(step, model), got {type(callback).__name__}")
     every = positive_int("every", every, fn)
+    aux_loss_weight = check_number("aux_loss_weight", aux_loss_weight, fn, 0.0)
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError(f"{fn}: model has no trainable parameters")
@@ -481,10 +485,14 @@ def train_sft(model: nn.Module, batch: PackedBatch, *, steps: int, batch_size: i
         pick = torch.randint(rows, (batch_size,), generator=generator)
         ids, targets, positions, doc_ids = (t[pick].to(device) for t in batch)
         h = None if hidden is None else hidden[pick.to(device)]
-        loss = packed_forward(model, ids, positions, doc_ids, targets, start_layer=start_layer, hidden=h,
-                              all_logits=False).loss
+        out = packed_forward(model, ids, positions, doc_ids, targets, start_layer=start_layer, hidden=h,
+                             all_logits=False)
+        loss = out.loss
+        objective = loss
+        if out.router_logits is not None and aux_loss_weight > 0:
+            objective = loss + aux_loss_weight * load_balancing_loss(out.router_logits, model.config.top_k)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        objective.backward()
         nn.utils.clip_grad_norm_(params, clip)
         optimizer.step()
         schedule.step()

@@ -267,3 +267,46 @@ def test_train_sft_callback_schedule_and_bad_arguments(one_thread):
         train_sft(model, batch, steps=12, batch_size=2, lr=1e-3, warmup=2, callback="not a function")
     with pytest.raises(ValueError, match="train_sft: every"):
         train_sft(model, batch, steps=12, batch_size=2, lr=1e-3, warmup=2, every=0)
+
+
+def test_packed_forward_runs_the_decoders_own_blocks_with_moe_router_logits(one_thread):
+    mmbook.set_seed(1)
+    config = DecoderConfig(vocab_size=258, max_seq_len=128, n_layer=2, n_head=2, d_model=16, num_experts=4, top_k=2,
+                           capacity_factor=None)
+    model = Decoder(config).double().eval()
+    ex = [tokenize_chat(c, TOK.encode) for c in instruction_dataset(["upper", "first"], ["abc", "wxyz"])]
+    batch = pack_examples(ex, 128)
+    out = packed_forward(model, batch.ids, batch.positions, batch.doc_ids, batch.targets)
+    # The routers' logits come back, one (batch * T, num_experts) tensor per layer, as from Decoder.forward.
+    assert out.router_logits is not None and len(out.router_logits) == 2
+    assert out.router_logits[0].shape == (batch.ids.numel(), 4)
+    sel = batch.doc_ids[0] == 0
+    alone = model(batch.ids[0][sel][None])
+    torch.testing.assert_close(out.logits[0][sel][None], alone.logits, rtol=0, atol=1e-10)
+    torch.testing.assert_close(out.router_logits[0].view(*batch.ids.shape, 4)[0][sel], alone.router_logits[0],
+                               rtol=0, atol=1e-10)
+    # train_sft adds the load-balancing loss: with weight 0 and with 0.5 the trained weights differ.
+    runs = []
+    for weight in (0.0, 0.5):
+        m = Decoder(config)
+        m.load_state_dict({k: v.float() for k, v in model.state_dict().items()})
+        train_sft(m, batch, steps=3, batch_size=2, lr=1e-2, warmup=1, seed=0, aux_loss_weight=weight)
+        runs.append(m.layers[0].mlp.gate.weight.detach().clone())
+    assert not torch.equal(*runs)
+    with pytest.raises(ValueError, match="train_sft: aux_loss_weight"):
+        train_sft(model, batch, steps=3, batch_size=2, lr=1e-2, warmup=1, aux_loss_weight=-1.0)
+
+
+def test_attention_positions_and_mask_keywords_are_checked():
+    model = _model().double()
+    block = model.layers[0]
+    x = torch.randn(1, 5, 16, dtype=torch.float64, generator=mmbook.torch_generator(3))
+    causal = torch.ones(5, 5, dtype=torch.bool).tril()[None, None]
+    torch.testing.assert_close(block(x, positions=torch.arange(5), attn_mask=causal)[0], block(x)[0], rtol=0,
+                               atol=1e-12)
+    with pytest.raises(ValueError, match="attn_mask"):
+        block(x, attn_mask=causal.float())
+    with pytest.raises(ValueError, match="attn_mask"):
+        block(x, attn_mask=causal[..., :4])
+    with pytest.raises(ValueError, match="positions"):
+        block(x, positions=torch.arange(4))
