@@ -12,6 +12,7 @@ and any verifiable reward.
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable, Hashable, Sequence
 from typing import Any, NamedTuple
@@ -19,8 +20,10 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
+from mmbook.cache import cached_training
 from mmbook.checks import (
     check_bool,
+    check_device,
     check_float_tensor,
     check_instance,
     check_int,
@@ -29,11 +32,13 @@ from mmbook.checks import (
     check_tensor,
     positive_int,
 )
-from mmbook.core import torch_generator
+from mmbook.core import set_seed, torch_generator
+from mmbook.decoder import Decoder, DecoderConfig
 from mmbook.optim import WarmupCosine
 from mmbook.preference import policy_optimizer, token_logprobs, upcast_log_softmax
 
-__all__ = ["VOCAB", "TrainHistory", "decode", "encode", "generate_answers", "group_advantages", "grpo_loss",
+__all__ = ["VOCAB", "Chapter19Parity", "TrainHistory", "chapter19_recipes", "chapter19_sft_model",
+           "decode", "encode", "generate_answers", "group_advantages", "grpo_loss",
            "grpo_train", "kl_k3", "majority_vote",
            "noisy_parity_trace", "parity_answer", "parity_problems", "parity_prompt", "parity_reward",
            "pass_at_k", "ppo_clip_loss", "reinforce_loss", "sample_and_grade", "sequence_kl", "train_answers"]
@@ -479,3 +484,76 @@ def grpo_train(policy: nn.Module, ref: nn.Module, problems: Sequence[Any], *, st
     finally:
         ref.train(ref_was_training)
     return hist
+
+
+def chapter19_recipes() -> dict[str, dict[str, Any]]:
+    """The cache recipes (``mmbook.cache`` keys) of chapter 19's parity models, in one place for the chapter, its
+    solutions and the tests; a fresh copy on every call.
+
+    ``"parity"``: the split of the 256 strings of 8 bits (``split_seed`` 70, 128 for training) and the training of a
+    2-layer ``Decoder`` (d_model 64, 4 heads) by :func:`train_answers` (300 steps of 64, lr 3e-3, weight decay 0.1;
+    seeds 71 for the initial weights, 72 for the batches); ``"scratchpad"``: section 7's scratchpad model (the parity
+    recipe with ``task``); ``"noisy_sft"``: section 8's fine-tuning of that model on the noisy teacher (every step
+    flipped with probability 0.1, 16 copies per training string, 150 steps; seeds 80 for the noise, 82 for the
+    batches); ``"rl_common"``: the settings that section 8's GRPO and section 9's DPO runs share.
+    """
+    parity = {"bits": 8, "split_seed": 70, "n_train": 128, "n_layer": 2, "n_head": 4, "d_model": 64,
+              "steps": 300, "batch": 64, "lr": 3e-3, "weight_decay": 0.1, "seeds": [71, 72]}
+    scratchpad = {"task": "scratchpad", **parity}
+    noisy_sft = {"task": "noisy parity", "p": 0.1, "copies": 16, "steps": 150, "lr": 3e-3, "seeds": [80, 82],
+                 "start": scratchpad, "version": 2}
+    rl_common = {"sft": noisy_sft, "steps": 100, "optimizer": "policy_optimizer, warm-up 10, clip 1",
+                 "eval": {"strings": "test_bits[:32]", "samples": 16, "seed": 90, "every": 20}, "version": 4}
+    return copy.deepcopy({"parity": parity, "scratchpad": scratchpad, "noisy_sft": noisy_sft,
+                          "rl_common": rl_common})
+
+
+class Chapter19Parity(NamedTuple):
+    """What :func:`chapter19_sft_model` builds: ``model``, the noisy-teacher SFT model (eval mode); the split
+    (``train_bits``, ``test_bits``: 128 strings each, as tuples of bits) and their prompts ``(128, 9)``."""
+
+    model: nn.Module
+    train_bits: list[tuple[int, ...]]
+    test_bits: list[tuple[int, ...]]
+    train_prompts: torch.Tensor
+    test_prompts: torch.Tensor
+
+
+def chapter19_sft_model(device: str | torch.device = "cpu") -> Chapter19Parity:
+    """Chapter 19's noisy-teacher SFT model, built as the chapter builds it, from the recipes of
+    :func:`chapter19_recipes`: section 7's scratchpad model, then section 8's fine-tuning on noisy traces. Both
+    are trained once and cached (``mmbook.cache.cached_training``, prefixes ``ch19_parity`` and ``ch19_noisy_sft``:
+    the chapter's own entries), so after the chapter has run this only loads them. Every seed goes through
+    ``mmbook`` (``MMBOOK_SEED_SHIFT`` applies). The model lives on ``device``."""
+    device = check_device("device", device, "chapter19_sft_model")
+    recipes = chapter19_recipes()
+    cfg, sft = recipes["parity"], recipes["noisy_sft"]
+    n_bits = cfg["bits"]
+    all_bits = parity_problems(n_bits)
+    perm = torch.randperm(len(all_bits), generator=torch_generator(cfg["split_seed"])).tolist()
+    train_bits = [all_bits[i] for i in perm[:cfg["n_train"]]]
+    test_bits = [all_bits[i] for i in perm[cfg["n_train"]:]]
+
+    def encode_all(texts: list[str]) -> torch.Tensor:
+        return torch.tensor([encode(t) for t in texts])
+
+    train_prompts = encode_all([parity_prompt(b) for b in train_bits])
+    test_prompts = encode_all([parity_prompt(b) for b in test_bits])
+    set_seed(cfg["seeds"][0])  # the chapter's initial weights
+    config = DecoderConfig(vocab_size=len(VOCAB), max_seq_len=2 * n_bits + 2, n_layer=cfg["n_layer"],
+                           n_head=cfg["n_head"], d_model=cfg["d_model"])
+    model = Decoder(config).to(device)
+    scratch_answers = encode_all([parity_answer(b, scratchpad=True) for b in train_bits])
+    cached_training("ch19_parity", recipes["scratchpad"], model,
+                    lambda m: {"loss": train_answers(m, train_prompts, scratch_answers, steps=cfg["steps"],
+                                                     batch_size=cfg["batch"], lr=cfg["lr"], seed=cfg["seeds"][1],
+                                                     weight_decay=cfg["weight_decay"]).losses})
+    noise = torch_generator(sft["seeds"][0])
+    sft_bits = [b for b in train_bits for _ in range(sft["copies"])]
+    sft_answers = [noisy_parity_trace(b, sft["p"], noise) for b in sft_bits]
+    cached_training("ch19_noisy_sft", sft, model,
+                    lambda m: {"loss": train_answers(m, encode_all([parity_prompt(b) for b in sft_bits]),
+                                                     encode_all(sft_answers), steps=sft["steps"],
+                                                     batch_size=cfg["batch"], lr=sft["lr"], seed=sft["seeds"][1],
+                                                     weight_decay=cfg["weight_decay"]).losses})
+    return Chapter19Parity(model.eval(), train_bits, test_bits, train_prompts, test_prompts)

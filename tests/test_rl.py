@@ -9,6 +9,8 @@ import mmbook
 from mmbook.decoder import Decoder, DecoderConfig
 from mmbook.preference import token_logprobs
 from mmbook.rl import (
+    chapter19_recipes,
+    chapter19_sft_model,
     decode,
     encode,
     generate_answers,
@@ -377,3 +379,51 @@ def test_sample_and_grade_rejects_bad_input():
         sample_and_grade(model, prompts[:3], probs[:3], **{**kw, "reward_fn": None})
     with pytest.raises(TypeError, match="sample_and_grade.*prompts"):
         sample_and_grade(model, prompts[:3].float(), probs[:3], **kw)
+
+
+# Chapter 19's recipes as the chapter wrote them before they moved into mmbook.rl: the cache keys must not change.
+_CH19_PARITY = {"bits": 8, "split_seed": 70, "n_train": 128, "n_layer": 2, "n_head": 4, "d_model": 64,
+                "steps": 300, "batch": 64, "lr": 3e-3, "weight_decay": 0.1, "seeds": [71, 72]}
+_CH19_SFT = {"task": "noisy parity", "p": 0.1, "copies": 16, "steps": 150, "lr": 3e-3, "seeds": [80, 82],
+             "start": {"task": "scratchpad", **_CH19_PARITY}, "version": 2}
+_CH19_RL = {"sft": _CH19_SFT, "steps": 100, "optimizer": "policy_optimizer, warm-up 10, clip 1",
+            "eval": {"strings": "test_bits[:32]", "samples": 16, "seed": 90, "every": 20}, "version": 4}
+
+
+def _notebook_code(path):
+    import json
+    from pathlib import Path
+
+    nb = json.loads((Path(__file__).resolve().parents[1] / path).read_text())
+    return "\n".join("".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "code")
+
+
+def test_chapter19_recipes_are_the_chapters_and_both_notebooks_use_them():
+    recipes = chapter19_recipes()
+    assert recipes == {"parity": _CH19_PARITY, "scratchpad": {"task": "scratchpad", **_CH19_PARITY},
+                       "noisy_sft": _CH19_SFT, "rl_common": _CH19_RL}
+    recipes["noisy_sft"]["p"] = 0.5  # a fresh copy each call: no shared mutable state
+    assert chapter19_recipes()["noisy_sft"]["p"] == 0.1
+    chapter = _notebook_code("chapters/19_preferences_and_reasoning.ipynb")
+    solutions = _notebook_code("chapters/solutions/19_preferences_and_reasoning_solutions.ipynb")
+    assert "chapter19_recipes()" in chapter and "chapter19_sft_model(" in solutions
+    for code in (chapter, solutions):  # no re-pasted recipe
+        pasted = [lit for lit in ('"task": "noisy parity"', '"split_seed": 70', '"optimizer": "') if lit in code]
+        assert not pasted, pasted
+
+
+def test_chapter19_sft_model_uses_the_recipes_and_rejects_bad_devices(monkeypatch):
+    import mmbook.rl as rl
+
+    calls = []
+    monkeypatch.setattr(rl, "cached_training", lambda prefix, key, model, train: calls.append((prefix, key)))
+    built = chapter19_sft_model("cpu")
+    recipes = chapter19_recipes()
+    assert calls == [("ch19_parity", recipes["scratchpad"]), ("ch19_noisy_sft", recipes["noisy_sft"])]
+    assert sum(p.numel() for p in built.model.parameters()) == 99_200 and not built.model.training
+    assert len(built.train_bits) == len(built.test_bits) == 128 and not set(built.train_bits) & set(built.test_bits)
+    assert tuple(built.train_prompts.shape) == tuple(built.test_prompts.shape) == (128, 9)
+    with pytest.raises(TypeError, match="device"):
+        chapter19_sft_model(3)
+    with pytest.raises(ValueError, match="device"):
+        chapter19_sft_model("no-such-device")
