@@ -41,6 +41,7 @@ from mmbook.checks import (
     positive_int,
 )
 from mmbook.core import torch_generator
+from mmbook.gpt import sinusoidal_positional_encoding
 
 __all__ = [
     "FUSIONS",
@@ -98,20 +99,19 @@ def sincos_position_embedding_2d(grid: int, d_model: int) -> torch.Tensor:
 
     The first ``d_model / 2`` dimensions encode the row, the second half the column, each with
     the 1-D Transformer encoding ``PE(p, 2i) = sin(p / 10000^(2i/h))``, ``PE(p, 2i+1) =
-    cos(p / 10000^(2i/h))`` where ``h = d_model / 2``. Returns ``(grid * grid, d_model)``
-    float32, patches in row-major order. ``d_model`` must be divisible by 4.
+    cos(p / 10000^(2i/h))`` where ``h = d_model / 2``, i.e.
+    :func:`mmbook.gpt.sinusoidal_positional_encoding` ``(grid, h)`` for the row and for the column.
+    Returns ``(grid * grid, d_model)`` float32, patches in row-major order. ``d_model`` must be divisible by 4.
     """
     fn = "sincos_position_embedding_2d"
     grid, d_model = _positive_int("grid", grid, fn), _positive_int("d_model", d_model, fn)
     if d_model % 4:
         raise ValueError(f"{fn}: d_model must be divisible by 4 (sin and cos for rows and columns), got {d_model}")
     half = d_model // 2
-    freqs = torch.pow(10000.0, -torch.arange(0, half, 2, dtype=torch.float64) / half)  # (half / 2,)
-    pos = torch.arange(grid, dtype=torch.float64)[:, None] * freqs  # (grid, half / 2)
-    one_d = torch.stack([pos.sin(), pos.cos()], dim=-1).reshape(grid, half)  # interleave sin, cos
+    one_d = sinusoidal_positional_encoding(grid, half)  # (grid, half): the 1-D Transformer encoding
     rows = one_d[:, None, :].expand(grid, grid, half)
     cols = one_d[None, :, :].expand(grid, grid, half)
-    return torch.cat([rows, cols], dim=-1).reshape(grid * grid, d_model).float()
+    return torch.cat([rows, cols], dim=-1).reshape(grid * grid, d_model)
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -451,7 +451,8 @@ class PerceiverResampler(nn.Module):
 class VQAModel(nn.Module):
     """Answer a question about an image by classification over ``num_answers`` answers.
 
-    ``fusion`` chooses how the modalities meet (all share the same encoders and sizes):
+    ``fusion`` chooses how the modalities meet (all are built with the same text and image encoders for the
+    same ``d_model``; ``text_layers`` and ``head_hidden`` set the rest of the size):
 
     * ``"question"`` — the question alone (the language prior): ``MLP(q)``;
     * ``"image"`` — the image alone: ``MLP(mean of patches)``;

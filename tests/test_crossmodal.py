@@ -52,6 +52,15 @@ def test_sincos_position_embedding_matches_loop():
                 assert got == pytest.approx(expected, abs=1e-6)
 
 
+def test_sincos_position_embedding_is_two_one_d_encodings():
+    from mmbook.gpt import sinusoidal_positional_encoding
+
+    for grid, d in ((3, 32), (4, 8), (14, 64)):
+        one_d = sinusoidal_positional_encoding(grid, d // 2)
+        expected = torch.cat([one_d.repeat_interleave(grid, dim=0), one_d.repeat(grid, 1)], dim=1)
+        assert torch.equal(sincos_position_embedding_2d(grid, d), expected)
+
+
 def test_sincos_position_embedding_bad_input():
     with pytest.raises(ValueError, match="divisible by 4"):
         sincos_position_embedding_2d(3, 6)
