@@ -34,7 +34,9 @@ def chatml_prompt(messages: Sequence[Mapping[str, str]], add_generation_prompt: 
     Each message becomes ``<|im_start|>{role}\\n{content}<|im_end|>\\n``. When the first message is not a
     system message and ``default_system`` is not None, a system message with that text comes first (SmolLM2's
     template does this). ``add_generation_prompt`` appends ``<|im_start|>assistant\\n``, where the model's
-    answer begins.
+    answer begins. The defaults are those of asking SmolLM2 a question, as its own template does;
+    :func:`mmbook.sft.chat_segments` and :func:`mmbook.sft.tokenize_chat`, which write training data, default to
+    no generation prompt and no implicit system message.
     """
     fn = "chatml_prompt"
     if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence) or not messages:

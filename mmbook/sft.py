@@ -130,7 +130,9 @@ def chat_segments(messages: Sequence[Mapping[str, str]], add_generation_prompt: 
 
     ``trained`` is True for each assistant message's content followed by its ``<|im_end|>`` (what the model must
     learn to write, including when to stop), False for everything else (system and user turns, role headers,
-    the newline after ``<|im_end|>``, the generation prompt).
+    the newline after ``<|im_end|>``, the generation prompt). The defaults are those of training data (no
+    generation prompt, no implicit system message), unlike :func:`~mmbook.chat.chatml_prompt`, whose defaults
+    are those of asking SmolLM2 a question (generation prompt, SmolLM2's default system message).
     """
     fn = "chat_segments"
     text = chatml_prompt(messages, add_generation_prompt, default_system)  # validates the arguments
@@ -301,10 +303,12 @@ def packed_forward(model: Decoder, ids: torch.Tensor, positions: torch.Tensor, d
     """Run ``model`` on packed rows ``ids`` ``(batch, T)`` with :func:`document_mask` and per-token ``positions``.
 
     The same weights and layers as :meth:`mmbook.decoder.Decoder.forward`; only attention differs: RoPE rotates
-    each token to its own position within its conversation, and the scores are masked block-diagonally
-    (``F.scaled_dot_product_attention`` with a boolean mask). Returns logits ``(batch, T, vocab_size)`` and the
-    mean loss over the targets that are not ``-100``. With ``start_layer = k`` and ``hidden`` from
-    :func:`packed_hidden` (``k`` layers), the first ``k`` blocks are skipped. With ``all_logits=False`` (and
+    each token to its own position within its conversation, and the scores are masked block-diagonally (a
+    boolean mask, passed to the attention kernel the model's config names: ``kernel="mmbook"``, the default, is
+    the book's own :func:`mmbook.attention.scaled_dot_product_attention`, ``"torch"`` PyTorch's). Returns
+    logits ``(batch, T, vocab_size)`` and the mean loss over the targets that are not ``-100``. With
+    ``start_layer = k`` and ``hidden`` from :func:`packed_hidden` (``k`` layers), the first ``k`` blocks are
+    skipped. With ``all_logits=False`` (and
     ``targets``) the output layer runs only where a target exists and ``logits`` is ``(n_targets, vocab_size)``:
     with a 49k-token vocabulary and short answers that is most of the cost saved. Each block is the model's own
     :class:`mmbook.decoder.DecoderBlock` (called with the positions and the mask), so a mixture-of-experts model
