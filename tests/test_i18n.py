@@ -1,6 +1,6 @@
 """The translated editions (tools/i18n.py): complete, current, faithful to the code, consistent in terminology.
 
-For every document that has a catalog in ``locales/<lang>/LC_MESSAGES/``:
+Every document of the book has a catalog in ``locales/<lang>/LC_MESSAGES/``, and for each:
 
 * every prose block of the current English source has a translation, and none is fuzzy (its English changed
   since it was translated) - ``make i18n-update`` then translating the new and fuzzy messages fixes both;
@@ -78,6 +78,12 @@ def test_translate_markdown_replaces_blocks_and_reports_the_rest() -> None:
 
 def test_there_are_catalogs() -> None:
     assert CATALOGUED, f"no catalog under {i18n.LOCALES / LANG}"
+
+
+def test_every_document_has_a_catalog() -> None:
+    """The whole book is translated: a new chapter or page needs its catalog (make i18n-update DOCS=...)."""
+    without = [d.as_posix() for d in i18n.documents() if d not in CATALOGUED]
+    assert not without, f"{len(without)} documents without a {LANG} catalog: {without[:5]}"
 
 
 @pytest.mark.parametrize("document", CATALOGUED, ids=[d.as_posix() for d in CATALOGUED])
