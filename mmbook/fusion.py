@@ -22,6 +22,10 @@ sum or the product rule (decision-level, or *late*, fusion). :func:`audio_visual
 the noisy audio-visual digits of chapter 11 and :func:`digit_sum_features` its digit-sum task, whose
 label needs both modalities; :func:`trace_shapes` records the shapes that flow through a model, for
 debugging.
+
+Cross-attention needs more than one vector per modality (over a single key the softmax is 1 and the output is a
+linear map of the other modality): :class:`CrossAttentionClassifier` takes two *token sequences*, lets one
+modality's tokens attend over the other's and pools the result.
 """
 
 from __future__ import annotations
@@ -49,6 +53,7 @@ __all__ = [
     "FUSION_METHODS",
     "ConcatFusion",
     "ConvFusion",
+    "CrossAttentionClassifier",
     "Fusion",
     "GatedFusion",
     "LateFusionClassifier",
@@ -487,6 +492,82 @@ def fusion_classifier(dims: Sequence[int], method: str = "concat", d_embed: int 
     encoders = [MLPEncoder(d, d_embed, dropout=dropout) for d in dims]
     fusion = make_fusion(method, [d_embed] * len(dims), d_embed, **fusion_kwargs)
     return MultimodalClassifier(encoders, fusion, num_classes, dropout=dropout, modality_dropout=modality_dropout)
+
+
+class CrossAttentionClassifier(nn.Module):
+    """Fusion by cross-attention between two token sequences, then the chapter's classification head.
+
+    ``forward(x_q, x_kv)``: ``x_q`` ``(batch, L_q, d_q)``, the tokens of the modality that asks (queries), and
+    ``x_kv`` ``(batch, L_kv, d_kv)``, the tokens of the modality it reads (keys and values); ``token_shapes`` is
+    ``((L_q, d_q), (L_kv, d_kv))``. Returns logits ``(batch, num_classes)``:
+
+    1. every token of modality ``m`` is embedded as ``e = Dropout(ReLU(t W_m + b_m)) + p_m[l]``, ``(batch, L_m,
+       d_embed)``: ``W_m`` is shared by the positions, ``p_m`` ``(L_m, d_embed)`` is a learned position embedding;
+    2. the query tokens read the other modality with one :class:`mmbook.attention.MultiHeadAttention`
+       (``num_heads`` heads) and keep what they had (a residual): ``h = e_q + MHA(e_q, e_kv, e_kv)``,
+       ``(batch, L_q, d_embed)``;
+    3. the mean over the ``L_q`` query positions, ``(batch, d_embed)``, goes through the head of
+       :class:`MultimodalClassifier`, ``ReLU -> Dropout(dropout) -> Linear(d_embed, num_classes)``.
+
+    The modalities meet only in the attention weights ``softmax_j(q_i . k_j / sqrt(d_head))``, a bilinear form of
+    a query token and a key token. With a single key token (``L_kv = 1``) every weight is 1 and ``h = e_q +
+    (e_kv W_v + b_v) W_o + b_o``: additive in the two modalities. :meth:`attention_weights` returns the weights,
+    ``(batch, num_heads, L_q, L_kv)``.
+    """
+
+    def __init__(self, token_shapes: Sequence[tuple[int, int]], d_embed: int = 32, num_classes: int = 10,
+                 num_heads: int = 4, dropout: float = 0.0) -> None:
+        super().__init__()
+        from mmbook.attention import MultiHeadAttention
+
+        fn = "CrossAttentionClassifier"
+        if (not isinstance(token_shapes, (list, tuple)) or len(token_shapes) != 2
+                or not all(isinstance(s, (list, tuple)) and len(s) == 2 for s in token_shapes)):
+            raise TypeError(f"{fn}: token_shapes must be two (length, width) pairs, ((L_q, d_q), (L_kv, d_kv)), "
+                            f"got {token_shapes!r}")
+        self.token_shapes = tuple(tuple(_check_positive_int(f"token_shapes[{m}][{i}]", v, fn)
+                                        for i, v in enumerate(s)) for m, s in enumerate(token_shapes))
+        self.d_embed = _check_positive_int("d_embed", d_embed, fn)
+        num_classes = _check_positive_int("num_classes", num_classes, fn)
+        num_heads = _check_positive_int("num_heads", num_heads, fn)
+        if d_embed % num_heads:
+            raise ValueError(f"{fn}: d_embed ({d_embed}) must be divisible by num_heads ({num_heads})")
+        dropout = _check_probability("dropout", dropout, fn, high_inclusive=False)
+        self.embed = nn.ModuleList(nn.Sequential(nn.Linear(d, d_embed), nn.ReLU(), nn.Dropout(dropout))
+                                   for _, d in self.token_shapes)
+        self.positions = nn.ParameterList(nn.Parameter(0.1 * torch.randn(length, d_embed))
+                                          for length, _ in self.token_shapes)
+        self.attention = MultiHeadAttention(d_embed, num_heads)
+        self.head = nn.Sequential(nn.ReLU(), nn.Dropout(dropout), nn.Linear(d_embed, num_classes))
+
+    def embed_tokens(self, x_q: torch.Tensor, x_kv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The embedded tokens ``e_q`` ``(batch, L_q, d_embed)`` and ``e_kv`` ``(batch, L_kv, d_embed)``."""
+        fn = "CrossAttentionClassifier"
+        out = []
+        for m, (name, x) in enumerate((("x_q", x_q), ("x_kv", x_kv))):
+            check_float_tensor(name, x, fn)
+            if x.ndim != 3 or tuple(x.shape[1:]) != self.token_shapes[m]:
+                raise ValueError(f"{fn}: {name} must have shape (batch, {self.token_shapes[m][0]}, "
+                                 f"{self.token_shapes[m][1]}), got {tuple(x.shape)}")
+            check_module_input(name, x, fn, self)
+            out.append(self.embed[m](x) + self.positions[m])
+        if out[0].shape[0] != out[1].shape[0]:
+            raise ValueError(f"{fn}: x_q and x_kv must have the same batch size, got {tuple(x_q.shape)} and "
+                             f"{tuple(x_kv.shape)}")
+        return out[0], out[1]
+
+    def attention_weights(self, x_q: torch.Tensor, x_kv: torch.Tensor) -> torch.Tensor:
+        """``(batch, num_heads, L_q, L_kv)``: how much each query token reads each key token (rows sum to 1)."""
+        e_q, e_kv = self.embed_tokens(x_q, x_kv)
+        return self.attention(e_q, e_kv, e_kv)[1]
+
+    def forward(self, x_q: torch.Tensor, x_kv: torch.Tensor) -> torch.Tensor:
+        e_q, e_kv = self.embed_tokens(x_q, x_kv)
+        h = e_q + self.attention(e_q, e_kv, e_kv)[0]  # (batch, L_q, d_embed)
+        return self.head(h.mean(dim=1))
+
+    def extra_repr(self) -> str:
+        return f"token_shapes={self.token_shapes}, d_embed={self.d_embed}"
 
 
 class LateFusionClassifier(nn.Module):

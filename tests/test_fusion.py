@@ -10,6 +10,7 @@ from mmbook.fusion import (
     FUSION_METHODS,
     ConcatFusion,
     ConvFusion,
+    CrossAttentionClassifier,
     GatedFusion,
     LateFusionClassifier,
     LowRankFusion,
@@ -417,3 +418,79 @@ def test_digit_sums_reject_bad_arguments():
         digit_sum_features("test", n_mfcc=41)
     with pytest.raises(TypeError, match="segments"):
         digit_sum_features("test", segments=2.5)
+
+
+def _cross_attention(token_shapes=((5, 3), (4, 2)), num_heads=2):
+    mmbook.set_seed(0)
+    model = CrossAttentionClassifier(token_shapes, d_embed=8, num_classes=3, num_heads=num_heads).double().eval()
+    x_q = torch.randn(6, *token_shapes[0], dtype=torch.float64)
+    x_kv = torch.randn(6, *token_shapes[1], dtype=torch.float64)
+    return model, x_q, x_kv
+
+
+def test_cross_attention_classifier_matches_torch_attention():
+    model, x_q, x_kv = _cross_attention()
+    out = model(x_q, x_kv)
+    assert out.shape == (6, 3)
+    # reference: the embeddings written out, torch.nn.MultiheadAttention with the same weights, mean, head
+    e = [torch.relu(x @ model.embed[m][0].weight.T + model.embed[m][0].bias) + model.positions[m]
+         for m, x in enumerate((x_q, x_kv))]
+    mha = nn.MultiheadAttention(8, 2, batch_first=True).double()
+    attn = model.attention
+    with torch.no_grad():
+        mha.in_proj_weight.copy_(torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]))
+        mha.in_proj_bias.copy_(torch.cat([attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias]))
+        mha.out_proj.weight.copy_(attn.out_proj.weight)
+        mha.out_proj.bias.copy_(attn.out_proj.bias)
+        read, weights = mha(e[0], e[1], e[1], average_attn_weights=False)
+        ref = model.head[2]((e[0] + read).mean(1).relu())
+        torch.testing.assert_close(out, ref, **TOL64)
+        ours = model.attention_weights(x_q, x_kv)
+        torch.testing.assert_close(ours, weights, **TOL64)
+    assert ours.shape == (6, 2, 5, 4)
+    torch.testing.assert_close(ours.sum(-1), torch.ones(6, 2, 5, dtype=torch.float64), **TOL64)
+    out.sum().backward()
+    assert all(p.grad is not None for p in model.parameters())
+
+
+def test_cross_attention_over_one_token_is_a_linear_map_of_the_other_modality():
+    model, x_q, x_kv = _cross_attention(((5, 3), (1, 2)))
+    attn = model.attention
+    with torch.no_grad():
+        e_q, e_kv = model.embed_tokens(x_q, x_kv)
+        read = attn(e_q, e_kv, e_kv)[0]  # (6, 5, 8)
+        linear = e_kv @ (attn.out_proj.weight @ attn.v_proj.weight).T + attn.out_proj.weight @ attn.v_proj.bias \
+            + attn.out_proj.bias  # (6, 1, 8)
+        torch.testing.assert_close(read, linear.expand(-1, 5, -1), **TOL64)
+        torch.testing.assert_close(attn(torch.randn_like(e_q), e_kv, e_kv)[0], read, **TOL64)  # the query is ignored
+        # with two key tokens the query matters
+        model2, x_q2, x_kv2 = _cross_attention(((5, 3), (2, 2)))
+        e_q2, e_kv2 = model2.embed_tokens(x_q2, x_kv2)
+        moved = model2.attention(torch.randn_like(e_q2), e_kv2, e_kv2)[0] - model2.attention(e_q2, e_kv2, e_kv2)[0]
+        assert moved.abs().max() > 1e-3
+
+
+def test_cross_attention_classifier_rejects_bad_arguments():
+    with pytest.raises(TypeError, match="token_shapes must be two"):
+        CrossAttentionClassifier((5, 3))
+    with pytest.raises(TypeError, match="token_shapes must be two"):
+        CrossAttentionClassifier([(5, 3), (4, 2), (1, 1)])
+    with pytest.raises(ValueError, match=r"token_shapes\[1\]\[0\]"):
+        CrossAttentionClassifier([(5, 3), (0, 2)])
+    with pytest.raises(ValueError, match="divisible by num_heads"):
+        CrossAttentionClassifier([(5, 3), (4, 2)], d_embed=10, num_heads=4)
+    with pytest.raises(ValueError, match="dropout"):
+        CrossAttentionClassifier([(5, 3), (4, 2)], dropout=1.0)
+    with pytest.raises(ValueError, match="d_embed"):
+        CrossAttentionClassifier([(5, 3), (4, 2)], d_embed=0)
+    model = CrossAttentionClassifier([(5, 3), (4, 2)], d_embed=8, num_heads=2)
+    with pytest.raises(ValueError, match=r"x_kv must have shape \(batch, 4, 2\), got \(6, 2, 4\)"):
+        model(torch.randn(6, 5, 3), torch.randn(6, 2, 4))
+    with pytest.raises(ValueError, match=r"x_q must have shape"):
+        model(torch.randn(6, 15), torch.randn(6, 4, 2))
+    with pytest.raises(ValueError, match="same batch size"):
+        model(torch.randn(6, 5, 3), torch.randn(5, 4, 2))
+    with pytest.raises(TypeError, match="x_q"):
+        model(torch.ones(6, 5, 3, dtype=torch.long), torch.randn(6, 4, 2))
+    with pytest.raises((TypeError, ValueError), match="x_kv"):
+        model(torch.randn(6, 5, 3), torch.randn(6, 4, 2, dtype=torch.float64))
