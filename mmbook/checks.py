@@ -38,7 +38,9 @@ __all__ = [
     "check_number",
     "check_probability",
     "check_same_shape",
+    "check_scalar",
     "check_tensor",
+    "check_token_batch",
     "describe",
     "positive_int",
 ]
@@ -121,6 +123,33 @@ def check_number(name: str, value: Any, fn: str, low: float | None = None, high:
             bound = f"in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
         raise ValueError(f"{fn}: {name} must be {bound}, got {shown!r}")
     return value
+
+
+def check_scalar(name: str, value: Any, fn: str, low: float | None = None, *, low_open: bool = False,
+                 hint: str = "") -> float | torch.Tensor:
+    """A finite real number, or a one-element floating-point tensor (a learned parameter, gradients kept), that is
+    ``>= low`` (``> low`` with ``low_open``). Returns a Python float, or the tensor reshaped to ``()``. ``hint`` is
+    appended to the message (e.g. what the number means)."""
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"{fn}: {name} must be a scalar, got a tensor of shape {tuple(value.shape)}")
+        if not torch.is_floating_point(value):
+            raise TypeError(f"{fn}: {name} must be a floating-point scalar tensor, got {value.dtype}")
+        number = float(value.detach().reshape(()).item())
+    elif isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise TypeError(f"{fn}: {name} must be a number or a scalar tensor, got {type(value).__name__}")
+    else:
+        number = float(value)
+    ok = math.isfinite(number) and (low is None or (number > low if low_open else number >= low))
+    if not ok:
+        if low is None:
+            bound = "finite"
+        elif low == 0 and low_open:
+            bound = "positive and finite"
+        else:
+            bound = f"finite and {'>' if low_open else '>='} {low:g}"
+        raise ValueError(f"{fn}: {name} must be {bound}{hint}, got {number}")
+    return value.reshape(()) if isinstance(value, torch.Tensor) else number
 
 
 def check_probability(name: str, value: Any, fn: str, high_inclusive: bool = True) -> float:
@@ -228,6 +257,24 @@ def check_ids(name: str, ids: Any, fn: str, size: int, ndim: int | tuple[int, ..
                 extra = f" (or {', '.join(map(str, allowed))})" if allowed else ""
                 raise ValueError(f"{fn}: {name} must lie in [0, {size}){extra}, got values in [{low}, {high}]")
     return ids
+
+
+def check_token_batch(ids: Any, lengths: Any, fn: str, vocab_size: int | None = None) -> None:
+    """A batch of token ids ``(batch, T)`` (integer; in ``[0, vocab_size)`` when ``vocab_size`` is given) and its
+    ``lengths`` ``(batch,)`` in ``[1, T]`` (``None``: no padding). The argument names are ``ids`` and ``lengths``."""
+    if not isinstance(ids, torch.Tensor) or ids.ndim != 2 or ids.dtype.is_floating_point or ids.dtype == torch.bool:
+        got = tuple(ids.shape) if isinstance(ids, torch.Tensor) else type(ids).__name__
+        raise ValueError(f"{fn}: ids must be an integer tensor of shape (batch, T), got {got}")
+    if vocab_size is not None:  # a negative id would wrap to the end of the embedding table
+        check_ids("ids", ids, fn, vocab_size)
+    if lengths is not None:
+        if not isinstance(lengths, torch.Tensor) or lengths.ndim != 1 or lengths.shape[0] != ids.shape[0]:
+            got = tuple(lengths.shape) if isinstance(lengths, torch.Tensor) else type(lengths).__name__
+            raise ValueError(f"{fn}: lengths must be a (batch,) = ({ids.shape[0]},) tensor, got {got}")
+        check_int_tensor("lengths", lengths, fn)
+        if lengths.numel() and (int(lengths.min()) < 1 or int(lengths.max()) > ids.shape[1]):
+            # a length of 0 would mask every token and leave an input-independent answer
+            raise ValueError(f"{fn}: lengths must lie in [1, T={ids.shape[1]}], got {lengths.tolist()}")
 
 
 def check_device(name: str, value: Any, fn: str) -> torch.device:

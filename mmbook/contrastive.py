@@ -11,8 +11,9 @@ Building blocks of chapter 13:
   :func:`train_dual_encoder` trains one (with either loss), :func:`distinct_group_batches` builds batches
   without duplicates, :func:`encode` embeds a whole data set in batches.
 * :func:`recall_at_k`, :func:`prompt_ensemble`, :func:`zero_shot_classify` — retrieval and zero-shot evaluation.
-* :func:`swap_relation` and :func:`swap_attributes` — the relation- and attribute-swapped twins of a shapes caption
-  for the compositionality test; :func:`converse_caption` — the same statement the other way round.
+
+The caption twins of the compositionality test (``swap_relation``, ``swap_attributes``, ``converse_caption``) live
+in :mod:`mmbook.data`, next to the caption grammar they rewrite.
 
 Convention: ``logit_scale`` is the *multiplier* ``1 / temperature`` (positive), as in open_clip's loss; CLIP and
 ``transformers`` store its logarithm as the parameter and pass ``logit_scale.exp()``.
@@ -21,17 +22,26 @@ Convention: ``logit_scale`` is the *multiplier* ``1 / temperature`` (positive), 
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Callable
 
 import torch
 from torch import nn
 
-from mmbook.checks import check_choice, check_device, check_finite, check_instance, check_int, check_like, check_number
+from mmbook.checks import (
+    check_choice,
+    check_device,
+    check_finite,
+    check_float_tensor,
+    check_instance,
+    check_int,
+    check_like,
+    check_number,
+    check_scalar,
+    check_token_batch,
+)
 from mmbook.checks import positive_int as _positive_int
 from mmbook.core import torch_generator
-from mmbook.crossmodal import TextTransformer, _check_ids, masked_mean
-from mmbook.data import RELATIONS
+from mmbook.crossmodal import TextTransformer, masked_mean
 
 __all__ = [
     "BagOfWordsEncoder",
@@ -39,14 +49,12 @@ __all__ = [
     "TransformerTextEncoder",
     "clip_logits",
     "clip_loss",
-    "converse_caption",
+    "decay_groups",
     "distinct_group_batches",
     "encode",
     "prompt_ensemble",
     "recall_at_k",
     "siglip_loss",
-    "swap_attributes",
-    "swap_relation",
     "train_dual_encoder",
     "zero_shot_classify",
 ]
@@ -54,43 +62,31 @@ __all__ = [
 
 # ----------------------------------------------------------------------------- argument checks
 def _check_embeds(name: str, x: object, fn: str) -> torch.Tensor:
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{fn}: {name} must be a torch.Tensor, got {type(x).__name__}")
-    if not torch.is_floating_point(x):
-        raise TypeError(f"{fn}: {name} must be a floating-point tensor, got {x.dtype}")
-    if x.ndim != 2:
-        raise ValueError(f"{fn}: {name} must be 2-D (batch, embed_dim), got shape {tuple(x.shape)}")
-    if x.shape[0] == 0 or x.shape[1] == 0:
-        raise ValueError(f"{fn}: {name} must not be empty, got shape {tuple(x.shape)}")
-    return x
+    return check_float_tensor(name, x, fn, 2, "(batch, embed_dim)", nonempty=True)
 
 
 def _check_scale(logit_scale: object, fn: str) -> torch.Tensor | float:
-    if isinstance(logit_scale, torch.Tensor):
-        if logit_scale.numel() != 1:
-            raise ValueError(f"{fn}: logit_scale must be a scalar, got a tensor of shape {tuple(logit_scale.shape)}")
-        value = float(logit_scale.detach().reshape(()).item())
-    elif isinstance(logit_scale, (int, float)) and not isinstance(logit_scale, bool):
-        value = float(logit_scale)
-    else:
-        raise TypeError(f"{fn}: logit_scale must be a positive number or a scalar tensor, "
-                        f"got {type(logit_scale).__name__}")
-    if not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{fn}: logit_scale must be positive and finite (it is 1 / temperature, not its log), "
-                         f"got {value}")
-    return logit_scale.reshape(()) if isinstance(logit_scale, torch.Tensor) else value
+    return check_scalar("logit_scale", logit_scale, fn, 0.0, low_open=True,
+                        hint=" (it is 1 / temperature, not its log)")
 
 
-def _check_similarity(similarity: object, fn: str) -> torch.Tensor:
-    if not isinstance(similarity, torch.Tensor) or not torch.is_floating_point(similarity):
-        raise TypeError(f"{fn}: similarity must be a floating-point tensor, got "
-                        + (f"a tensor of {similarity.dtype}" if isinstance(similarity, torch.Tensor)
-                           else type(similarity).__name__))
-    if similarity.ndim != 2 or 0 in similarity.shape:
-        raise ValueError(f"{fn}: similarity must be a non-empty (queries, candidates) matrix, "
-                         f"got shape {tuple(similarity.shape)}")
-    check_finite("similarity", similarity, fn)  # NaN compares False: every query would count as a hit
-    return similarity
+def _check_pairs(image_embeds: object, text_embeds: object, fn: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two ``(N, embed_dim)`` tensors of matching pairs, same shape, dtype and device."""
+    image_embeds = _check_embeds("image_embeds", image_embeds, fn)
+    text_embeds = _check_embeds("text_embeds", text_embeds, fn)
+    if image_embeds.shape != text_embeds.shape:
+        raise ValueError(f"{fn}: image_embeds and text_embeds must have the same shape (N, embed_dim) -- row i of "
+                         f"each is a matching pair -- got {tuple(image_embeds.shape)} and {tuple(text_embeds.shape)}")
+    check_like("text_embeds", text_embeds, fn, "image_embeds", image_embeds)
+    return image_embeds, text_embeds
+
+
+def _scaled_cosines(image_embeds: torch.Tensor, text_embeds: torch.Tensor,
+                    logit_scale: torch.Tensor | float) -> torch.Tensor:
+    """``logit_scale * cos``, arguments already checked."""
+    image_embeds = nn.functional.normalize(image_embeds, dim=-1)
+    text_embeds = nn.functional.normalize(text_embeds, dim=-1)
+    return logit_scale * image_embeds @ text_embeds.T
 
 
 # ----------------------------------------------------------------------------- the loss
@@ -110,10 +106,7 @@ def clip_logits(image_embeds: torch.Tensor, text_embeds: torch.Tensor,
         raise ValueError(f"{fn}: image_embeds and text_embeds must share embed_dim, got {tuple(image_embeds.shape)} "
                          f"and {tuple(text_embeds.shape)}")
     check_like("text_embeds", text_embeds, fn, "image_embeds", image_embeds)
-    scale = _check_scale(logit_scale, fn)
-    image_embeds = nn.functional.normalize(image_embeds, dim=-1)
-    text_embeds = nn.functional.normalize(text_embeds, dim=-1)
-    return scale * image_embeds @ text_embeds.T
+    return _scaled_cosines(image_embeds, text_embeds, _check_scale(logit_scale, fn))
 
 
 def clip_loss(
@@ -135,20 +128,16 @@ def clip_loss(
     only. Returns a scalar tensor.
     """
     fn = "clip_loss"
-    image_embeds = _check_embeds("image_embeds", image_embeds, fn)
-    text_embeds = _check_embeds("text_embeds", text_embeds, fn)
-    if image_embeds.shape != text_embeds.shape:
-        raise ValueError(f"{fn}: image_embeds and text_embeds must have the same shape (N, embed_dim) -- row i of "
-                         f"each is a matching pair -- got {tuple(image_embeds.shape)} and {tuple(text_embeds.shape)}")
+    image_embeds, text_embeds = _check_pairs(image_embeds, text_embeds, fn)
     texts = text_embeds
     if hard_negatives is not None:
         hard_negatives = _check_embeds("hard_negatives", hard_negatives, fn)
         if hard_negatives.shape[1] != text_embeds.shape[1]:
             raise ValueError(f"{fn}: hard_negatives must be (M, {text_embeds.shape[1]}), got "
                              f"{tuple(hard_negatives.shape)}")
+        check_like("hard_negatives", hard_negatives, fn, "text_embeds", text_embeds)
         texts = torch.cat([text_embeds, hard_negatives], dim=0)
-    _check_scale(logit_scale, fn)
-    logits = clip_logits(image_embeds, texts, logit_scale)  # (N, N + M)
+    logits = _scaled_cosines(image_embeds, texts, _check_scale(logit_scale, fn))  # (N, N + M)
     n = image_embeds.shape[0]
     targets = torch.arange(n, device=logits.device)
     image_to_text = nn.functional.cross_entropy(logits, targets)
@@ -164,11 +153,11 @@ def siglip_loss(
 ) -> torch.Tensor:
     """SigLIP's pairwise sigmoid loss for ``N`` matching pairs ``(image_i, text_i)``.
 
-    With ``L = logit_scale * cos + logit_bias`` the ``(N, N)`` logits (cosines of the L2-normalised
-    ``image_embeds`` and ``text_embeds``, both ``(N, embed_dim)``) and ``z_ij = +1`` on the diagonal, ``-1`` off
-    it, every pair is its own binary classification, matching or not:
+    With ``z_ij = logit_scale * cos_ij + logit_bias`` the ``(N, N)`` logits (cosines of the L2-normalised
+    ``image_embeds`` and ``text_embeds``, both ``(N, embed_dim)``) and labels ``y_ij = +1`` on the diagonal, ``-1``
+    off it (the paper writes ``z_ij`` for the labels), every pair is its own binary classification, matching or not:
 
-    ``-(1 / N) * sum_i sum_j log sigmoid(z_ij * L[i, j])``
+    ``-(1 / N) * sum_i sum_j log sigmoid(y_ij * z_ij)``
 
     a sum over the ``N`` candidates and a mean over the ``N`` images (SigLIP's normalisation; no softmax, so
     no row or column couples the pairs). ``logit_scale`` ``= exp(t')`` is positive, as in :func:`clip_loss`;
@@ -176,22 +165,9 @@ def siglip_loss(
     Returns a scalar tensor.
     """
     fn = "siglip_loss"
-    image_embeds = _check_embeds("image_embeds", image_embeds, fn)
-    text_embeds = _check_embeds("text_embeds", text_embeds, fn)
-    if image_embeds.shape != text_embeds.shape:
-        raise ValueError(f"{fn}: image_embeds and text_embeds must have the same shape (N, embed_dim) -- row i of "
-                         f"each is a matching pair -- got {tuple(image_embeds.shape)} and {tuple(text_embeds.shape)}")
-    if isinstance(logit_bias, torch.Tensor):
-        if logit_bias.numel() != 1 or not torch.is_floating_point(logit_bias):
-            raise ValueError(f"{fn}: logit_bias must be a floating-point scalar, got a {logit_bias.dtype} tensor "
-                             f"of shape {tuple(logit_bias.shape)}")
-        if not bool(torch.isfinite(logit_bias).all()):
-            raise ValueError(f"{fn}: logit_bias must be finite, got {logit_bias.item()}")
-        logit_bias = logit_bias.reshape(())
-    else:
-        logit_bias = check_number("logit_bias", logit_bias, fn)
-    _check_scale(logit_scale, fn)
-    logits = clip_logits(image_embeds, text_embeds, logit_scale) + logit_bias  # (N, N)
+    image_embeds, text_embeds = _check_pairs(image_embeds, text_embeds, fn)
+    logit_bias = check_scalar("logit_bias", logit_bias, fn)
+    logits = _scaled_cosines(image_embeds, text_embeds, _check_scale(logit_scale, fn)) + logit_bias  # (N, N)
     n = logits.shape[0]
     signs = 2 * torch.eye(n, dtype=logits.dtype, device=logits.device) - 1  # +1 matching, -1 not
     return -nn.functional.logsigmoid(signs * logits).sum() / n
@@ -229,7 +205,7 @@ class BagOfWordsEncoder(nn.Module):
     def word_counts(self, ids: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
         """``(batch, vocab_size)`` word frequencies ``count / length`` of each caption."""
         fn = "BagOfWordsEncoder"
-        _check_ids(ids, lengths, fn)
+        check_token_batch(ids, lengths, fn)
         if bool((ids < 0).any()) or bool((ids >= self.vocab_size).any()):
             raise ValueError(f"{fn}: ids must lie in [0, {self.vocab_size}), got min {int(ids.min())} "
                              f"max {int(ids.max())}")
@@ -250,27 +226,39 @@ class TransformerTextEncoder(nn.Module):
     ``pooling="concat"`` (default) zeroes the padding positions, pads to ``max_len`` and concatenates the tokens,
     ``(batch, max_len * d_model)``, so that a word reaches the output through weights that depend on its slot;
     ``pooling="mean"`` averages the real tokens, ``(batch, d_model)``, which makes the tower a sum of per-word terms
-    that is nearly blind to word order at initialisation.
+    that is nearly blind to word order at initialisation; ``pooling="last"`` makes the Transformer *causal* and
+    reads the output at each caption's last real token, ``(batch, d_model)``: CLIP's readout (the end-of-text
+    token of a causal text Transformer; our captions have none, so their last word takes its place).
 
-    ``forward(ids, lengths)``: ids ``(batch, T)`` int64 with ``T <= max_len``, lengths ``(batch,)`` or ``None``.
+    ``forward(ids, lengths)``: ids ``(batch, T)`` int64 with ``T <= max_len``, lengths ``(batch,)`` or ``None``
+    (no padding).
     Returns ``(batch, embed_dim)`` (not normalised).
     """
 
     def __init__(self, vocab_size: int, embed_dim: int = 32, d_model: int = 64, num_heads: int = 4,
                  num_layers: int = 1, max_len: int = 16, pooling: str = "concat") -> None:
         super().__init__()
-        embed_dim = _positive_int("embed_dim", embed_dim, "TransformerTextEncoder")
+        fn = "TransformerTextEncoder"
+        embed_dim = _positive_int("embed_dim", embed_dim, fn)
+        max_len = _positive_int("max_len", max_len, fn)
+        pooling = check_choice("pooling", pooling, fn, ("concat", "mean", "last"))
         self.transformer = TextTransformer(vocab_size, d_model=d_model, num_heads=num_heads, num_layers=num_layers,
-                                           max_len=max_len)
-        if pooling not in ("mean", "concat"):
-            raise ValueError(f"TransformerTextEncoder: pooling must be 'mean' or 'concat', got {pooling!r}")
+                                           max_len=max_len, causal=pooling == "last")
         self.pooling, self.max_len = pooling, max_len
         width = d_model * max_len if pooling == "concat" else d_model
         self.proj = nn.Sequential(nn.Linear(width, 4 * d_model), nn.GELU(), nn.Linear(4 * d_model, embed_dim))
 
     def forward(self, ids: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
-        _check_ids(ids, lengths, "TransformerTextEncoder")
+        fn = "TransformerTextEncoder"
+        check_token_batch(ids, lengths, fn)
+        if ids.shape[1] > self.max_len:
+            raise ValueError(f"{fn}: ids must have at most max_len={self.max_len} positions, got shape "
+                             f"{tuple(ids.shape)}")
         tokens = self.transformer(ids, lengths)  # (batch, T, d_model)
+        if self.pooling == "last":
+            last = (lengths.to(ids.device) - 1) if lengths is not None else torch.full(
+                (ids.shape[0],), ids.shape[1] - 1, device=ids.device)
+            return self.proj(tokens[torch.arange(ids.shape[0], device=ids.device), last])
         if self.pooling == "concat":
             tokens = tokens * _token_mask(ids, lengths)[..., None]
             tokens = nn.functional.pad(tokens, (0, 0, 0, self.max_len - ids.shape[1]))
@@ -368,6 +356,21 @@ def _distinct_group_batches(groups: torch.Tensor, batch_size: int, generator: to
     return [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
 
 
+def decay_groups(model: nn.Module, weight_decay: float) -> list[dict[str, object]]:
+    """AdamW parameter groups as CLIP and open_clip use them: weight decay ``weight_decay`` for the weight matrices
+    (and embedding tables, parameters of two or more dimensions), none for the scalars and vectors -- the learned
+    ``log_logit_scale`` and ``logit_bias``, LayerNorm gains and every bias -- which decay would pull towards 0
+    (a logit scale towards 1) for no reason. Returns ``[{"params": decayed, "weight_decay": weight_decay},
+    {"params": the rest, "weight_decay": 0.0}]`` (an empty group is left out)."""
+    fn = "decay_groups"
+    check_instance("model", model, fn, nn.Module, "an nn.Module")
+    weight_decay = check_number("weight_decay", weight_decay, fn, 0.0)
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
+              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
+
+
 def train_dual_encoder(
     model: DualEncoder,
     media: torch.Tensor,
@@ -385,8 +388,8 @@ def train_dual_encoder(
     loss: str = "clip",
     contrast_size: int | None = None,
 ) -> list[float]:
-    """Train a :class:`DualEncoder` with :func:`clip_loss` (or :func:`siglip_loss`), AdamW and a one-cycle
-    learning-rate schedule.
+    """Train a :class:`DualEncoder` with :func:`clip_loss` (or :func:`siglip_loss`), AdamW (weight decay on the
+    weight matrices only, :func:`decay_groups`) and a one-cycle learning-rate schedule.
 
     Pair ``i`` is ``media[i]`` ``(N, ...)`` with the caption ``ids[i]`` ``(N, T)`` of length ``lengths[i]``.
     Batches are drawn by a generator seeded with ``seed`` (the last one may be smaller). Options:
@@ -399,7 +402,8 @@ def train_dual_encoder(
     * ``loss``: ``"clip"`` (symmetric InfoNCE) or ``"siglip"`` (sigmoid; the model needs a ``logit_bias``).
     * ``contrast_size``: the loss of a batch is the mean of the losses of its consecutive chunks of
       ``contrast_size`` pairs (the last may be smaller), so each pair meets only ``contrast_size - 1`` negatives
-      while the batches, steps and learning rates stay those of ``batch_size``. ``None``: the whole batch.
+      while the batches, steps and learning rates stay those of ``batch_size``. ``None``: the whole batch. It
+      cannot be combined with ``hard_negatives`` (they belong to the whole batch).
 
     Returns the mean training loss of each epoch.
     """
@@ -410,7 +414,7 @@ def train_dual_encoder(
     if not isinstance(media, torch.Tensor) or not torch.is_floating_point(media) or media.ndim < 2:
         raise TypeError(f"{fn}: media must be a floating-point tensor (N, ...), got "
                         f"{getattr(media, 'shape', type(media).__name__)}")
-    _check_ids(ids, lengths, fn)
+    check_token_batch(ids, lengths, fn)
     if lengths is None:
         raise ValueError(f"{fn}: lengths is required, one length per caption")
     check_finite("media", media, fn)
@@ -433,11 +437,13 @@ def train_dual_encoder(
         raise ValueError(f"{fn}: hard_negatives works with loss='clip' only, got loss='siglip'")
     if contrast_size is not None:
         contrast_size = check_int("contrast_size", contrast_size, fn, 2)
+        if hard_negatives is not None:  # a chunk would meet the hard negatives of the whole batch
+            raise ValueError(f"{fn}: contrast_size and hard_negatives cannot be combined (the hard negatives belong "
+                             f"to the whole batch, not to a chunk of {contrast_size} pairs), got both")
     device = check_device("device", device, fn) if device is not None else next(model.parameters()).device
     model.to(device).train()
     generator = torch_generator(seed)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay,
-                                  fused=device.type in ("cpu", "cuda"))
+    optimizer = torch.optim.AdamW(decay_groups(model, weight_decay), lr=lr, fused=device.type in ("cpu", "cuda"))
     if groups is None:
         steps_per_epoch = math.ceil(n / batch_size)
     else:
@@ -512,7 +518,8 @@ def recall_at_k(similarity: torch.Tensor, k: int, positives: torch.Tensor | None
     cannot tell two captions apart does not get lucky); it is a hit when ``rank < k``.
     """
     fn = "recall_at_k"
-    similarity = _check_similarity(similarity, fn)
+    similarity = check_float_tensor("similarity", similarity, fn, 2, "(queries, candidates)", nonempty=True,
+                                    finite=True)  # NaN compares False: every query would count as a hit
     k = _positive_int("k", k, fn)
     if positives is None:
         if similarity.shape[0] != similarity.shape[1]:
@@ -534,9 +541,8 @@ def prompt_ensemble(text_embeds: torch.Tensor) -> torch.Tensor:
     """Class embeddings from prompt templates, as in CLIP: normalise each prompt's embedding, average over the
     templates, normalise again. ``text_embeds`` ``(num_classes, num_templates, embed_dim)`` -> ``(num_classes,
     embed_dim)`` unit vectors (one template: just its normalised embedding)."""
-    if not isinstance(text_embeds, torch.Tensor) or not torch.is_floating_point(text_embeds) or text_embeds.ndim != 3:
-        raise ValueError("prompt_ensemble: text_embeds must be a floating-point (num_classes, num_templates, "
-                         f"embed_dim) tensor, got {getattr(text_embeds, 'shape', type(text_embeds).__name__)}")
+    check_float_tensor("text_embeds", text_embeds, "prompt_ensemble", 3, "(num_classes, num_templates, embed_dim)",
+                       nonempty=True)
     mean = nn.functional.normalize(text_embeds, dim=-1).mean(dim=1)
     return nn.functional.normalize(mean, dim=-1)
 
@@ -557,46 +563,3 @@ def zero_shot_classify(media_embeds: torch.Tensor, class_embeds: torch.Tensor) -
     check_finite("media_embeds", media_embeds, fn)  # the arg-max of a NaN row is class 0
     check_finite("class_embeds", class_embeds, fn)
     return clip_logits(media_embeds, class_embeds, 1.0).argmax(dim=1)
-
-
-# ----------------------------------------------------------------------------- compositionality twins
-_RELATION_PATTERN = "|".join(RELATIONS)
-_CAPTION = re.compile(rf"^a (\w+) (\w+) ({_RELATION_PATTERN}) a (\w+) (\w+)(.*)$")
-
-
-def _parse(caption: object, fn: str) -> re.Match[str]:
-    if not isinstance(caption, str):
-        raise TypeError(f"{fn}: caption must be a str, got {type(caption).__name__}")
-    match = _CAPTION.match(caption)
-    if match is None:
-        raise ValueError(f"{fn}: caption must look like 'a <colour> <shape> <relation> a <colour> <shape>[ ...]' "
-                         f"(a shapes-scenes caption with two or more objects), got {caption!r}")
-    return match
-
-
-def swap_relation(caption: str) -> str:
-    """Swap the two objects around the relation: ``"a red circle left of a blue square"`` ->
-    ``"a blue square left of a red circle"`` (anything after the second object, e.g. ``" and a green triangle"``,
-    is kept). The twin uses exactly the same words, and is false whenever the original is true."""
-    c1, s1, rel, c2, s2, rest = _parse(caption, "swap_relation").groups()
-    return f"a {c2} {s2} {rel} a {c1} {s1}{rest}"
-
-
-_CONVERSE = {"above": "below", "below": "above", "left of": "right of", "right of": "left of"}
-
-
-def converse_caption(caption: str) -> str:
-    """The same statement the other way round: ``"a red circle left of a blue square"`` ->
-    ``"a blue square right of a red circle"`` (anything after the second object is kept). Unlike
-    :func:`swap_relation`'s twin, the converse is true exactly when the original is: the two are one meaning
-    in two word orders."""
-    c1, s1, rel, c2, s2, rest = _parse(caption, "converse_caption").groups()
-    return f"a {c2} {s2} {_CONVERSE[rel]} a {c1} {s1}{rest}"
-
-
-def swap_attributes(caption: str) -> str:
-    """Swap the colours of the two related objects: ``"a red circle left of a blue square"`` ->
-    ``"a blue circle left of a red square"``. Same words again; the result equals the input when both objects
-    have the same colour."""
-    c1, s1, rel, c2, s2, rest = _parse(caption, "swap_attributes").groups()
-    return f"a {c2} {s1} {rel} a {c1} {s2}{rest}"

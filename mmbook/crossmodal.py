@@ -35,11 +35,11 @@ from mmbook.checks import (
     check_float_tensor,
     check_ids,
     check_instance,
-    check_int_tensor,
     check_module_input,
     check_number,
     positive_int,
 )
+from mmbook.checks import check_token_batch as _check_ids
 from mmbook.core import torch_generator
 from mmbook.gpt import sinusoidal_positional_encoding
 
@@ -75,22 +75,6 @@ def _check_tokens(name: str, x: object, fn: str, d_model: int, module: nn.Module
     if module is not None:
         check_module_input(name, x, fn, module)
     return x
-
-
-def _check_ids(ids: object, lengths: object, fn: str, vocab_size: int | None = None) -> None:
-    if not isinstance(ids, torch.Tensor) or ids.ndim != 2 or ids.dtype.is_floating_point or ids.dtype == torch.bool:
-        got = tuple(ids.shape) if isinstance(ids, torch.Tensor) else type(ids).__name__
-        raise ValueError(f"{fn}: ids must be an integer tensor of shape (batch, T), got {got}")
-    if vocab_size is not None:  # a negative id would wrap to the end of the embedding table
-        check_ids("ids", ids, fn, vocab_size)
-    if lengths is not None:
-        if not isinstance(lengths, torch.Tensor) or lengths.ndim != 1 or lengths.shape[0] != ids.shape[0]:
-            got = tuple(lengths.shape) if isinstance(lengths, torch.Tensor) else type(lengths).__name__
-            raise ValueError(f"{fn}: lengths must be a (batch,) = ({ids.shape[0]},) tensor, got {got}")
-        check_int_tensor("lengths", lengths, fn)
-        if lengths.numel() and (int(lengths.min()) < 1 or int(lengths.max()) > ids.shape[1]):
-            # a length of 0 would mask every token and leave an input-independent answer
-            raise ValueError(f"{fn}: lengths must lie in [1, T={ids.shape[1]}], got {lengths.tolist()}")
 
 
 # ----------------------------------------------------------------------------- small helpers

@@ -45,11 +45,14 @@ __all__ = [
     "audio_visual_digits",
     "cache_dir",
     "caption_truth",
+    "converse_caption",
     "describe_scene",
     "render_scene",
     "scene_questions",
     "shapes_scenes",
     "spoken_digit_recordings",
+    "swap_attributes",
+    "swap_relation",
 ]
 
 DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
@@ -487,13 +490,13 @@ def describe_scene(scene: Scene, rng: np.random.Generator | None = None) -> str:
     return text
 
 
-def _parse_caption(caption: object, fn: str) -> tuple[list[tuple[str, str]], str | None]:
-    check_instance("captions", caption, fn, str, "a str")
+def _parse_caption(caption: object, fn: str, name: str = "captions") -> tuple[list[tuple[str, str]], str | None]:
+    check_instance(name, caption, fn, str, "a str")
     colours, shapes = "|".join(COLOURS), "|".join(SHAPES)
     obj = rf"a ({colours}) ({shapes})"
     match = re.fullmatch(rf"{obj}(?: ({'|'.join(RELATIONS)}) {obj})?((?: and {obj})*)", caption)
     if match is None:
-        raise ValueError(f"{fn}: captions must look like 'a <colour> <shape>[ <relation> a <colour> <shape>]"
+        raise ValueError(f"{fn}: {name} must look like 'a <colour> <shape>[ <relation> a <colour> <shape>]"
                          f"[ and a <colour> <shape> ...]' with a colour in {tuple(COLOURS)}, a shape in {SHAPES} "
                          f"and a relation in {RELATIONS}, got {caption!r}")
     named = [(match[1], match[2])] + ([(match[4], match[5])] if match[3] is not None else [])
@@ -525,6 +528,45 @@ def caption_truth(scenes: Sequence[Scene], captions: Sequence[str]) -> torch.Ten
                      for named, relation in parsed])
     table = torch.tensor(rows, dtype=torch.bool).reshape(len(scenes), len(distinct))
     return table[:, [column[c] for c in captions]]
+
+
+_CONVERSE = {"above": "below", "below": "above", "left of": "right of", "right of": "left of"}
+
+
+def _related_pair(caption: object, fn: str) -> tuple[str, str, str, str]:
+    """The two related objects of a caption, its relation and the rest (``" and a <object>"`` ...)."""
+    named, relation = _parse_caption(caption, fn, "caption")
+    if relation is None:
+        raise ValueError(f"{fn}: caption must look like 'a <colour> <shape> <relation> a <colour> <shape>[ and a "
+                         f"<colour> <shape> ...]' (two related objects), got {caption!r}")
+    rest = "".join(f" and a {colour} {shape}" for colour, shape in named[2:])
+    return " ".join(named[0]), relation, " ".join(named[1]), rest
+
+
+def swap_relation(caption: str) -> str:
+    """Swap the two objects around the relation: ``"a red circle left of a blue square"`` ->
+    ``"a blue square left of a red circle"`` (further objects, ``" and a green triangle"``, are kept). The twin
+    uses exactly the same words, and is false whenever the original is true (the compositionality test of
+    chapter 13). ``caption`` must follow the grammar of :func:`describe_scene` with two or more objects."""
+    first, relation, second, rest = _related_pair(caption, "swap_relation")
+    return f"a {second} {relation} a {first}{rest}"
+
+
+def swap_attributes(caption: str) -> str:
+    """Swap the colours of the two related objects: ``"a red circle left of a blue square"`` ->
+    ``"a blue circle left of a red square"``. Same words again; the result equals the input when both objects
+    have the same colour."""
+    first, relation, second, rest = _related_pair(caption, "swap_attributes")
+    (c1, s1), (c2, s2) = first.split(" "), second.split(" ")
+    return f"a {c2} {s1} {relation} a {c1} {s2}{rest}"
+
+
+def converse_caption(caption: str) -> str:
+    """The same statement the other way round: ``"a red circle left of a blue square"`` ->
+    ``"a blue square right of a red circle"`` (further objects are kept). Unlike :func:`swap_relation`'s twin,
+    the converse is true exactly when the original is (:func:`caption_truth`): one meaning in two word orders."""
+    first, relation, second, rest = _related_pair(caption, "converse_caption")
+    return f"a {second} {_CONVERSE[relation]} a {first}{rest}"
 
 
 def scene_questions(scene: Scene, rng: np.random.Generator) -> list[tuple[str, str, str]]:

@@ -19,6 +19,8 @@ from mmbook.checks import (
     check_module_input,
     check_number,
     check_probability,
+    check_scalar,
+    check_token_batch,
     describe,
     positive_int,
 )
@@ -116,3 +118,38 @@ def test_fractions():
         check_fractions("f", (0.5, 0.6), "g")
     with pytest.raises(TypeError, match="g: f must be a non-empty sequence of numbers"):
         check_fractions("f", "ab", "g")
+
+
+def test_scalar():
+    assert check_scalar("s", 2, "f", 0.0, low_open=True) == 2.0
+    t = torch.tensor([1.5], requires_grad=True)
+    out = check_scalar("s", t, "f")
+    assert out.shape == () and out.requires_grad  # a learned parameter keeps its gradient
+    with pytest.raises(ValueError, match=r"f: s must be positive and finite \(a hint\), got 0.0"):
+        check_scalar("s", 0.0, "f", 0.0, low_open=True, hint=" (a hint)")
+    with pytest.raises(ValueError, match="f: s must be finite, got nan"):
+        check_scalar("s", torch.tensor(float("nan")), "f")
+    with pytest.raises(ValueError, match=r"f: s must be a scalar, got a tensor of shape \(2,\)"):
+        check_scalar("s", torch.zeros(2), "f")
+    with pytest.raises(TypeError, match="f: s must be a floating-point scalar tensor, got torch.int64"):
+        check_scalar("s", torch.tensor(1), "f")
+    with pytest.raises(TypeError, match="f: s must be a number or a scalar tensor, got bool"):
+        check_scalar("s", True, "f")
+    with pytest.raises(ValueError, match="f: s must be finite and >= 1, got 0.5"):
+        check_scalar("s", 0.5, "f", 1.0)
+
+
+def test_token_batch():
+    ids, lengths = torch.tensor([[4, 5, 0], [6, 0, 0]]), torch.tensor([2, 1])
+    check_token_batch(ids, lengths, "f", vocab_size=7)
+    check_token_batch(ids, None, "f")
+    with pytest.raises(ValueError, match=r"f: ids must be an integer tensor of shape \(batch, T\), got \(3,\)"):
+        check_token_batch(ids[0], None, "f")
+    with pytest.raises(ValueError, match=r"f: ids must lie in \[0, 5\)"):
+        check_token_batch(ids, lengths, "f", vocab_size=5)
+    with pytest.raises(ValueError, match=r"f: lengths must be a \(batch,\) = \(2,\) tensor"):
+        check_token_batch(ids, lengths[:1], "f")
+    with pytest.raises(TypeError, match="f: lengths must be an integer tensor"):
+        check_token_batch(ids, lengths.float(), "f")
+    with pytest.raises(ValueError, match=r"f: lengths must lie in \[1, T=3\]"):
+        check_token_batch(ids, torch.tensor([0, 1]), "f")

@@ -12,18 +12,16 @@ from mmbook.contrastive import (
     TransformerTextEncoder,
     clip_logits,
     clip_loss,
-    converse_caption,
+    decay_groups,
     distinct_group_batches,
     encode,
     prompt_ensemble,
     recall_at_k,
     siglip_loss,
-    swap_attributes,
-    swap_relation,
     train_dual_encoder,
     zero_shot_classify,
 )
-from mmbook.data import WordVocab
+from mmbook.data import WordVocab, converse_caption, swap_attributes, swap_relation
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py: tiny models run fastest on one thread
 
@@ -102,8 +100,8 @@ def test_clip_loss_gradient_flows_into_logit_scale():
     [
         (torch.randn(4, 3), torch.randn(5, 3), 1.0, ValueError, "same shape"),
         (torch.randn(4, 3), torch.randn(4, 2), 1.0, ValueError, "same shape"),
-        (torch.randn(4), torch.randn(4), 1.0, ValueError, "2-D"),
-        (torch.randn(2, 4, 3), torch.randn(2, 4, 3), 1.0, ValueError, "2-D"),
+        (torch.randn(4), torch.randn(4), 1.0, ValueError, r"clip_loss: image_embeds must have shape \(batch, embed"),
+        (torch.randn(2, 4, 3), torch.randn(2, 4, 3), 1.0, ValueError, "image_embeds must have shape"),
         (torch.randn(4, 3), torch.randn(4, 3), 0.0, ValueError, "positive"),
         (torch.randn(4, 3), torch.randn(4, 3), -2.0, ValueError, "positive"),
         (torch.randn(4, 3), torch.randn(4, 3), float("inf"), ValueError, "positive"),
@@ -192,9 +190,11 @@ def test_swaps():
         "a red circle above a green triangle and a blue square"
     assert swap_attributes("a red circle below a red square") == "a red circle below a red square"
     assert sorted(swap_relation(caption).split()) == sorted(caption.split())
-    with pytest.raises(ValueError, match="caption must look like"):
+    with pytest.raises(ValueError, match="swap_relation: caption must look like"):
         swap_relation("a red circle")
-    with pytest.raises(TypeError, match="str"):
+    with pytest.raises(ValueError, match="swap_relation: caption must look like"):  # the data's grammar, no other
+        swap_relation("a big dog above a small cat")
+    with pytest.raises(TypeError, match="swap_attributes: caption must be a str"):
         swap_attributes(3)
 
 
@@ -237,6 +237,30 @@ def test_transformer_text_encoder_sees_order_and_ignores_padding():
         TransformerTextEncoder(len(vocab), pooling="max")
     with pytest.raises(ValueError, match="lengths must lie"):
         tower(ids, torch.zeros(6, dtype=torch.int64))
+    with pytest.raises(ValueError, match="TransformerTextEncoder: ids must have at most max_len=12"):
+        tower(torch.zeros(2, 13, dtype=torch.int64), None)
+    with pytest.raises(ValueError, match="TransformerTextEncoder: max_len must be a positive int"):
+        TransformerTextEncoder(len(vocab), max_len=0)
+
+
+def test_transformer_text_encoder_last_token_readout_is_causal():
+    """pooling="last": a causal Transformer read at the last real token, checked against running each caption
+    alone, cut to its length (an independent path: no padding, no gather)."""
+    vocab = WordVocab(CAPTIONS)
+    torch.manual_seed(17)
+    tower = TransformerTextEncoder(len(vocab), embed_dim=8, d_model=16, num_heads=2, max_len=12,
+                                   pooling="last").eval()
+    assert tower.transformer.causal
+    ids, lengths = vocab.encode_batch(CAPTIONS + [swap_relation(c) for c in CAPTIONS] + ["a red circle"])
+    out = tower(ids, lengths)
+    alone = torch.cat([tower(ids[i: i + 1, : lengths[i]], None) for i in range(len(ids))])
+    torch.testing.assert_close(out, alone, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(out[:3], out[3:6], atol=1e-6)  # the last word attends over every position
+    # causal: the output at a position does not depend on later words
+    changed = ids.clone()
+    changed[0, lengths[0] - 1] = 5
+    prefix = tower.transformer(ids[:1], lengths[:1])[:, : lengths[0] - 1]
+    torch.testing.assert_close(tower.transformer(changed[:1], lengths[:1])[:, : lengths[0] - 1], prefix)
 
 
 def test_dual_encoder_normalises_and_clips_scale():
@@ -415,12 +439,14 @@ def test_siglip_loss_gradients_and_exchange_symmetry():
     ("image", "text", "scale", "bias", "error", "match"),
     [
         (torch.randn(4, 3), torch.randn(5, 3), 1.0, 0.0, ValueError, "siglip_loss: image_embeds and text_embeds"),
-        (torch.randn(4), torch.randn(4), 1.0, 0.0, ValueError, "2-D"),
+        (torch.randn(4), torch.randn(4), 1.0, 0.0, ValueError, "siglip_loss: image_embeds must have shape"),
         (torch.randn(4, 3), torch.randn(4, 3), 0.0, 0.0, ValueError, "siglip_loss: logit_scale must be positive"),
         (torch.randn(4, 3), torch.randn(4, 3), 1.0, math.nan, ValueError, "siglip_loss: logit_bias"),
         (torch.randn(4, 3), torch.randn(4, 3), 1.0, torch.tensor([1.0, 2.0]), ValueError, "logit_bias"),
         (torch.randn(4, 3), torch.randn(4, 3), 1.0, torch.tensor(math.inf), ValueError, "logit_bias must be finite"),
         (torch.randn(4, 3), torch.randn(4, 3), 1.0, "0", TypeError, "siglip_loss: logit_bias must be a number"),
+        (torch.randn(4, 3), torch.randn(4, 3), 1.0, torch.tensor(1), TypeError, "logit_bias must be a floating"),
+        (torch.randn(4, 3), torch.randn(4, 3).double(), 1.0, 0.0, TypeError, "siglip_loss: text_embeds and image_"),
         (torch.randint(0, 3, (4, 3)), torch.randn(4, 3), 1.0, 0.0, TypeError, "text_embeds|image_embeds"),
     ],
 )
@@ -453,6 +479,40 @@ def test_train_dual_encoder_siglip_and_contrast_size():
     assert all(math.isfinite(x) for x in runs[2])
 
 
+def test_decay_groups_spare_scale_bias_and_vectors():
+    model = DualEncoder(nn.Sequential(nn.Linear(6, 8), nn.LayerNorm(8)), BagOfWordsEncoder(10, embed_dim=8),
+                        init_logit_bias=-10.0)
+    decayed, spared = decay_groups(model, 0.1)
+    assert decayed["weight_decay"] == 0.1 and spared["weight_decay"] == 0.0
+    ids = {id(p) for p in spared["params"]}
+    assert id(model.log_logit_scale) in ids and id(model.logit_bias) in ids
+    assert all(p.ndim >= 2 for p in decayed["params"]) and all(p.ndim < 2 for p in spared["params"])
+    assert len(decayed["params"]) + len(spared["params"]) == len(list(model.parameters()))
+    with pytest.raises(TypeError, match="decay_groups: model must be an nn.Module"):
+        decay_groups("model", 0.1)
+    with pytest.raises(ValueError, match="decay_groups: weight_decay must be a number >= 0"):
+        decay_groups(model, -1.0)
+
+
+def test_train_dual_encoder_leaves_scale_and_bias_undecayed():
+    """With lr far too small to move anything by gradient, weight decay alone would shrink a decayed parameter by
+    the factor (1 - lr * wd) per step; the logit scale, the bias and the LayerNorm gains must not move that way."""
+    media, ids, lengths, labels = _toy_pairs(12)
+    torch.manual_seed(18)
+    model = DualEncoder(nn.Linear(6, 8), BagOfWordsEncoder(10, embed_dim=8, d_model=8), init_logit_bias=-10.0)
+    with torch.no_grad():
+        model.log_logit_scale.fill_(3.0)
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    # six steps at a learning rate of at most 1e-7 with weight decay 1e6: decay multiplies a decayed weight by
+    # about 0.74 in all, while the Adam steps move any parameter by about 6e-7 at most
+    train_dual_encoder(model, media, ids, lengths, epochs=1, batch_size=2, lr=1e-7, weight_decay=1e6,
+                       loss="siglip")
+    after = dict(model.named_parameters())
+    for name in ("log_logit_scale", "logit_bias", "text_encoder.head.0.weight"):
+        assert (after[name] - before[name]).abs().max() < 1e-5, name
+    assert (after["media_encoder.weight"].abs() < 0.9 * before["media_encoder.weight"].abs() + 1e-6).all()
+
+
 def test_train_dual_encoder_rejects_bad_loss_options():
     media, ids, lengths, _ = _toy_pairs(12)
     plain = DualEncoder(nn.Linear(6, 8), BagOfWordsEncoder(10, embed_dim=8))
@@ -465,6 +525,9 @@ def test_train_dual_encoder_rejects_bad_loss_options():
     with pytest.raises(TypeError, match="train_dual_encoder: contrast_size must be an int"):
         train_dual_encoder(plain, media, ids, lengths, contrast_size=2.5)
     biased = DualEncoder(nn.Linear(6, 8), BagOfWordsEncoder(10, embed_dim=8), init_logit_bias=-1.0)
+    with pytest.raises(ValueError, match="train_dual_encoder: contrast_size and hard_negatives cannot be combined"):
+        train_dual_encoder(plain, media, ids, lengths, contrast_size=4,
+                           hard_negatives=lambda rows: (ids[rows], lengths[rows]))
     with pytest.raises(ValueError, match="hard_negatives works with loss='clip' only"):
         train_dual_encoder(biased, media, ids, lengths, loss="siglip",
                            hard_negatives=lambda rows: (ids[rows], lengths[rows]))
