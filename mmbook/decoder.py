@@ -312,14 +312,18 @@ class Decoder(nn.Module):
     @torch.no_grad()
     def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 0.0, top_k: int | None = None,
                  top_p: float | None = None, *, use_cache: bool = True, eos_token_id: int | None = None,
-                 generator: torch.Generator | None = None) -> torch.Tensor:
+                 generator: torch.Generator | None = None, share_prefix: bool = False) -> torch.Tensor:
         """Extend ``idx`` ``(batch, T)`` by up to ``max_new_tokens`` tokens; returns ``(batch, T + new)``.
 
         ``temperature=0`` (the default) is greedy decoding; otherwise :func:`mmbook.gpt.sample_next_token`
         draws with ``generator``. With the KV cache, the prompt is fed once and then one token per step. With
         ``eos_token_id``, a row that produced it keeps producing it (``transformers`` pads with its pad token,
         which for SmolLM2 is a different id; compare up to the first end-of-sequence), and generation stops
-        when every row has. Runs in eval mode and restores the previous mode.
+        when every row has. With ``share_prefix`` (KV cache only), the tokens that every row of ``idx`` begins with
+        (all but the last) are run once, as a batch of one, and their keys and values are shared by the rows: the
+        same computation for prompts that differ only at the end (a system message and examples before
+        different questions), without repeating the common part; the results agree with ``share_prefix=False``
+        up to floating-point rounding. Runs in eval mode and restores the previous mode.
         """
         fn = "Decoder.generate"
         check_ids("idx", idx, fn, self.config.vocab_size, 2, "(batch, T)")
@@ -328,21 +332,32 @@ class Decoder(nn.Module):
         check_int("max_new_tokens", max_new_tokens, fn, 0)
         _check_sampling(temperature, top_k, top_p, generator, fn)
         check_bool("use_cache", use_cache, fn)
+        check_bool("share_prefix", share_prefix, fn)
+        if share_prefix and not use_cache:
+            raise ValueError(f"{fn}: share_prefix=True needs use_cache=True (the shared prefix lives in the KV cache)")
         if eos_token_id is not None:
             check_int("eos_token_id", eos_token_id, fn, 0, self.config.vocab_size - 1)
         was_training = self.training
         self.eval()
         try:
-            past = None
+            past, start = None, 0
+            if share_prefix and idx.shape[0] > 1 and max_new_tokens > 0:
+                same = (idx == idx[:1]).all(dim=0).long().cumprod(0)
+                start = min(int(same.sum()), idx.shape[1] - 1)  # the common prefix, leaving each row one token
+                if start > 0:
+                    prefix = self(idx[:1, :start], use_cache=True).past_key_values
+                    past = [tuple(t.expand(idx.shape[0], -1, -1, -1) for t in kv) for kv in prefix]
             done = torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)
             for _ in range(max_new_tokens):
-                out = self(idx[:, -1:] if past is not None else idx, past_key_values=past, use_cache=use_cache)
+                out = self(idx[:, start:], past_key_values=past, use_cache=use_cache)
                 past = out.past_key_values
                 nxt = sample_next_token(out.logits[:, -1, :], temperature, top_k, top_p, generator)
                 if eos_token_id is not None:
                     nxt = torch.where(done, torch.full_like(nxt, eos_token_id), nxt)
                     done |= nxt == eos_token_id
                 idx = torch.cat([idx, nxt[:, None]], dim=1)
+                if use_cache:
+                    start = idx.shape[1] - 1  # from now on, one new token per step
                 if eos_token_id is not None and bool(done.all()):
                     break
         finally:

@@ -21,6 +21,7 @@ set from :data:`TASKS` (short word manipulations with checkable answers, every a
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import NamedTuple
@@ -49,6 +50,7 @@ __all__ = [
     "format_ok",
     "instruction_dataset",
     "make_words",
+    "numerics_key",
     "pack_examples",
     "packed_forward",
     "packed_hidden",
@@ -531,12 +533,24 @@ BASE_VERSION = "train_lm 2: weight decay on matrices only; random_windows draws 
 BASE_RECIPE = {"steps": 200, "batch_size": 16, "seq_len": 64, "lr": 3e-3, "warmup": 20, "train_fraction": 0.9}
 
 
+def numerics_key() -> dict[str, object]:
+    """What changes a trained model's floating-point results on this machine besides the recipe, for cache keys:
+    the intra-op thread count, the default dtype, the CPU code path ATen's kernels dispatch to
+    (``torch.backends.cpu.get_cpu_capability()``, e.g. ``"AVX2"``, ``"AVX512"`` or ``"DEFAULT"``) and the two
+    environment variables that select code paths (``ATEN_CPU_CAPABILITY``, ``MKL_CBWR``; empty when unset)."""
+    return {"threads": torch.get_num_threads(), "dtype": str(torch.get_default_dtype()),
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            **{k: os.environ.get(k, "") for k in ("ATEN_CPU_CAPABILITY", "MKL_CBWR")}}
+
+
 def pretrained_chat_base(seed: int = 0) -> tuple[Decoder, torch.Tensor, torch.Tensor]:
     """The chapter's base model: a :class:`mmbook.decoder.Decoder` of :data:`BASE_CONFIG` pretrained with
     :func:`mmbook.pretrain.train_lm` on the first 90% of :func:`corpus_chat_stream` (:data:`BASE_RECIPE`).
 
-    Returns ``(model, train_ids, val_ids)``. The weights are cached with :mod:`mmbook.cache` (validated on load);
-    ``seed`` seeds the initialisation (``seed``) and the batches (``seed + 1``), both through mmbook.
+    Returns ``(model, train_ids, val_ids)``. The weights are cached with :mod:`mmbook.cache` (validated on load),
+    under a key that also holds :func:`numerics_key` (the thread count and CPU code path it was trained with), so
+    a run with other numerics trains its own base instead of loading another's; ``seed`` seeds the initialisation
+    (``seed``) and the batches (``seed + 1``), both through mmbook.
     """
     from mmbook.cache import cache_path, load_tensors, save_tensors
     from mmbook.core import set_seed
@@ -550,7 +564,7 @@ def pretrained_chat_base(seed: int = 0) -> tuple[Decoder, torch.Tensor, torch.Te
     train_ids, val_ids = data[:cut], data[cut:]
     config = DecoderConfig(**BASE_CONFIG)
     key = {"config": BASE_CONFIG, "recipe": BASE_RECIPE, "version": BASE_VERSION, "seed": seed,
-           "tokens": int(data.numel())}
+           "tokens": int(data.numel()), "numerics": numerics_key()}
     path = cache_path("chat_base", key, ".pt")
     set_seed(seed)
     model = Decoder(config)

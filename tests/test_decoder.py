@@ -81,6 +81,30 @@ def test_decoder_generate_stops_at_eos():
     assert out.shape == (1, 4)
 
 
+def test_decoder_generate_with_a_shared_prefix():
+    mmbook.set_seed(0)
+    model = Decoder(DecoderConfig(**TINY)).double()
+    idx = torch.randint(1, 61, (4, 9), generator=mmbook.torch_generator(1))
+    idx[:, :6] = idx[0, :6]  # four prompts that differ only in their last three tokens
+    plain = model.generate(idx, 5)
+    shared = model.generate(idx, 5, share_prefix=True)
+    assert torch.equal(shared, plain) and shared.shape == (4, 14)
+    eos = int(plain[0, 9])
+    torch.testing.assert_close(model.generate(idx, 5, eos_token_id=eos, share_prefix=True),
+                               model.generate(idx, 5, eos_token_id=eos), rtol=0, atol=0)
+    # Identical rows (everything shared but the last token), one row, and rows with nothing in common.
+    same = idx[:1].repeat(3, 1)
+    assert torch.equal(model.generate(same, 4, share_prefix=True), model.generate(same, 4))
+    assert torch.equal(model.generate(idx[:1], 4, share_prefix=True), model.generate(idx[:1], 4))
+    other = torch.randint(1, 61, (3, 5), generator=mmbook.torch_generator(2))
+    other[:, 0] = torch.tensor([1, 2, 3])
+    assert torch.equal(model.generate(other, 4, share_prefix=True), model.generate(other, 4))
+    with pytest.raises(ValueError, match="share_prefix=True needs use_cache=True"):
+        model.generate(idx, 2, use_cache=False, share_prefix=True)
+    with pytest.raises(TypeError, match="share_prefix"):
+        model.generate(idx, 2, share_prefix=1)
+
+
 def test_decoder_bad_input():
     with pytest.raises(ValueError, match="multiple of n_kv_head"):
         DecoderConfig(**{**TINY, "n_kv_head": 3})

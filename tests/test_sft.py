@@ -205,6 +205,29 @@ def test_base_cache_key_carries_a_training_code_version():
     assert '"version": BASE_VERSION' in inspect.getsource(sft.pretrained_chat_base)
 
 
+def test_base_cache_key_records_the_numerics(monkeypatch, tmp_path):
+    import json
+
+    import mmbook.sft as sft
+
+    key = sft.numerics_key()
+    assert key["threads"] == torch.get_num_threads() and key["dtype"] == "torch.float32"
+    assert key["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    monkeypatch.setenv("MKL_CBWR", "COMPATIBLE")
+    assert sft.numerics_key()["MKL_CBWR"] == "COMPATIBLE" and sft.numerics_key() != key
+    # The base's cache file names the numerics it was trained with: another code path gets another entry.
+    monkeypatch.setenv("MMBOOK_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(sft, "BASE_RECIPE", {**sft.BASE_RECIPE, "steps": 2, "warmup": 1})
+    sft.pretrained_chat_base(0)
+    (entry,) = tmp_path.glob("chat_base_*.pt")
+    with open(entry, "rb") as f:
+        assert json.loads(f.readline())["key"]["numerics"] == sft.numerics_key()
+    other = "DEFAULT" if key["cpu_capability"] != "DEFAULT" else "AVX2"
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: other)
+    sft.pretrained_chat_base(0)
+    assert len(list(tmp_path.glob("chat_base_*.pt"))) == 2
+
+
 def test_pack_examples_names_the_bad_example():
     convs = instruction_dataset(["first", "last"], ["abc", "hello"])
     ex = [tokenize_chat(c, TOK.encode) for c in convs]
