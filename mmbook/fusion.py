@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from mmbook.attention import MultiHeadAttention
 from mmbook.checks import (
     check_choice,
     check_float_tensor,
@@ -509,17 +510,20 @@ class CrossAttentionClassifier(nn.Module):
     3. the mean over the ``L_q`` query positions, ``(batch, d_embed)``, goes through the head of
        :class:`MultimodalClassifier`, ``ReLU -> Dropout(dropout) -> Linear(d_embed, num_classes)``.
 
-    The modalities meet only in the attention weights ``softmax_j(q_i . k_j / sqrt(d_head))``, a bilinear form of
-    a query token and a key token. With a single key token (``L_kv = 1``) every weight is 1 and ``h = e_q +
+    The modalities meet in two places: in the attention weights ``softmax_j(q_i . k_j / sqrt(d_head))``, a
+    bilinear form of a query token and a key token, and additively, in the residual sum ``h`` before the head's
+    ReLU, as in concatenation. With a single key token (``L_kv = 1``) every weight is 1 and ``h = e_q +
     (e_kv W_v + b_v) W_o + b_o``: additive in the two modalities. :meth:`attention_weights` returns the weights,
     ``(batch, num_heads, L_q, L_kv)``.
+
+    This is one bare attention layer on purpose, without the LayerNorm and feed-forward layer of
+    :class:`mmbook.crossmodal.CrossAttentionBlock`: one fusion step followed by the same head as the other
+    fusion operators, so that the attention is the only new ingredient.
     """
 
     def __init__(self, token_shapes: Sequence[tuple[int, int]], d_embed: int = 32, num_classes: int = 10,
                  num_heads: int = 4, dropout: float = 0.0) -> None:
         super().__init__()
-        from mmbook.attention import MultiHeadAttention
-
         fn = "CrossAttentionClassifier"
         if (not isinstance(token_shapes, (list, tuple)) or len(token_shapes) != 2
                 or not all(isinstance(s, (list, tuple)) and len(s) == 2 for s in token_shapes)):
@@ -567,7 +571,7 @@ class CrossAttentionClassifier(nn.Module):
         return self.head(h.mean(dim=1))
 
     def extra_repr(self) -> str:
-        return f"token_shapes={self.token_shapes}, d_embed={self.d_embed}"
+        return f"token_shapes={self.token_shapes}, d_embed={self.d_embed}, num_heads={self.attention.num_heads}"
 
 
 class LateFusionClassifier(nn.Module):
