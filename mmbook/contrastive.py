@@ -160,8 +160,9 @@ def siglip_loss(
     ``-(1 / N) * sum_i sum_j log sigmoid(y_ij * z_ij)``
 
     a sum over the ``N`` candidates and a mean over the ``N`` images (SigLIP's normalisation; no softmax, so
-    no row or column couples the pairs). ``logit_scale`` ``= exp(t')`` is positive, as in :func:`clip_loss`;
-    ``logit_bias`` ``b`` is any finite number or scalar tensor (SigLIP starts at ``t' = log 10``, ``b = -10``).
+    no row or column couples the pairs). ``logit_scale`` ``= exp(theta)`` is positive, as in :func:`clip_loss`
+    (``theta`` is :class:`DualEncoder`'s ``log_logit_scale``); ``logit_bias`` ``b`` is any finite number or scalar
+    tensor (SigLIP starts at ``theta = log 10``, ``b = -10``).
     Returns a scalar tensor.
     """
     fn = "siglip_loss"
@@ -402,8 +403,9 @@ def train_dual_encoder(
     * ``loss``: ``"clip"`` (symmetric InfoNCE) or ``"siglip"`` (sigmoid; the model needs a ``logit_bias``).
     * ``contrast_size``: the loss of a batch is the mean of the losses of its consecutive chunks of
       ``contrast_size`` pairs (the last may be smaller), so each pair meets only ``contrast_size - 1`` negatives
-      while the batches, steps and learning rates stay those of ``batch_size``. ``None``: the whole batch. It
-      cannot be combined with ``hard_negatives`` (they belong to the whole batch).
+      while the batches, steps and learning rates stay those of ``batch_size``. The chunks' losses are averaged
+      unweighted: a short last chunk counts as much as a full one (its rows weigh more). ``None``: the whole
+      batch. It cannot be combined with ``hard_negatives`` (they belong to the whole batch).
 
     Returns the mean training loss of each epoch.
     """

@@ -546,8 +546,9 @@ def _related_pair(caption: object, fn: str) -> tuple[str, str, str, str]:
 def swap_relation(caption: str) -> str:
     """Swap the two objects around the relation: ``"a red circle left of a blue square"`` ->
     ``"a blue square left of a red circle"`` (further objects, ``" and a green triangle"``, are kept). The twin
-    uses exactly the same words, and is false whenever the original is true (the compositionality test of
-    chapter 13). ``caption`` must follow the grammar of :func:`describe_scene` with two or more objects."""
+    uses exactly the same words, and for a scene of two distinct objects it is false whenever the original is
+    true (the compositionality test of chapter 13; with more objects, or two equal ones, it can be true as well).
+    ``caption`` must follow the grammar of :func:`describe_scene` with two or more objects."""
     first, relation, second, rest = _related_pair(caption, "swap_relation")
     return f"a {second} {relation} a {first}{rest}"
 
