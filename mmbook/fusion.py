@@ -716,7 +716,9 @@ def digit_sum_features(split: str = "train", seed: int = 0, pairs_per_image: int
     but clean images:
 
     * ``"image"`` ``(N, 64)``: the 8x8 image of digit ``a``, flattened, in [0, 1];
-    * ``"audio"`` ``(N, n_mfcc * segments)``: the segment-averaged MFCCs of the noisy recording of digit ``b``;
+    * ``"mfcc"`` ``(N, n_mfcc, frames)``: the MFCCs of the noisy recording of digit ``b`` (51 frames for 1 s);
+    * ``"audio"`` ``(N, n_mfcc * segments)``: those MFCCs averaged over ``segments`` equal time segments and
+      flattened coefficient by coefficient (``audio.view(N, n_mfcc, segments)``);
     * ``"labels"`` ``(N,)`` int64 ``(a + b) % 10``; ``"image_digits"`` and ``"spoken_digits"`` ``(N,)`` int64,
       ``a`` and ``b``.
     """
@@ -728,9 +730,10 @@ def digit_sum_features(split: str = "train", seed: int = 0, pairs_per_image: int
     if n_mfcc > 40:
         raise ValueError(f"{fn}: n_mfcc must be <= 40 (the number of mel bands), got {n_mfcc}")
     ds = audio_visual_digit_sums(split, seed=seed, pairs_per_image=pairs_per_image, snr_db=snr_db)
-    _, audio = _speech_features(ds, n_mfcc, segments, fn)
+    coeffs, audio = _speech_features(ds, n_mfcc, segments, fn)
     return {
         "image": ds.images.flatten(1).clone(),
+        "mfcc": coeffs,
         "audio": audio,
         "labels": ds.labels.clone(),
         "image_digits": ds.image_digits.clone(),

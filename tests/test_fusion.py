@@ -399,6 +399,8 @@ def test_digit_sum_features_are_the_documented_transforms():
     assert torch.equal(feats["spoken_digits"], ds.spoken_digits) and torch.equal(feats["image_digits"], ds.image_digits)
     ref = mfcc(ds.waveform(3), n_mfcc=20, melkwargs={"n_fft": 400, "hop_length": 320, "n_mels": 40})
     torch.testing.assert_close(feats["audio"][3].view(20, 5)[:, 0], ref[:, :11].mean(1), rtol=1e-4, atol=1e-3)
+    assert feats["mfcc"].shape == (n, 20, 51)
+    torch.testing.assert_close(feats["mfcc"][3], ref, rtol=1e-4, atol=1e-3)
 
 
 def test_digit_sums_reject_bad_arguments():
