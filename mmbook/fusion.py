@@ -518,7 +518,8 @@ class CrossAttentionClassifier(nn.Module):
 
     This is one bare attention layer on purpose, without the LayerNorm and feed-forward layer of
     :class:`mmbook.crossmodal.CrossAttentionBlock`: one fusion step followed by the same head as the other
-    fusion operators, so that the attention is the only new ingredient.
+    fusion operators. The tokens, their shared embedding, the position embeddings and the mean pooling are new too;
+    a control with uniform weights (``q_proj`` zeroed and frozen) isolates the attention itself.
     """
 
     def __init__(self, token_shapes: Sequence[tuple[int, int]], d_embed: int = 32, num_classes: int = 10,
