@@ -18,7 +18,8 @@ The loss is :func:`mmbook.vlm.masked_lm_loss` on the response positions only, th
 * :func:`digit_string_turns`, :func:`alm_vocab`, :func:`rule_answer` — the questions about a spoken digit string,
   their words, and the rule that answers them from a transcript (the "transcribe, then answer" pipeline).
 * :func:`train_alm` — trains the projector and/or the language model with everything else frozen;
-  :func:`train_alm_stages` runs the chapter's three stages (text-only LM, projector alignment, both).
+  :func:`train_alm_stages` runs the chapter's schedule (a text-only language model, then LLaVA's stage 1, the
+  projector alone on transcription, and stage 2, projector and language model on every task).
 * :func:`respond` — prompts (and audio) in, decoded strings out.
 """
 
@@ -414,13 +415,13 @@ class ALMRecipe:
 def train_alm_stages(model: AudioLanguageModel, vocab: WordVocab, audio: torch.Tensor,
                      turns: Sequence[Sequence[tuple[str, str, str]]], recipe: ALMRecipe | None = None,
                      seed: int = 0) -> dict[str, Any]:
-    """The chapter's three stages on utterances ``audio`` ``(num, N, d_audio)`` and their ``turns`` (one list of
+    """The chapter's schedule on utterances ``audio`` ``(num, N, d_audio)`` and their ``turns`` (one list of
     :func:`digit_string_turns` per utterance):
 
-    1. ``lm``: the language model alone on every turn's text, no audio (the stand-in for a pretrained LLM; its
-       weights afterwards are the blind baseline);
-    2. ``align``: the projector alone on the transcription turns (skipped with ``recipe.align_epochs == 0``);
-    3. ``full``: projector and language model on every turn, one turn per example.
+    * ``lm``: the language model alone on every turn's text, no audio (the stand-in for a pretrained LLM; its
+      weights afterwards are the blind baseline);
+    * ``align`` (stage 1): the projector alone on the transcription turns (skipped with ``recipe.align_epochs == 0``);
+    * ``full`` (stage 2): projector and language model on every turn, one turn per example.
 
     The encoder is not trained (its features are ``audio``). Returns ``{"history": {stage: losses},
     "lm_state": the state dict after stage ``lm``}`` (tensors on the CPU). ``model`` ends in eval mode.
