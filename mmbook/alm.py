@@ -48,7 +48,7 @@ from mmbook.checks import (
 from mmbook.core import numpy_rng, torch_generator
 from mmbook.data import DIGIT_WORDS, WordVocab
 from mmbook.gpt import GPT, GPTConfig, GPTOutput
-from mmbook.vlm import VLMExamples, _optimizer, encode_examples, masked_lm_loss
+from mmbook.vlm import VLMExamples, decode_responses, encode_examples, greedy_decode, lm_optimizer, masked_lm_loss
 
 __all__ = [
     "ALMRecipe",
@@ -230,29 +230,12 @@ class AudioLanguageModel(nn.Module):
             self._check_audio(audio, fn, ids.shape[0])
         was_training = self.training
         self.eval()
-        try:
-            prefix = self.embed(ids, audio)
-            out = self.lm(inputs_embeds=prefix, use_cache=use_cache)
-            batch = ids.shape[0]
-            new = torch.full((batch, max_new_tokens), WordVocab.PAD, dtype=torch.long, device=ids.device)
-            done = torch.zeros(batch, dtype=torch.bool, device=ids.device)
-            banned = [WordVocab.PAD, WordVocab.UNK, WordVocab.BOS, self.audio_token_id]
-            for step in range(max_new_tokens):
-                logits = out.logits[:, -1].clone()
-                logits[:, banned] = float("-inf")
-                nxt = logits.argmax(dim=-1).masked_fill(done, WordVocab.PAD)
-                new[:, step] = nxt
-                done |= nxt == WordVocab.EOS
-                if bool(done.all()) or step == max_new_tokens - 1:
-                    break
-                if use_cache:
-                    out = self.lm(inputs_embeds=self.lm.wte(nxt[:, None]), past_key_values=out.past_key_values,
-                                  use_cache=True)
-                else:
-                    out = self.lm(inputs_embeds=torch.cat([prefix, self.lm.wte(new[:, : step + 1])], dim=1))
+        try:  # chapter 14's greedy loop, shared
+            return greedy_decode(self.lm, self.embed(ids, audio), max_new_tokens,
+                                 [WordVocab.PAD, WordVocab.UNK, WordVocab.BOS, self.audio_token_id],
+                                 use_cache=use_cache)
         finally:
             self.train(was_training)
-        return new
 
 
 # ----------------------------------------------------------------------------- the data
@@ -353,7 +336,7 @@ def train_alm(model: AudioLanguageModel, audio: torch.Tensor | None, examples: V
     ids, targets, mask = (t.to(device) for t in examples[:3])
     index = examples.image_index.to(device)
     generator = torch_generator(seed)
-    optimizer, scheduler = _optimizer(params, lr, epochs * math.ceil(ids.shape[0] / batch_size), device)
+    optimizer, scheduler = lm_optimizer(params, lr, epochs * math.ceil(ids.shape[0] / batch_size), device)
     history = []
     try:
         model.train()
@@ -478,8 +461,7 @@ def respond(model: AudioLanguageModel, vocab: WordVocab, audio: torch.Tensor | N
         prompt_ids = torch.tensor([encoded[i] for i in rows], dtype=torch.long, device=model.device)
         tokens = model.generate(None if audio is None else audio[rows].to(model.device), prompt_ids,
                                 max_new_tokens).cpu()
-        for i, row in zip(rows, tokens.tolist(), strict=True):
-            row = row[: row.index(WordVocab.EOS)] if WordVocab.EOS in row else row
-            out[i] = vocab.decode([t for t in row if t < len(vocab)])
+        for i, text in zip(rows, decode_responses(vocab, tokens), strict=True):
+            out[i] = text
     return out
 

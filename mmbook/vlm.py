@@ -45,6 +45,7 @@ from mmbook.checks import (
     check_float_tensor,
     check_ids,
     check_index,
+    check_instance,
     check_int,
     check_module_input,
     check_number,
@@ -65,7 +66,10 @@ __all__ = [
     "answer_questions",
     "caption_images",
     "caption_references",
+    "decode_responses",
     "encode_examples",
+    "greedy_decode",
+    "lm_optimizer",
     "masked_lm_loss",
     "mentioned_objects",
     "pretrain_patch_encoder",
@@ -232,12 +236,13 @@ class VisionLanguageModel(nn.Module):
             raise ValueError(f"{fn}: {length} prompt positions + max_new_tokens={max_new_tokens} exceed "
                              f"block_size={self.lm.config.block_size}")
 
+    def _banned_ids(self) -> list[int]:
+        """The ids that are never an answer: the specials but ``<eos>``, and ``<image>``."""
+        return [WordVocab.PAD, WordVocab.UNK, WordVocab.BOS, self.image_token_id]
+
     def _next_logits(self, logits: torch.Tensor) -> torch.Tensor:
-        """Last-position logits with the ids that are never an answer (specials but ``<eos>``, ``<image>``) at -inf."""
-        logits = logits.clone()
-        banned = [WordVocab.PAD, WordVocab.UNK, WordVocab.BOS, self.image_token_id]
-        logits[:, banned] = float("-inf")
-        return logits
+        """Last-position logits with the ids that are never an answer at -inf."""
+        return _mask_ids(logits, self._banned_ids())
 
     @torch.no_grad()
     def generate(self, images: torch.Tensor | None, prompt_ids: torch.Tensor, max_new_tokens: int,
@@ -261,26 +266,10 @@ class VisionLanguageModel(nn.Module):
         self.eval()
         try:
             prefix = self.embed(ids, images)  # (batch, L, d_model), image tokens in place
-            out = self.lm(inputs_embeds=prefix, use_cache=use_cache)
-            batch = ids.shape[0]
-            new = torch.full((batch, max_new_tokens), WordVocab.PAD, dtype=torch.long, device=ids.device)
-            done = torch.zeros(batch, dtype=torch.bool, device=ids.device)
-            for step in range(max_new_tokens):
-                nxt = self._next_logits(out.logits[:, -1]).argmax(dim=-1)
-                nxt = nxt.masked_fill(done, WordVocab.PAD)
-                new[:, step] = nxt
-                done |= nxt == eos_id
-                if bool(done.all()) or step == max_new_tokens - 1:
-                    break
-                if use_cache:
-                    out = self.lm(inputs_embeds=self.lm.wte(nxt[:, None]), past_key_values=out.past_key_values,
-                                  use_cache=True)
-                else:
-                    seq = torch.cat([prefix, self.lm.wte(new[:, : step + 1])], dim=1)
-                    out = self.lm(inputs_embeds=seq)
+            return greedy_decode(self.lm, prefix, max_new_tokens, self._banned_ids(), use_cache=use_cache,
+                                 eos_id=eos_id)
         finally:
             self.train(was_training)
-        return new
 
     @torch.no_grad()
     def beam_search(self, images: torch.Tensor | None, prompt_ids: torch.Tensor, beam_size: int,
@@ -345,6 +334,68 @@ class VisionLanguageModel(nn.Module):
 
 
 # ----------------------------------------------------------------------------- data
+def _mask_ids(logits: torch.Tensor, banned: Sequence[int]) -> torch.Tensor:
+    logits = logits.clone()
+    logits[:, list(banned)] = float("-inf")
+    return logits
+
+
+@torch.no_grad()
+def greedy_decode(lm: GPT, prefix: torch.Tensor, max_new_tokens: int, banned: Sequence[int], *,
+                  use_cache: bool = True, eos_id: int = WordVocab.EOS) -> torch.Tensor:
+    """Greedy continuation by the GPT ``lm`` of the input embeddings ``prefix`` ``(batch, L, d_model)`` (a
+    prefix-LM's placeholders already replaced by its projected features): ``(batch, max_new_tokens)`` int64 new
+    tokens, ``<pad>`` after a row's ``eos_id``; the ids in ``banned`` are never chosen. With the cache the prefix is
+    read once and each step feeds only the newest token; without it each step re-reads the whole sequence (the same
+    tokens). Stops early once every row has produced ``eos_id``. Shared by :class:`VisionLanguageModel` and
+    :class:`mmbook.alm.AudioLanguageModel`; ``lm`` is used in the mode it is in.
+    """
+    fn = "greedy_decode"
+    check_instance("lm", lm, fn, GPT, "a GPT")
+    d_model, vocab_size, block_size = lm.config.d_model, lm.config.vocab_size, lm.config.block_size
+    prefix = check_float_tensor("prefix", prefix, fn, 3, f"(batch, L, {d_model})")
+    if prefix.shape[-1] != d_model or prefix.shape[0] < 1 or prefix.shape[1] < 1:
+        raise ValueError(f"{fn}: prefix must have shape (batch >= 1, L >= 1, {d_model}), got {tuple(prefix.shape)}")
+    max_new_tokens = check_int("max_new_tokens", max_new_tokens, fn, 1)
+    if prefix.shape[1] + max_new_tokens > block_size:
+        raise ValueError(f"{fn}: {prefix.shape[1]} prefix positions + max_new_tokens={max_new_tokens} exceed "
+                         f"block_size={block_size}")
+    if isinstance(banned, (str, torch.Tensor)) or not isinstance(banned, Sequence):
+        raise TypeError(f"{fn}: banned must be a sequence of token ids, got {type(banned).__name__}")
+    banned = [check_index("banned[]", b, fn, vocab_size) for b in banned]
+    check_bool("use_cache", use_cache, fn)
+    eos_id = check_index("eos_id", eos_id, fn, vocab_size)
+    out = lm(inputs_embeds=prefix, use_cache=use_cache)
+    batch, device = prefix.shape[0], prefix.device
+    new = torch.full((batch, max_new_tokens), WordVocab.PAD, dtype=torch.long, device=device)
+    done = torch.zeros(batch, dtype=torch.bool, device=device)
+    for step in range(max_new_tokens):
+        nxt = _mask_ids(out.logits[:, -1], banned).argmax(dim=-1)
+        nxt = nxt.masked_fill(done, WordVocab.PAD)
+        new[:, step] = nxt
+        done |= nxt == eos_id
+        if bool(done.all()) or step == max_new_tokens - 1:
+            break
+        if use_cache:
+            out = lm(inputs_embeds=lm.wte(nxt[:, None]), past_key_values=out.past_key_values, use_cache=True)
+        else:
+            out = lm(inputs_embeds=torch.cat([prefix, lm.wte(new[:, : step + 1])], dim=1))
+    return new
+
+
+def decode_responses(vocab: WordVocab, tokens: torch.Tensor) -> list[str]:
+    """The text of each row of generated ``tokens`` ``(batch, T)``, up to its first ``<eos>``; ids outside
+    ``vocab`` (a placeholder) and ``<pad>`` are dropped."""
+    fn = "decode_responses"
+    check_instance("vocab", vocab, fn, WordVocab, "a WordVocab")
+    tokens = check_tensor("tokens", tokens, fn, "int", 2, "(batch, T)")
+    out = []
+    for row in tokens.tolist():
+        row = row[: row.index(WordVocab.EOS)] if WordVocab.EOS in row else row
+        out.append(vocab.decode([t for t in row if t < len(vocab)]))
+    return out
+
+
 class VLMExamples(NamedTuple):
     """Training sequences: ``ids``, ``targets`` ``(num, T)`` int64, ``loss_mask`` ``(num, T)`` bool and
     ``image_index`` ``(num,)`` int64 (row ``i`` is about image ``image_index[i]``)."""
@@ -462,11 +513,24 @@ def _cell_labels(dataset: ShapesScenes, grid: int) -> torch.Tensor:
     return labels
 
 
-def _optimizer(params: list[nn.Parameter], lr: float, steps: int, device: torch.device):
+def lm_optimizer(params: Sequence[nn.Parameter], lr: float, steps: int,
+                 device: torch.device | str) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.OneCycleLR]:
+    """The optimiser of every training stage of chapters 14 and 21: AdamW (weight decay 0.01, fused on CPU and
+    CUDA) for ``params`` with a one-cycle learning-rate schedule peaking at ``lr`` after 15% of ``steps``."""
+    fn = "lm_optimizer"
+    if isinstance(params, torch.Tensor) or not isinstance(params, Sequence) or not params \
+            or not all(isinstance(p, torch.Tensor) for p in params):
+        raise TypeError(f"{fn}: params must be a non-empty list of parameters, got {type(params).__name__}")
+    lr = check_number("lr", lr, fn, 0.0, low_open=True)
+    steps = check_int("steps", steps, fn, 0)
+    device = check_device("device", device, fn)
     fused = device.type in ("cpu", "cuda")
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.01, fused=fused)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=max(steps, 1), pct_start=0.15)
     return optimizer, scheduler
+
+
+_optimizer = lm_optimizer  # the name chapter 14 shows inside train_vlm's source
 
 
 def pretrain_patch_encoder(encoder: PatchEncoder, dataset: ShapesScenes, *, epochs: int = 4, batch_size: int = 64,
@@ -494,7 +558,7 @@ def pretrain_patch_encoder(encoder: PatchEncoder, dataset: ShapesScenes, *, epoc
     images = (dataset.images.float() / 255.0).to(device)
     labels = _cell_labels(dataset, encoder.grid).to(device)
     steps = epochs * math.ceil(len(dataset) / batch_size)
-    optimizer, scheduler = _optimizer([*encoder.parameters(), *probe.parameters()], lr, steps, device)
+    optimizer, scheduler = lm_optimizer([*encoder.parameters(), *probe.parameters()], lr, steps, device)
     history = []
     for _ in range(epochs):
         total = 0.0
@@ -832,14 +896,6 @@ def shapes_vlm_history(seed: int = 0, recipe: ShapesVLMRecipe | None = None) -> 
 
 
 # ----------------------------------------------------------------------------- strings in, strings out
-def _decode(vocab: WordVocab, tokens: torch.Tensor) -> list[str]:
-    out = []
-    for row in tokens.tolist():
-        row = row[: row.index(WordVocab.EOS)] if WordVocab.EOS in row else row
-        out.append(vocab.decode([t for t in row if t < len(vocab)]))
-    return out
-
-
 def _respond(model: VisionLanguageModel, vocab: WordVocab, images: torch.Tensor | None, prompts: Sequence[str],
              beam_size: int, max_new_tokens: int, fn: str) -> list[str]:
     if not isinstance(model, VisionLanguageModel):
@@ -865,7 +921,7 @@ def _respond(model: VisionLanguageModel, vocab: WordVocab, images: torch.Tensor 
                 tokens = model.generate(imgs, prompt_ids, max_new_tokens)
             else:
                 tokens = model.beam_search(imgs, prompt_ids, beam_size, max_new_tokens)[0]
-            for i, text in zip(chunk, _decode(vocab, tokens.cpu()), strict=True):
+            for i, text in zip(chunk, decode_responses(vocab, tokens.cpu()), strict=True):
                 out[i] = text
     return out
 

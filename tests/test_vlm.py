@@ -14,7 +14,10 @@ from mmbook.vlm import (
     answer_questions,
     caption_images,
     caption_references,
+    decode_responses,
     encode_examples,
+    greedy_decode,
+    lm_optimizer,
     masked_lm_loss,
     mentioned_objects,
     pretrain_patch_encoder,
@@ -362,3 +365,67 @@ def test_negative_image_indices_nan_penalties_and_out_of_range_ids_are_refused(s
         model.encode_images(features=torch.randn(1, 9, 8))
     with pytest.raises(ValueError, match="pretrained_shapes_vlm: device must name a torch device"):
         pretrained_shapes_vlm(device="tpu")
+
+
+def test_greedy_decode_is_the_models_greedy_loop(setup):
+    data, vocab, model, images = setup
+    prompt = torch.tensor([vocab.encode("what colour is the circle ?")] * 3)
+    expected = model.generate(images[:3], prompt, 4)
+    with torch.no_grad():
+        prefix = model.embed(model._prompt_ids(prompt, "test"), images[:3])
+    banned = [WordVocab.PAD, WordVocab.UNK, WordVocab.BOS, model.image_token_id]
+    for use_cache in (True, False):
+        got = greedy_decode(model.lm, prefix, 4, banned, use_cache=use_cache)
+        assert torch.equal(got, expected)
+    unbanned = greedy_decode(model.lm, prefix, 4, [])
+    assert unbanned.shape == (3, 4) and unbanned.dtype == torch.long
+
+
+def test_greedy_decode_rejects_bad_input(setup):
+    data, vocab, model, images = setup
+    prefix = torch.zeros(2, 5, model.lm.config.d_model)
+    with pytest.raises(TypeError, match="greedy_decode: lm must be a GPT"):
+        greedy_decode(model, prefix, 2, [])
+    with pytest.raises(ValueError, match=r"greedy_decode: prefix must have shape \(batch >= 1, L >= 1, 16\)"):
+        greedy_decode(model.lm, prefix[..., :3], 2, [])
+    with pytest.raises(ValueError, match="exceed block_size=48"):
+        greedy_decode(model.lm, prefix, 44, [])
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        greedy_decode(model.lm, prefix, 0, [])
+    with pytest.raises(ValueError, match="banned"):
+        greedy_decode(model.lm, prefix, 2, [model.lm.config.vocab_size])
+    with pytest.raises(TypeError, match="banned must be a sequence"):
+        greedy_decode(model.lm, prefix, 2, torch.tensor([0]))
+    with pytest.raises(ValueError, match=r"greedy_decode: eos_id must be in \[0, 44\)"):
+        greedy_decode(model.lm, prefix, 2, [], eos_id=-1)
+    with pytest.raises(TypeError, match="use_cache"):
+        greedy_decode(model.lm, prefix, 2, [], use_cache=1)
+
+
+def test_decode_responses_stops_at_eos_and_drops_placeholders(setup):
+    data, vocab, model, images = setup
+    words = vocab.encode("red circle")
+    tokens = torch.tensor([[*words, WordVocab.EOS, words[0]], [model.image_token_id, words[1], WordVocab.PAD,
+                                                                WordVocab.PAD]])
+    assert decode_responses(vocab, tokens) == ["red circle", vocab.decode([words[1]])]
+    with pytest.raises(TypeError, match="decode_responses: vocab must be a WordVocab"):
+        decode_responses(None, tokens)
+    with pytest.raises(TypeError, match="decode_responses: tokens"):
+        decode_responses(vocab, tokens.float())
+    with pytest.raises(ValueError, match="decode_responses: tokens"):
+        decode_responses(vocab, tokens[0])
+
+
+def test_lm_optimizer_is_adamw_with_one_cycle():
+    w = torch.nn.Parameter(torch.zeros(3))
+    optimizer, scheduler = lm_optimizer([w], 0.01, 10, "cpu")
+    assert isinstance(optimizer, torch.optim.AdamW) and optimizer.param_groups[0]["weight_decay"] == 0.01
+    assert isinstance(scheduler, torch.optim.lr_scheduler.OneCycleLR) and scheduler.total_steps == 10
+    with pytest.raises(TypeError, match="lm_optimizer: params must be a non-empty list"):
+        lm_optimizer([], 0.01, 10, "cpu")
+    with pytest.raises(ValueError, match="lm_optimizer: lr"):
+        lm_optimizer([w], 0.0, 10, "cpu")
+    with pytest.raises(ValueError, match="lm_optimizer: steps"):
+        lm_optimizer([w], 0.01, -1, "cpu")
+    with pytest.raises(TypeError, match="lm_optimizer: device"):
+        lm_optimizer([w], 0.01, 10, 3)
