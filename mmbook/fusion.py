@@ -25,7 +25,9 @@ debugging.
 
 Cross-attention needs more than one vector per modality (over a single key the softmax is 1 and the output is a
 linear map of the other modality): :class:`CrossAttentionClassifier` takes two *token sequences*, lets one
-modality's tokens attend over the other's and pools the result.
+modality's tokens attend over the other's and pools the result. :func:`segment_tokens` and :func:`patch_tokens` turn
+the chapter's speech and image features into such sequences, and :func:`make_uniform_attention` turns a
+:class:`CrossAttentionClassifier` into its control with uniform attention weights.
 """
 
 from __future__ import annotations
@@ -71,6 +73,9 @@ __all__ = [
     "drop_modalities",
     "fusion_classifier",
     "make_fusion",
+    "make_uniform_attention",
+    "patch_tokens",
+    "segment_tokens",
     "trace_shapes",
 ]
 
@@ -516,10 +521,16 @@ class CrossAttentionClassifier(nn.Module):
     (e_kv W_v + b_v) W_o + b_o``: additive in the two modalities. :meth:`attention_weights` returns the weights,
     ``(batch, num_heads, L_q, L_kv)``.
 
-    This is one bare attention layer on purpose, without the LayerNorm and feed-forward layer of
-    :class:`mmbook.crossmodal.CrossAttentionBlock`: one fusion step followed by the same head as the other
-    fusion operators. The tokens, their shared embedding, the position embeddings and the mean pooling are new too;
-    a control with uniform weights (``q_proj`` zeroed and frozen) isolates the attention itself.
+    The attention is the book's :class:`mmbook.attention.MultiHeadAttention`, the same module that
+    :class:`mmbook.crossmodal.CrossAttentionBlock` (chapter 12) wraps; step 2 is that block with its two LayerNorms
+    and its feed-forward layer left out, on purpose. The feed-forward layer is a two-layer MLP applied to ``e_q +
+    MHA(...)``, the sum of the two modalities: it would give this operator a hidden layer after the fusion that no
+    other fusion operator gets, and such a layer can build the digit-sum table from an additive fusion by itself
+    (chapter 11, Section 5), so a result could not be credited to the attention. The LayerNorms would change the
+    scale the head sees, which the other operators do not do either. One bare layer keeps the comparison to one fusion
+    step followed by the same head. The tokens, their shared embedding, the position embeddings and the mean pooling
+    are new too; :func:`make_uniform_attention` builds the control with uniform weights that isolates the attention
+    itself.
     """
 
     def __init__(self, token_shapes: Sequence[tuple[int, int]], d_embed: int = 32, num_classes: int = 10,
@@ -573,6 +584,66 @@ class CrossAttentionClassifier(nn.Module):
 
     def extra_repr(self) -> str:
         return f"token_shapes={self.token_shapes}, d_embed={self.d_embed}, num_heads={self.attention.num_heads}"
+
+
+def make_uniform_attention(model: CrossAttentionClassifier) -> CrossAttentionClassifier:
+    """The uniform-attention control of a :class:`CrossAttentionClassifier`, in place: ``W_Q = 0`` and ``b_Q = 0``
+    (``model.attention.q_proj``), frozen (``requires_grad=False``).
+
+    Every query is then the zero vector, every score ``q . k_j / sqrt(d_head)`` is 0 and every attention weight is
+    ``1 / L_kv``, for every example, head and query token, before and after training: each query token reads the
+    plain mean of the value vectors. The tokens, embeddings, keys, values, residual and head are unchanged and keep
+    learning, so the difference between a trained model and its trained control is what the query-dependent
+    weights add. Returns ``model``.
+    """
+    check_instance("model", model, "make_uniform_attention", CrossAttentionClassifier,
+                   "a mmbook.fusion.CrossAttentionClassifier")
+    q_proj = model.attention.q_proj
+    with torch.no_grad():
+        q_proj.weight.zero_()
+        if q_proj.bias is not None:
+            q_proj.bias.zero_()
+    q_proj.requires_grad_(False)
+    return model
+
+
+def segment_tokens(audio: torch.Tensor, n_mfcc: int = 20) -> torch.Tensor:
+    """Speech features as a token sequence: one token per time segment.
+
+    ``audio`` ``(batch, n_mfcc * segments)`` is the ``"audio"`` feature of :func:`digit_sum_features` or
+    :func:`audio_visual_features`, the MFCCs averaged over ``segments`` equal time segments and flattened
+    coefficient by coefficient (``audio.view(batch, n_mfcc, segments)``). Returns ``(batch, segments, n_mfcc)``:
+    token ``s`` holds the ``n_mfcc`` coefficients of segment ``s``, in time order (a new contiguous tensor).
+    """
+    fn = "segment_tokens"
+    n_mfcc = _check_positive_int("n_mfcc", n_mfcc, fn)
+    check_float_tensor("audio", audio, fn, 2, "(batch, n_mfcc * segments)")
+    if audio.shape[1] % n_mfcc:
+        raise ValueError(f"{fn}: audio must have n_mfcc * segments columns with n_mfcc = {n_mfcc}, got shape "
+                         f"{tuple(audio.shape)}")
+    return audio.reshape(audio.shape[0], n_mfcc, -1).transpose(1, 2).contiguous()
+
+
+def patch_tokens(images: torch.Tensor, patch: int = 4) -> torch.Tensor:
+    """Square grey images as a token sequence: one token per ``patch`` x ``patch`` patch.
+
+    ``images`` ``(batch, side * side)`` (flattened row by row, as the ``"image"`` feature of
+    :func:`digit_sum_features`) or ``(batch, side, side)``; ``side`` must be a multiple of ``patch``. Returns
+    ``(batch, (side / patch)**2, patch * patch)``: the patches in row-major order (for 8 x 8 digits and ``patch=4``
+    the four quadrants: top left, top right, bottom left, bottom right), the pixels of each patch row by row.
+    """
+    fn = "patch_tokens"
+    patch = _check_positive_int("patch", patch, fn)
+    check_float_tensor("images", images, fn, (2, 3), "(batch, side * side) or (batch, side, side)")
+    side = math.isqrt(images.shape[1]) if images.ndim == 2 else images.shape[1]
+    if (images.ndim == 2 and side * side != images.shape[1]) or (images.ndim == 3 and images.shape[2] != side):
+        raise ValueError(f"{fn}: images must be square, (batch, side * side) or (batch, side, side), got shape "
+                         f"{tuple(images.shape)}")
+    if side % patch:
+        raise ValueError(f"{fn}: patch must divide the image side ({side}), got {patch}")
+    grid = side // patch
+    return (images.reshape(-1, grid, patch, grid, patch).transpose(2, 3)
+            .reshape(images.shape[0], grid * grid, patch * patch))
 
 
 class LateFusionClassifier(nn.Module):

@@ -25,6 +25,9 @@ from mmbook.fusion import (
     drop_modalities,
     fusion_classifier,
     make_fusion,
+    make_uniform_attention,
+    patch_tokens,
+    segment_tokens,
     trace_shapes,
 )
 
@@ -496,3 +499,104 @@ def test_cross_attention_classifier_rejects_bad_arguments():
         model(torch.ones(6, 5, 3, dtype=torch.long), torch.randn(6, 4, 2))
     with pytest.raises((TypeError, ValueError), match="x_kv"):
         model(torch.randn(6, 5, 3), torch.randn(6, 4, 2, dtype=torch.float64))
+
+
+def test_cross_attention_classifier_is_chapter_12s_block_without_layernorms_and_feed_forward():
+    from mmbook.crossmodal import CrossAttentionBlock
+
+    model, x_q, x_kv = _cross_attention()
+    block = CrossAttentionBlock(8, 2).double().eval()
+    block.attn.load_state_dict(model.attention.state_dict())
+    block.norm_q = block.norm_kv = block.norm_ff = nn.Identity()
+    with torch.no_grad():
+        block.ff.net[-1].weight.zero_()
+        block.ff.net[-1].bias.zero_()  # the feed-forward layer now adds 0
+        e_q, e_kv = model.embed_tokens(x_q, x_kv)
+        h, weights = block(e_q, e_kv)
+        torch.testing.assert_close(model(x_q, x_kv), model.head(h.mean(1)), **TOL64)
+        torch.testing.assert_close(model.attention_weights(x_q, x_kv), weights, **TOL64)
+
+
+def test_make_uniform_attention_gives_weights_one_over_keys_and_freezes_only_the_queries():
+    model, x_q, x_kv = _cross_attention()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    assert make_uniform_attention(model) is model
+    with torch.no_grad():
+        weights = model.attention_weights(x_q, x_kv)  # (6, 2, 5, 4)
+    torch.testing.assert_close(weights, torch.full_like(weights, 0.25), rtol=0, atol=1e-15)
+    # uniform weights: each query token reads the plain mean of the value vectors (written out independently)
+    attn = model.attention
+    with torch.no_grad():
+        e_q, e_kv = model.embed_tokens(x_q, x_kv)
+        mean_value = (e_kv @ attn.v_proj.weight.T + attn.v_proj.bias).mean(1, keepdim=True)  # (6, 1, 8)
+        torch.testing.assert_close(attn(e_q, e_kv, e_kv)[0],
+                                   (mean_value @ attn.out_proj.weight.T + attn.out_proj.bias).expand(-1, 5, -1),
+                                   **TOL64)
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    assert frozen == {"attention.q_proj.weight", "attention.q_proj.bias"}
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert changed == frozen
+    # training moves the other parameters, never the frozen queries; the weights stay uniform
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    model.train()
+    for _ in range(3):
+        optimizer.zero_grad()
+        F.cross_entropy(model(x_q, x_kv), torch.tensor([0, 1, 2, 0, 1, 2])).backward()
+        optimizer.step()
+    assert (model.attention.q_proj.weight == 0).all() and (model.attention.q_proj.bias == 0).all()
+    assert not torch.equal(model.attention.k_proj.weight, before["attention.k_proj.weight"])
+    with torch.no_grad():
+        torch.testing.assert_close(model.attention_weights(x_q, x_kv), weights, rtol=0, atol=1e-15)
+
+
+def test_make_uniform_attention_rejects_other_models():
+    with pytest.raises(TypeError, match="make_uniform_attention: model must be a mmbook.fusion.CrossAttention"):
+        make_uniform_attention(fusion_classifier([3, 4]))
+
+
+def test_segment_tokens_are_the_segments_in_time_order():
+    mmbook.set_seed(0)
+    coeffs = torch.randn(3, 20, 51)  # (batch, n_mfcc, frames)
+    audio = nn.functional.adaptive_avg_pool1d(coeffs, 5).flatten(1)  # how the "audio" feature is made
+    tokens = segment_tokens(audio)
+    assert tokens.shape == (3, 5, 20) and tokens.is_contiguous()
+    for s in range(5):  # segment s averages frames floor(51 s / 5) .. ceil(51 (s + 1) / 5) - 1
+        torch.testing.assert_close(tokens[:, s], coeffs[:, :, (51 * s) // 5:-((-51 * (s + 1)) // 5)].mean(-1), **TOL32)
+    assert segment_tokens(torch.arange(12.0).view(1, 12), n_mfcc=3).tolist() == [
+        [[0.0, 4.0, 8.0], [1.0, 5.0, 9.0], [2.0, 6.0, 10.0], [3.0, 7.0, 11.0]]]
+
+
+def test_patch_tokens_are_the_quadrants_in_row_major_order():
+    images = torch.arange(2 * 64, dtype=torch.float32).view(2, 64)
+    tokens = patch_tokens(images)
+    assert tokens.shape == (2, 4, 16)
+    grid = images.view(2, 8, 8)
+    quadrants = [grid[:, :4, :4], grid[:, :4, 4:], grid[:, 4:, :4], grid[:, 4:, 4:]]
+    for k, q in enumerate(quadrants):
+        assert torch.equal(tokens[:, k], q.flatten(1))
+    assert torch.equal(patch_tokens(grid), tokens)  # (batch, side, side) accepted too
+    assert torch.equal(patch_tokens(images, patch=8), images.view(2, 1, 64))
+    assert torch.equal(patch_tokens(images, patch=1), images.view(2, 64, 1))
+
+
+def test_token_layouts_reject_bad_input():
+    with pytest.raises(TypeError, match="segment_tokens: audio must be a floating-point tensor"):
+        segment_tokens(torch.ones(4, 100, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"segment_tokens: audio must have shape \(batch, n_mfcc \* segments\)"):
+        segment_tokens(torch.randn(4, 20, 5))
+    with pytest.raises(ValueError, match=r"n_mfcc = 20, got shape \(4, 90\)"):
+        segment_tokens(torch.randn(4, 90))
+    with pytest.raises(ValueError, match="n_mfcc"):
+        segment_tokens(torch.randn(4, 100), n_mfcc=0)
+    with pytest.raises(TypeError, match="patch_tokens: images must be a torch.Tensor"):
+        patch_tokens([[0.0] * 64])
+    with pytest.raises(ValueError, match=r"patch_tokens: images must be square.*got shape \(4, 60\)"):
+        patch_tokens(torch.randn(4, 60))
+    with pytest.raises(ValueError, match=r"images must be square.*got shape \(4, 8, 6\)"):
+        patch_tokens(torch.randn(4, 8, 6))
+    with pytest.raises(ValueError, match=r"patch_tokens: images must have shape"):
+        patch_tokens(torch.randn(4, 1, 8, 8))
+    with pytest.raises(ValueError, match=r"patch must divide the image side \(8\), got 3"):
+        patch_tokens(torch.randn(4, 64), patch=3)
+    with pytest.raises(ValueError, match="patch"):
+        patch_tokens(torch.randn(4, 64), patch=0)
