@@ -21,6 +21,8 @@ The loss is :func:`mmbook.vlm.masked_lm_loss` on the response positions only, th
   :func:`train_alm_stages` runs the chapter's schedule (a text-only language model, then LLaVA's stage 1, the
   projector alone on transcription, and stage 2, projector and language model on every task).
 * :func:`respond` — prompts (and audio) in, decoded strings out.
+* :func:`encode_audio` — log-mel features through the frozen encoder to pooled audio tokens;
+  :func:`pretrained_digit_alm` — the chapter's model, trained once on chapter 15's training strings and cached.
 """
 
 from __future__ import annotations
@@ -34,9 +36,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from mmbook.asr import CTCRecognizer
+from mmbook.asr import CHAPTER15_CTC_RECIPE, CTCDigitsRecipe, CTCRecognizer, pretrained_ctc_recognizer
 from mmbook.checks import (
     check_bool,
+    check_device,
     check_float_tensor,
     check_ids,
     check_instance,
@@ -58,7 +61,9 @@ __all__ = [
     "TRANSCRIBE_PROMPT",
     "alm_vocab",
     "digit_string_turns",
+    "encode_audio",
     "pool_frames",
+    "pretrained_digit_alm",
     "respond",
     "rule_answer",
     "train_alm",
@@ -465,3 +470,59 @@ def respond(model: AudioLanguageModel, vocab: WordVocab, audio: torch.Tensor | N
             out[i] = text
     return out
 
+
+
+# ----------------------------------------------------------------------------- the chapter's trained model
+def encode_audio(encoder: RecognizerEncoder, features: torch.Tensor, lengths: torch.Tensor,
+                 num_tokens: int) -> torch.Tensor:
+    """Pooled audio tokens ``(batch, num_tokens, d_audio)`` of log-mel ``features`` ``(batch, n_mels, T)`` with
+    ``lengths`` ``(batch,)``: the frozen ``encoder``'s states (no gradient), then :func:`pool_frames`. The
+    features go to the encoder's device; the tokens stay there."""
+    fn = "encode_audio"
+    check_instance("encoder", encoder, fn, RecognizerEncoder, "a RecognizerEncoder")
+    num_tokens = positive_int("num_tokens", num_tokens, fn)
+    device = encoder.recognizer.head.weight.device
+    with torch.no_grad():
+        states, state_lengths = encoder(features.to(device), lengths.to(device))
+        return pool_frames(states, state_lengths, num_tokens)
+
+
+def pretrained_digit_alm(device: torch.device | str | None = None, recipe: ALMRecipe | None = None,
+                         seed: int = 21, *, recordings: dict[str, Any] | None = None
+                         ) -> tuple[AudioLanguageModel, dict[str, Any], bool]:
+    """Chapter 21's trained audio-language model, in eval mode on ``device`` (default: :func:`get_device`).
+
+    Trained with :func:`train_alm_stages` (``recipe``, default :class:`ALMRecipe`; ``seed`` before the weights are
+    drawn and for the batch order) on chapter 15's training strings (:data:`mmbook.asr.CHAPTER15_CTC_RECIPE`:
+    600 strings, 13 voices) with :func:`digit_string_turns` seeded ``1000 + i`` for string ``i``, over the audio
+    tokens of the frozen :func:`mmbook.asr.pretrained_ctc_recognizer` (a :class:`RecognizerEncoder`), on the
+    first call, and cached (:func:`mmbook.cache.cached_training`, keyed by the recipe, the encoder's recipe, the
+    seed, the seed shift and the device type); later calls load it. The
+    training data is built only when the model is trained (``recordings`` as for
+    :func:`mmbook.asr.pretrained_ctc_recognizer`). Returns ``(model, record, loaded)``: ``record["history"]``
+    holds each stage's losses per epoch and ``record["lm_state"]`` the weights after the text-only stage (the
+    blind baseline); ``loaded`` says whether the weights came from the cache.
+    """
+    from mmbook.cache import cached_training
+    from mmbook.core import get_device, set_seed
+
+    fn = "pretrained_digit_alm"
+    device = check_device("device", device, fn) if device is not None else get_device()
+    recipe = ALMRecipe() if recipe is None else check_instance("recipe", recipe, fn, ALMRecipe, "an ALMRecipe")
+    seed = check_int("seed", seed, fn, 0)
+    ctc_recipe: CTCDigitsRecipe = CHAPTER15_CTC_RECIPE
+    encoder = RecognizerEncoder(pretrained_ctc_recognizer(device, ctc_recipe, recordings=recordings)[0])
+    vocab = alm_vocab()
+    key = {"chapter": 21, "what": "digit_alm", "version": 1, "recipe": recipe.as_key(),
+           "encoder": ctc_recipe.as_key(), "strings": ctc_recipe.strings, "turn_seed": 1000, "seed": seed}
+
+    def train(model: AudioLanguageModel) -> dict[str, Any]:
+        data = ctc_recipe.training_data(recordings)
+        audio = encode_audio(encoder, data["features"], data["lengths"], recipe.num_audio_tokens)
+        turns = [digit_string_turns(d, seed=1000 + i) for i, d in enumerate(data["strings"]["digits"])]
+        return train_alm_stages(model, vocab, audio, turns, recipe, seed=seed)
+
+    set_seed(seed)
+    model = recipe.build(vocab, encoder.d_audio).to(device)
+    record, loaded = cached_training("ch21_alm", key, model, train, fn=fn)
+    return model.eval(), record, loaded

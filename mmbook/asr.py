@@ -12,7 +12,9 @@ the output symbols plus a *blank*, and is trained on (audio, label sequence) pai
 * :func:`digit_sequences` builds spoken digit strings from :func:`mmbook.data.spoken_digit_recordings`,
   split by voice; :func:`log_mel_features` turns them into normalised log-mel frames;
 * :class:`CTCRecognizer` (a convolution that halves the frame rate, a bidirectional GRU and a linear
-  layer) is the acoustic model and :func:`train_ctc_recognizer` trains it.
+  layer) is the acoustic model and :func:`train_ctc_recognizer` trains it;
+* :class:`CTCDigitsRecipe` (:data:`CHAPTER15_CTC_RECIPE`) is chapter 15's recipe, and
+  :func:`pretrained_ctc_recognizer` trains it once and loads it from the cache afterwards (chapters 15 and 21).
 
 Shapes are batch first: ``log_probs`` ``(batch, T, V)`` with ``T`` frames and ``V`` symbols, the blank
 included (``torch.nn.functional.ctc_loss`` takes ``(T, batch, V)``).
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -33,6 +36,7 @@ from mmbook.audio import log_mel_spectrogram
 from mmbook.checks import (
     check_bool,
     check_choice,
+    check_device,
     check_float_tensor,
     check_ids,
     check_instance,
@@ -44,6 +48,8 @@ from mmbook.checks import (
 from mmbook.core import numpy_rng, torch_generator
 
 __all__ = [
+    "CHAPTER15_CTC_RECIPE",
+    "CTCDigitsRecipe",
     "CTCRecognizer",
     "ctc_greedy_decode",
     "ctc_loss",
@@ -52,6 +58,7 @@ __all__ = [
     "edit_distance",
     "error_rate",
     "log_mel_features",
+    "pretrained_ctc_recognizer",
     "train_ctc_recognizer",
 ]
 
@@ -493,3 +500,108 @@ def train_ctc_recognizer(model: CTCRecognizer, features: torch.Tensor, lengths: 
         history.append(total / n)
     model.eval()
     return {"loss": history}
+
+
+# ----------------------------------------------------------------------------- chapter 15's trained recogniser
+@dataclass(frozen=True)
+class CTCDigitsRecipe:
+    """Chapter 15's recipe for its digit-string recogniser (and the frozen speech encoder of chapter 21).
+
+    The data: ``strings`` training strings of 1 to ``max_digits`` digits (:func:`digit_sequences`, ``data_seed``)
+    from every voice of :data:`mmbook.speech.VOICE_VARIANTS` except ``held_out``; the model: a
+    :class:`CTCRecognizer` with ``channels`` and ``hidden`` over 40 log-mel bands and 11 symbols (blank + ten
+    digits); the training: :func:`train_ctc_recognizer` with ``epochs``, ``batch_size``, ``lr`` and the seed
+    ``seed`` (also the seed set before the weights are drawn), PyTorch's ``F.ctc_loss``.
+    """
+
+    strings: int = 600
+    max_digits: int = 3
+    held_out: tuple[str, ...] = ("m4", "f4", "klatt2", "croak")
+    epochs: int = 16
+    batch_size: int = 16
+    lr: float = 0.005
+    channels: int = 48
+    hidden: int = 48
+    data_seed: int = 151
+    seed: int = 15
+
+    def as_key(self) -> dict[str, Any]:
+        """The cache key (JSON values). Its fields and values are the ones chapter 15 has always used
+        (``version`` 3), so weights cached before this recipe object existed are found again."""
+        return {"chapter": 15, "what": "ctc_digits", "version": 3, "strings": self.strings,
+                "max_digits": self.max_digits, "held_out": list(self.held_out), "epochs": self.epochs,
+                "batch": self.batch_size, "lr": self.lr, "channels": self.channels, "hidden": self.hidden,
+                "data_seed": self.data_seed, **({} if self.seed == 15 else {"seed": self.seed})}
+
+    def train_voices(self) -> list[str]:
+        """The voices of the training strings: all of :data:`mmbook.speech.VOICE_VARIANTS` but ``held_out``."""
+        from mmbook.speech import VOICE_VARIANTS
+
+        return [v for v in VOICE_VARIANTS if v not in self.held_out]
+
+    def training_data(self, recordings: dict[str, Any] | None = None) -> dict[str, Any]:
+        """The training strings and their CTC inputs: ``strings`` (from :func:`digit_sequences`), ``features``
+        ``(strings, 40, T)`` and ``lengths`` ``(strings,)`` (:func:`log_mel_features`), ``targets``
+        ``(strings, max_digits)`` (digit ``d`` is label ``d + 1``, 0 pads) and ``target_lengths`` ``(strings,)``.
+        ``recordings``: :func:`mmbook.data.spoken_digit_recordings`' result, loaded if ``None``."""
+        from mmbook.data import spoken_digit_recordings
+
+        recordings = spoken_digit_recordings() if recordings is None else recordings
+        strings = digit_sequences(self.strings, self.train_voices(), 1, self.max_digits, seed=self.data_seed,
+                                  recordings=recordings)
+        features, lengths = log_mel_features(strings["waveforms"])
+        targets = torch.zeros(len(strings["digits"]), self.max_digits, dtype=torch.long)
+        for row, digits in enumerate(strings["digits"]):
+            targets[row, :len(digits)] = torch.tensor(digits) + 1
+        target_lengths = torch.tensor([len(d) for d in strings["digits"]])
+        return {"strings": strings, "features": features, "lengths": lengths, "targets": targets,
+                "target_lengths": target_lengths}
+
+    def __post_init__(self) -> None:
+        fn = "CTCDigitsRecipe"
+        for name in ("strings", "max_digits", "epochs", "batch_size", "channels", "hidden"):
+            positive_int(name, getattr(self, name), fn)
+        check_int("data_seed", self.data_seed, fn, 0)
+        check_int("seed", self.seed, fn, 0)
+        check_number("lr", self.lr, fn, 0.0, 1.0, low_open=True)
+        if (not isinstance(self.held_out, tuple) or not self.held_out
+                or not all(isinstance(v, str) for v in self.held_out)):
+            raise TypeError(f"{fn}: held_out must be a non-empty tuple of voice names, got {self.held_out!r}")
+
+
+CHAPTER15_CTC_RECIPE = CTCDigitsRecipe()
+
+
+def pretrained_ctc_recognizer(device: torch.device | str | None = None, recipe: CTCDigitsRecipe | None = None, *,
+                              recordings: dict[str, Any] | None = None
+                              ) -> tuple[CTCRecognizer, dict[str, Any], bool]:
+    """Chapter 15's trained digit-string recogniser, in eval mode on ``device`` (default: :func:`get_device`).
+
+    Trained with ``recipe`` (default :data:`CHAPTER15_CTC_RECIPE`) on the first call and cached
+    (:func:`mmbook.cache.cached_training`: a validated file keyed by ``recipe.as_key()``, the seed shift and the
+    device type); later calls load it. The training data is built only when the model is trained
+    (``recordings``: :func:`mmbook.data.spoken_digit_recordings`' result, to save loading it again). Returns
+    ``(model, record, loaded)``: ``record["loss"]`` holds the mean CTC loss of each epoch, ``loaded`` says
+    whether the weights came from the cache.
+    """
+    from mmbook.cache import cached_training
+    from mmbook.core import get_device, set_seed
+
+    fn = "pretrained_ctc_recognizer"
+    device = check_device("device", device, fn) if device is not None else get_device()
+    recipe = CHAPTER15_CTC_RECIPE if recipe is None else check_instance("recipe", recipe, fn, CTCDigitsRecipe,
+                                                                         "a CTCDigitsRecipe")
+    if recordings is not None and not isinstance(recordings, dict):
+        raise TypeError(f"{fn}: recordings must be the dict of mmbook.data.spoken_digit_recordings, got "
+                        f"{type(recordings).__name__}")
+
+    def train(model: CTCRecognizer) -> dict[str, Any]:
+        data = recipe.training_data(recordings)
+        return train_ctc_recognizer(model, data["features"], data["lengths"], data["targets"],
+                                    data["target_lengths"], epochs=recipe.epochs, batch_size=recipe.batch_size,
+                                    lr=recipe.lr, seed=recipe.seed, loss_fn="torch")
+
+    set_seed(recipe.seed)
+    model = CTCRecognizer(num_symbols=11, n_mels=40, channels=recipe.channels, hidden=recipe.hidden).to(device)
+    record, loaded = cached_training("ch15_ctc", recipe.as_key(), model, train, fn=fn)
+    return model.eval(), record, loaded

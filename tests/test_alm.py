@@ -12,7 +12,9 @@ from mmbook.alm import (
     RecognizerEncoder,
     alm_vocab,
     digit_string_turns,
+    encode_audio,
     pool_frames,
+    pretrained_digit_alm,
     respond,
     rule_answer,
     train_alm,
@@ -315,3 +317,27 @@ def test_recipe_checks_and_key():
         ALMRecipe(lr=float("nan"))
     with pytest.raises(TypeError, match="vocab must be a WordVocab"):
         ALMRecipe().build(["a"], 4)
+
+
+# ----------------------------------------------------------------------------- the chapter's trained model
+def test_encode_audio_is_the_encoder_then_pool_frames():
+    torch.manual_seed(0)
+    encoder = RecognizerEncoder(CTCRecognizer(num_symbols=11, n_mels=8, channels=6, hidden=5).eval())
+    features, lengths = torch.randn(3, 8, 40), torch.tensor([40, 25, 17])
+    states, state_lengths = encoder(features, lengths)
+    torch.testing.assert_close(encode_audio(encoder, features, lengths, 4), pool_frames(states, state_lengths, 4),
+                               rtol=0, atol=0)
+    with pytest.raises(TypeError, match="encoder"):
+        encode_audio(encoder.recognizer, features, lengths, 4)
+    with pytest.raises(ValueError, match="num_tokens"):
+        encode_audio(encoder, features, lengths, 0)
+
+
+def test_pretrained_digit_alm_rejects_bad_input():
+    # the checks run before anything is trained or loaded
+    with pytest.raises(TypeError, match="device"):
+        pretrained_digit_alm(1.5)
+    with pytest.raises(TypeError, match="recipe"):
+        pretrained_digit_alm("cpu", {"full_epochs": 25})
+    with pytest.raises(ValueError, match="seed"):
+        pretrained_digit_alm("cpu", seed=-1)

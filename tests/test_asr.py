@@ -10,6 +10,7 @@ import torch.nn.functional as F
 import torchaudio
 
 from mmbook.asr import (
+    CTCDigitsRecipe,
     CTCRecognizer,
     ctc_greedy_decode,
     ctc_loss,
@@ -18,6 +19,7 @@ from mmbook.asr import (
     edit_distance,
     error_rate,
     log_mel_features,
+    pretrained_ctc_recognizer,
     train_ctc_recognizer,
 )
 
@@ -279,3 +281,48 @@ def test_training_reduces_the_loss_and_both_losses_agree():
         train_ctc_recognizer(model, features, lengths, targets, target_lengths, loss_fn="mine")
     with pytest.raises(ValueError, match=r"train_ctc_recognizer: targets must lie in \[0, 4\)"):
         train_ctc_recognizer(model, features, lengths, targets + 3, target_lengths)
+
+
+# ----------------------------------------------------------------------------- chapter 15's recipe and loader
+def test_chapter15_recipe_key_is_the_historical_one():
+    # the dict chapter 15 passed to cached_training before the recipe object existed: the same key finds the
+    # same cached weights
+    from mmbook.asr import CHAPTER15_CTC_RECIPE
+
+    assert CHAPTER15_CTC_RECIPE.as_key() == {
+        "chapter": 15, "what": "ctc_digits", "version": 3, "strings": 600, "max_digits": 3,
+        "held_out": ["m4", "f4", "klatt2", "croak"], "epochs": 16, "batch": 16, "lr": 0.005, "channels": 48,
+        "hidden": 48, "data_seed": 151}
+    assert "seed" in CTCDigitsRecipe(seed=3).as_key()  # another seed, another entry
+    assert not set(CHAPTER15_CTC_RECIPE.train_voices()) & set(CHAPTER15_CTC_RECIPE.held_out)
+
+
+def test_ctc_recipe_rejects_bad_settings():
+    with pytest.raises(ValueError, match="epochs"):
+        CTCDigitsRecipe(epochs=0)
+    with pytest.raises(TypeError, match="held_out"):
+        CTCDigitsRecipe(held_out=["m4"])
+    with pytest.raises(ValueError, match="lr"):
+        CTCDigitsRecipe(lr=0.0)
+
+
+def test_pretrained_ctc_recognizer_trains_once_then_loads():
+    recipe = CTCDigitsRecipe(strings=8, epochs=1, batch_size=4, channels=8, hidden=8)
+    data = recipe.training_data()
+    assert data["features"].shape[:2] == (8, 40) and data["targets"].shape == (8, 3)
+    assert all(data["targets"][i, :n].min() >= 1 for i, n in enumerate(data["target_lengths"].tolist()))
+    first, record, loaded = pretrained_ctc_recognizer("cpu", recipe)
+    again, record_again, loaded_again = pretrained_ctc_recognizer("cpu", recipe)
+    assert not loaded and loaded_again and len(record["loss"]) == 1 and record_again == record
+    assert not first.training and not again.training
+    assert all(torch.equal(a, b) for a, b in zip(first.state_dict().values(), again.state_dict().values(),
+                                                  strict=True))
+
+
+def test_pretrained_ctc_recognizer_rejects_bad_input():
+    with pytest.raises(TypeError, match="device"):
+        pretrained_ctc_recognizer(3)
+    with pytest.raises(TypeError, match="recipe"):
+        pretrained_ctc_recognizer("cpu", {"epochs": 16})
+    with pytest.raises(TypeError, match="recordings"):
+        pretrained_ctc_recognizer("cpu", recordings=[1, 2])
