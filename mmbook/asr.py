@@ -14,7 +14,7 @@ the output symbols plus a *blank*, and is trained on (audio, label sequence) pai
 * :class:`CTCRecognizer` (a convolution that halves the frame rate, a bidirectional GRU and a linear
   layer) is the acoustic model and :func:`train_ctc_recognizer` trains it;
 * :class:`CTCDigitsRecipe` (:data:`CHAPTER15_CTC_RECIPE`) is chapter 15's recipe, and
-  :func:`pretrained_ctc_recognizer` trains it once and loads it from the cache afterwards (chapters 15 and 21).
+  :func:`pretrained_ctc_recognizer` trains it once and loads it from the cache afterwards.
 
 Shapes are batch first: ``log_probs`` ``(batch, T, V)`` with ``T`` frames and ``V`` symbols, the blank
 included (``torch.nn.functional.ctc_loss`` takes ``(T, batch, V)``).
@@ -505,7 +505,7 @@ def train_ctc_recognizer(model: CTCRecognizer, features: torch.Tensor, lengths: 
 # ----------------------------------------------------------------------------- chapter 15's trained recogniser
 @dataclass(frozen=True)
 class CTCDigitsRecipe:
-    """Chapter 15's recipe for its digit-string recogniser (and the frozen speech encoder of chapter 21).
+    """Chapter 15's recipe for its digit-string recogniser.
 
     The data: ``strings`` training strings of 1 to ``max_digits`` digits (:func:`digit_sequences`, ``data_seed``)
     from every voice of :data:`mmbook.speech.VOICE_VARIANTS` except ``held_out``; the model: a

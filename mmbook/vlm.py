@@ -347,8 +347,8 @@ def greedy_decode(lm: GPT, prefix: torch.Tensor, max_new_tokens: int, banned: Se
     prefix-LM's placeholders already replaced by its projected features): ``(batch, max_new_tokens)`` int64 new
     tokens, ``<pad>`` after a row's ``eos_id``; the ids in ``banned`` are never chosen. With the cache the prefix is
     read once and each step feeds only the newest token; without it each step re-reads the whole sequence (the same
-    tokens). Stops early once every row has produced ``eos_id``. Shared by :class:`VisionLanguageModel` and
-    :class:`mmbook.alm.AudioLanguageModel`; ``lm`` is used in the mode it is in.
+    tokens). Stops early once every row has produced ``eos_id``. Used by :class:`VisionLanguageModel`; any
+    model that feeds a GPT projected features at placeholder positions can use it. ``lm`` is used in the mode it is in.
     """
     fn = "greedy_decode"
     check_instance("lm", lm, fn, GPT, "a GPT")
