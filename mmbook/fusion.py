@@ -51,6 +51,7 @@ from mmbook.checks import (
     positive_int,
 )
 from mmbook.core import torch_generator
+from mmbook.vision import patchify
 
 __all__ = [
     "FUSION_METHODS",
@@ -522,15 +523,16 @@ class CrossAttentionClassifier(nn.Module):
     ``(batch, num_heads, L_q, L_kv)``.
 
     The attention is the book's :class:`mmbook.attention.MultiHeadAttention`, the same module that
-    :class:`mmbook.crossmodal.CrossAttentionBlock` (chapter 12) wraps; step 2 is that block with its two LayerNorms
-    and its feed-forward layer left out, on purpose. The feed-forward layer is a two-layer MLP applied to ``e_q +
-    MHA(...)``, the sum of the two modalities: it would give this operator a hidden layer after the fusion that no
-    other fusion operator gets, and such a layer can build the digit-sum table from an additive fusion by itself
-    (chapter 11, Section 5), so a result could not be credited to the attention. The LayerNorms would change the
-    scale the head sees, which the other operators do not do either. One bare layer keeps the comparison to one fusion
-    step followed by the same head. The tokens, their shared embedding, the position embeddings and the mean pooling
-    are new too; :func:`make_uniform_attention` builds the control with uniform weights that isolates the attention
-    itself.
+    :class:`mmbook.crossmodal.CrossAttentionBlock` (chapter 12) wraps; step 2 is that block with its three
+    LayerNorms (on its queries, its keys/values and its feed-forward input) and its feed-forward layer left out, on
+    purpose. The feed-forward layer is a two-layer MLP applied to ``e_q + MHA(...)``, the sum of the two modalities:
+    it would give this operator a hidden layer after the fusion that no other fusion operator gets, and such a layer
+    can build the digit-sum table from an additive fusion by itself (chapter 11, Section 5), so a result could not
+    be credited to the attention. The block is pre-norm: its LayerNorms would standardise what enters the attention
+    and the feed-forward layer, a normalisation the other operators' inputs do not get (the residual stream the head
+    sees is not normalised in either case). One bare layer keeps the comparison to one fusion step followed by the
+    same head. The tokens, their shared embedding, the position embeddings and the mean pooling are new too;
+    :func:`make_uniform_attention` builds the control with uniform weights that isolates the attention itself.
     """
 
     def __init__(self, token_shapes: Sequence[tuple[int, int]], d_embed: int = 32, num_classes: int = 10,
@@ -592,9 +594,10 @@ def make_uniform_attention(model: CrossAttentionClassifier) -> CrossAttentionCla
 
     Every query is then the zero vector, every score ``q . k_j / sqrt(d_head)`` is 0 and every attention weight is
     ``1 / L_kv``, for every example, head and query token, before and after training: each query token reads the
-    plain mean of the value vectors. The tokens, embeddings, keys, values, residual and head are unchanged and keep
+    plain mean of the value vectors. The tokens, embeddings, values, residual and head are unchanged and keep
     learning, so the difference between a trained model and its trained control is what the query-dependent
-    weights add. Returns ``model``.
+    weights add. The key projection ``model.attention.k_proj`` stays trainable but idle: every score is
+    ``0 . k_j``, so it gets exactly zero gradient (its weights only decay under weight decay). Returns ``model``.
     """
     check_instance("model", model, "make_uniform_attention", CrossAttentionClassifier,
                    "a mmbook.fusion.CrossAttentionClassifier")
@@ -618,32 +621,35 @@ def segment_tokens(audio: torch.Tensor, n_mfcc: int = 20) -> torch.Tensor:
     fn = "segment_tokens"
     n_mfcc = _check_positive_int("n_mfcc", n_mfcc, fn)
     check_float_tensor("audio", audio, fn, 2, "(batch, n_mfcc * segments)")
+    if audio.shape[0] == 0 or audio.shape[1] == 0:
+        raise ValueError(f"{fn}: audio must hold at least one example and one segment, got shape "
+                         f"{tuple(audio.shape)}")
     if audio.shape[1] % n_mfcc:
         raise ValueError(f"{fn}: audio must have n_mfcc * segments columns with n_mfcc = {n_mfcc}, got shape "
                          f"{tuple(audio.shape)}")
     return audio.reshape(audio.shape[0], n_mfcc, -1).transpose(1, 2).contiguous()
 
 
-def patch_tokens(images: torch.Tensor, patch: int = 4) -> torch.Tensor:
-    """Square grey images as a token sequence: one token per ``patch`` x ``patch`` patch.
+def patch_tokens(images: torch.Tensor, patch_size: int = 4) -> torch.Tensor:
+    """Square grey images as a token sequence: one token per ``patch_size`` x ``patch_size`` patch.
 
     ``images`` ``(batch, side * side)`` (flattened row by row, as the ``"image"`` feature of
-    :func:`digit_sum_features`) or ``(batch, side, side)``; ``side`` must be a multiple of ``patch``. Returns
-    ``(batch, (side / patch)**2, patch * patch)``: the patches in row-major order (for 8 x 8 digits and ``patch=4``
-    the four quadrants: top left, top right, bottom left, bottom right), the pixels of each patch row by row.
+    :func:`digit_sum_features`) or ``(batch, side, side)``; ``side`` must be a multiple of ``patch_size``. A thin
+    wrapper over chapter 9's :func:`mmbook.vision.patchify`: the images are reshaped to ``(batch, 1, side, side)``
+    and cut by it. Returns ``(batch, (side / patch_size)**2, patch_size**2)``: the patches in row-major order (for
+    8 x 8 digits and ``patch_size=4`` the four quadrants: top left, top right, bottom left, bottom right), the
+    pixels of each patch row by row.
     """
     fn = "patch_tokens"
-    patch = _check_positive_int("patch", patch, fn)
+    patch_size = _check_positive_int("patch_size", patch_size, fn)
     check_float_tensor("images", images, fn, (2, 3), "(batch, side * side) or (batch, side, side)")
     side = math.isqrt(images.shape[1]) if images.ndim == 2 else images.shape[1]
     if (images.ndim == 2 and side * side != images.shape[1]) or (images.ndim == 3 and images.shape[2] != side):
         raise ValueError(f"{fn}: images must be square, (batch, side * side) or (batch, side, side), got shape "
                          f"{tuple(images.shape)}")
-    if side % patch:
-        raise ValueError(f"{fn}: patch must divide the image side ({side}), got {patch}")
-    grid = side // patch
-    return (images.reshape(-1, grid, patch, grid, patch).transpose(2, 3)
-            .reshape(images.shape[0], grid * grid, patch * patch))
+    if side % patch_size:
+        raise ValueError(f"{fn}: patch_size must divide the image side ({side}), got {patch_size}")
+    return patchify(images.reshape(images.shape[0], 1, side, side), patch_size)
 
 
 class LateFusionClassifier(nn.Module):

@@ -30,6 +30,7 @@ from mmbook.fusion import (
     segment_tokens,
     trace_shapes,
 )
+from mmbook.vision import patchify
 
 # float64 results of two different summation orders over <= 1e4 terms of size <= 10 agree to ~1e-11
 TOL64 = {"rtol": 1e-10, "atol": 1e-10}
@@ -544,7 +545,10 @@ def test_make_uniform_attention_gives_weights_one_over_keys_and_freezes_only_the
         F.cross_entropy(model(x_q, x_kv), torch.tensor([0, 1, 2, 0, 1, 2])).backward()
         optimizer.step()
     assert (model.attention.q_proj.weight == 0).all() and (model.attention.q_proj.bias == 0).all()
-    assert not torch.equal(model.attention.k_proj.weight, before["attention.k_proj.weight"])
+    # with every query 0 each score is 0 . k_j: the key projection gets exactly zero gradient (AdamW's weight decay
+    # alone moves it), while the values keep learning
+    assert (model.attention.k_proj.weight.grad == 0).all() and (model.attention.k_proj.bias.grad == 0).all()
+    assert not torch.equal(model.attention.v_proj.weight, before["attention.v_proj.weight"])
     with torch.no_grad():
         torch.testing.assert_close(model.attention_weights(x_q, x_kv), weights, rtol=0, atol=1e-15)
 
@@ -575,8 +579,10 @@ def test_patch_tokens_are_the_quadrants_in_row_major_order():
     for k, q in enumerate(quadrants):
         assert torch.equal(tokens[:, k], q.flatten(1))
     assert torch.equal(patch_tokens(grid), tokens)  # (batch, side, side) accepted too
-    assert torch.equal(patch_tokens(images, patch=8), images.view(2, 1, 64))
-    assert torch.equal(patch_tokens(images, patch=1), images.view(2, 64, 1))
+    assert torch.equal(patch_tokens(images, patch_size=8), images.view(2, 1, 64))
+    assert torch.equal(patch_tokens(images, patch_size=1), images.view(2, 64, 1))
+    # a thin wrapper over chapter 9's patchify on (batch, 1, side, side)
+    assert torch.equal(tokens, patchify(images.view(2, 1, 8, 8), 4))
 
 
 def test_token_layouts_reject_bad_input():
@@ -588,6 +594,10 @@ def test_token_layouts_reject_bad_input():
         segment_tokens(torch.randn(4, 90))
     with pytest.raises(ValueError, match="n_mfcc"):
         segment_tokens(torch.randn(4, 100), n_mfcc=0)
+    with pytest.raises(ValueError, match=r"segment_tokens: audio must hold at least one example.*got shape \(4, 0\)"):
+        segment_tokens(torch.randn(4, 0))
+    with pytest.raises(ValueError, match=r"segment_tokens: audio must hold at least one example.*got shape \(0, 100\)"):
+        segment_tokens(torch.randn(0, 100))
     with pytest.raises(TypeError, match="patch_tokens: images must be a torch.Tensor"):
         patch_tokens([[0.0] * 64])
     with pytest.raises(ValueError, match=r"patch_tokens: images must be square.*got shape \(4, 60\)"):
@@ -596,7 +606,7 @@ def test_token_layouts_reject_bad_input():
         patch_tokens(torch.randn(4, 8, 6))
     with pytest.raises(ValueError, match=r"patch_tokens: images must have shape"):
         patch_tokens(torch.randn(4, 1, 8, 8))
-    with pytest.raises(ValueError, match=r"patch must divide the image side \(8\), got 3"):
-        patch_tokens(torch.randn(4, 64), patch=3)
-    with pytest.raises(ValueError, match="patch"):
-        patch_tokens(torch.randn(4, 64), patch=0)
+    with pytest.raises(ValueError, match=r"patch_size must divide the image side \(8\), got 3"):
+        patch_tokens(torch.randn(4, 64), patch_size=3)
+    with pytest.raises(ValueError, match="patch_size"):
+        patch_tokens(torch.randn(4, 64), patch_size=0)
